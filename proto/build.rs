@@ -1,0 +1,15 @@
+//! Generates the tonic/prost code of kata-rs's internal APIs. protox compiles the
+//! .proto files in pure Rust, so no protoc is needed on the build machine.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["protos/agent.proto", "protos/launcher.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["protos"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,28 @@
+//! kata-proto: everything the kata-rs programs share.
+//!
+//! * [`agent`] and [`launcher`]: the internal gRPC APIs, generated at build time
+//!   from `protos/*.proto` (tonic + prost, compiled by protox: no protoc needed);
+//! * [`dialer`]: the one way to reach a guest port (AF_VSOCK, hybrid vsock) or a
+//!   host-mode agent (unix socket), also as a tonic channel;
+//! * [`config`], [`paths`], [`logging`]: configuration, well-known paths and ports,
+//!   and the tracing set-up every program uses.
+
+pub mod config;
+pub mod dialer;
+pub mod logging;
+pub mod paths;
+
+/// The agent API (Kata's agent.proto names and meaning).
+#[allow(clippy::all, missing_docs, clippy::undocumented_unsafe_blocks)]
+pub mod agent {
+    tonic::include_proto!("kata.agent.v1");
+}
+
+/// The VMM launcher API.
+#[allow(clippy::all, missing_docs, clippy::undocumented_unsafe_blocks)]
+pub mod launcher {
+    tonic::include_proto!("kata.launcher.v1");
+}
+
+/// Version of the kata-rs programs, reported by the agent and the tools.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

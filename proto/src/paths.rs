@@ -1,0 +1,128 @@
+//! Well-known paths and vsock ports. One place, so the shim, the launcher, the
+//! tools and the tests agree on where a sandbox's sockets live.
+
+use std::path::{Path, PathBuf};
+
+/// Kata's well-known guest vsock ports.
+pub mod ports {
+    /// The agent's gRPC API.
+    pub const AGENT: u32 = 1024;
+    /// The agent's log stream (guest to host).
+    pub const LOG: u32 = 1025;
+    /// The debug console.
+    pub const DEBUG_CONSOLE: u32 = 1026;
+    /// File-descriptor passing.
+    pub const PASSFD: u32 = 1027;
+    /// kata-rs: the agent dials this host port once it listens, so the host
+    /// knows the guest is ready without polling `CONNECT` during boot.
+    pub const READY: u32 = 1028;
+    /// Trace spans (guest to host).
+    pub const TRACING: u32 = 10240;
+}
+
+/// The guest CID used with hybrid vsock (the backend has a single guest).
+pub const HYBRID_GUEST_CID: u32 = 3;
+
+/// Root of the per-sandbox run directories: `$KATA_RUN_DIR`, else `/run/kata`.
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("KATA_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/kata"))
+}
+
+/// Checks that a sandbox id is usable as a directory name and in cgroup paths.
+pub fn validate_sandbox_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(format!("sandbox id {id:?} must be 1 to 128 characters long"));
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        || id.starts_with('.')
+    {
+        return Err(format!(
+            "sandbox id {id:?} may only hold letters, digits, '-', '_' and '.', and must not start with '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// The files of one sandbox directory.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    /// `/run/kata/<id>`
+    pub dir: PathBuf,
+}
+
+impl SandboxPaths {
+    /// Paths of the sandbox `id` under [`run_dir`].
+    pub fn new(id: &str) -> Self {
+        Self { dir: run_dir().join(id) }
+    }
+
+    /// Paths of a sandbox living in `dir`.
+    pub fn in_dir(dir: impl AsRef<Path>) -> Self {
+        Self { dir: dir.as_ref().to_path_buf() }
+    }
+
+    /// The launcher's gRPC socket.
+    pub fn launcher_socket(&self) -> PathBuf {
+        self.dir.join("launcher.sock")
+    }
+
+    /// The launcher's state file (pids, resources), read by `cleanup`.
+    pub fn launcher_state(&self) -> PathBuf {
+        self.dir.join("launcher.json")
+    }
+
+    /// Host end of the hybrid vsock: `CONNECT <port>` here reaches the guest;
+    /// guest connections to host port P arrive on `<this>_P`.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    /// Directory mounted into the hypervisor's jail (vhost-user and QMP sockets).
+    pub fn vm_dir(&self) -> PathBuf {
+        self.dir.join("vm")
+    }
+
+    /// The jail's root (a mount point inside the hypervisor's mount namespace).
+    pub fn jail_root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// Default guest console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+}
+
+/// `<uds>_<port>`: where a guest-initiated connection to host port `port` arrives.
+pub fn hybrid_listener_path(uds: &Path, port: u32) -> PathBuf {
+    let mut s = uds.as_os_str().to_owned();
+    s.push(format!("_{port}"));
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_ids() {
+        assert!(validate_sandbox_id("abc-1_2.x").is_ok());
+        assert!(validate_sandbox_id("").is_err());
+        assert!(validate_sandbox_id("../etc").is_err());
+        assert!(validate_sandbox_id(".hidden").is_err());
+        assert!(validate_sandbox_id("a/b").is_err());
+        assert!(validate_sandbox_id(&"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn listener_path() {
+        assert_eq!(
+            hybrid_listener_path(Path::new("/run/kata/x/vsock.sock"), 1028),
+            PathBuf::from("/run/kata/x/vsock.sock_1028")
+        );
+    }
+}
