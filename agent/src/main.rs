@@ -1,0 +1,90 @@
+//! kata-agent: argument parsing only; see the library.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use kata_agent::{init, Config, Listen};
+use kata_proto::paths::ports;
+
+/// kata-rs guest agent. As PID 1 of the guest it needs no arguments.
+#[derive(Debug, Parser)]
+#[command(version = kata_proto::VERSION)]
+struct Args {
+    /// Serve on this address instead of vsock port 1024: `unix:///path` (host mode).
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let pid1 = std::process::id() == 1;
+    let listen = match args.listen.as_deref() {
+        None => Listen::Vsock(ports::AGENT),
+        Some(a) => match a.strip_prefix("unix://") {
+            Some(p) if p.starts_with('/') => Listen::Unix(PathBuf::from(p)),
+            _ => {
+                eprintln!("kata-agent: --listen {a:?}: expected unix:///absolute/path");
+                return std::process::ExitCode::from(2);
+            }
+        },
+    };
+    let mut debug_console = false;
+    if pid1 {
+        if let Err(e) = init::early_mounts() {
+            eprintln!("kata-agent: {e}");
+            init::power_off();
+        }
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if let Some(level) = init::cmdline_option(&cmdline, "log") {
+            // SAFETY (not an unsafe block in edition 2021): no other thread runs yet.
+            std::env::set_var("KATA_LOG", level);
+        }
+        debug_console = init::cmdline_option(&cmdline, "debug_console").is_some();
+    }
+    kata_proto::logging::init("kata-agent", None);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kata-agent: cannot start the async runtime: {e}");
+            if pid1 {
+                init::power_off();
+            }
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        if pid1 {
+            tokio::spawn(init::reap_zombies());
+            match init::load_modules() {
+                Ok(n) => tracing::info!(modules = n, "kernel modules loaded"),
+                Err(e) => tracing::error!("{e}"),
+            }
+            if debug_console {
+                if let Err(e) = kata_agent::console::spawn(ports::DEBUG_CONSOLE) {
+                    tracing::error!("debug console: {e}");
+                }
+            }
+        }
+        let announce_port = matches!(listen, Listen::Vsock(_)).then_some(ports::READY);
+        kata_agent::run(Config {
+            listen,
+            init: pid1,
+            announce_port,
+        })
+        .await
+    });
+    if let Err(e) = &result {
+        tracing::error!("{e}");
+    }
+    if pid1 {
+        init::power_off();
+    }
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(_) => std::process::ExitCode::FAILURE,
+    }
+}
