@@ -120,7 +120,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
 
 /// Tells the host the agent listens: a guest-initiated connection to host port
 /// `port` carrying one line. The host never polls `CONNECT` during boot.
-async fn announce(port: u32) {
+pub async fn announce(port: u32) {
     let line = format!("READY kata-agent {}\n", kata_proto::VERSION);
     for attempt in 1..=20u32 {
         match VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, port)).await {

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod dialer;
+pub mod host;
 pub mod logging;
 pub mod paths;
 

@@ -1,1 +1,116 @@
-fn main() {}
+//! kata-test-guest: the guest-side peer of the vsock tests, booted as
+//! `rdinit=/usr/bin/kata-test-guest` from a test image (`kata-ctl image build
+//! --extra target/.../kata-test-guest`). It sets the guest up like the agent
+//! (mounts, modules), announces itself on the readiness port, then serves:
+//!
+//! * port 5000: echo, full duplex; when the host half-closes, it finishes echoing
+//!   and half-closes back;
+//! * port 5002: dial-back: reads a line `N PORT`, opens N concurrent connections
+//!   to host port PORT, writes `hello <i>\n` on each, expects it echoed, then
+//!   answers `ok <n>\n` (how many succeeded);
+//! * port 5003: power off.
+//!
+//! Nothing listens on 1024: a host `CONNECT 1024` must be refused.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_HOST};
+
+fn main() {
+    if std::process::id() == 1 {
+        if let Err(e) = kata_agent::init::early_mounts() {
+            eprintln!("test guest: {e}");
+        }
+    }
+    kata_proto::logging::init("kata-test-guest", None);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let Ok(rt) = rt else {
+        kata_agent::init::power_off();
+    };
+    rt.block_on(async {
+        if std::process::id() == 1 {
+            tokio::spawn(kata_agent::init::reap_zombies());
+            if let Err(e) = kata_agent::init::load_modules() {
+                eprintln!("test guest: {e}");
+            }
+        }
+        let echo = listen(5000);
+        let dialback = listen(5002);
+        let off = listen(5003);
+        tokio::spawn(kata_agent::announce(kata_proto::paths::ports::READY));
+        tokio::spawn(async move {
+            loop {
+                if let Ok((s, _)) = echo.accept().await {
+                    tokio::spawn(serve_echo(s));
+                }
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                if let Ok((s, _)) = dialback.accept().await {
+                    tokio::spawn(serve_dialback(s));
+                }
+            }
+        });
+        let _ = off.accept().await;
+    });
+    kata_agent::init::power_off();
+}
+
+fn listen(port: u32) -> VsockListener {
+    match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("test guest: cannot listen on vsock port {port}: {e}");
+            kata_agent::init::power_off();
+        }
+    }
+}
+
+async fn serve_echo(s: VsockStream) {
+    let (mut r, mut w) = tokio::io::split(s);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = w.shutdown().await;
+    // keep the socket until the host closes its side
+    let _ = tokio::time::timeout(Duration::from_secs(30), r.read(&mut buf)).await;
+}
+
+async fn serve_dialback(s: VsockStream) {
+    let mut s = BufReader::new(s);
+    let mut line = String::new();
+    if s.read_line(&mut line).await.is_err() {
+        return;
+    }
+    let mut it = line.split_whitespace().map(|w| w.parse::<u32>().unwrap_or(0));
+    let (n, port) = (it.next().unwrap_or(0).min(1000), it.next().unwrap_or(0));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut c = VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, port)).await.ok()?;
+                let msg = format!("hello {i}\n");
+                c.write_all(msg.as_bytes()).await.ok()?;
+                let mut back = vec![0u8; msg.len()];
+                c.read_exact(&mut back).await.ok()?;
+                (back == msg.as_bytes()).then_some(())
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if let Ok(Some(())) = t.await {
+            ok += 1;
+        }
+    }
+    let _ = s.get_mut().write_all(format!("ok {ok}\n").as_bytes()).await;
+}

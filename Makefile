@@ -1,0 +1,60 @@
+# kata-rs: `make run` (build, guest image, boot a VM, print the guest's details)
+# and `make test` (every test; installs what a fresh Debian 12 lacks).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+CARGO ?= cargo
+TARGET := x86_64-unknown-linux-gnu
+BIN := $(CURDIR)/target/$(TARGET)/release
+GUEST_DIR := $(CURDIR)/target/guest
+TEST_GUEST_DIR := $(CURDIR)/target/guest-test
+# Debian packages the build, the image and the tests need.
+APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates
+export KATA_TEST_BIN_DIR := $(BIN)
+export KATA_TEST_GUEST_DIR := $(TEST_GUEST_DIR)
+export KATA_GUEST_DIR := $(GUEST_DIR)
+
+.PHONY: all deps build image test-image run test unit lint fmt clean
+
+all: build
+
+# Installs the missing Debian packages (only those: a warm machine does nothing).
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+build:
+	$(CARGO) build --release --locked --workspace --bins
+
+image: deps build
+	$(BIN)/kata-ctl image build --output $(GUEST_DIR) --agent $(BIN)/kata-agent
+
+# The test image: the agent's image plus the vsock test peer (booted with rdinit=).
+test-image: deps build
+	$(BIN)/kata-ctl image build --output $(TEST_GUEST_DIR) --agent $(BIN)/kata-agent \
+	  --extra $(BIN)/kata-test-guest
+
+run: image
+	$(BIN)/kata-ctl boot --guest-dir $(GUEST_DIR) --launcher $(BIN)/kata-vmm-launcher
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+
+# Every test: unit tests, then the integration and end-to-end tests (root, QEMU
+# under TCG, the real guest image). One release profile for both, one build.
+test: deps test-image lint
+	$(CARGO) test --release --locked --workspace -- --test-threads=2
+
+unit:
+	$(CARGO) test --release --locked --workspace --lib --bins
+
+clean:
+	$(CARGO) clean

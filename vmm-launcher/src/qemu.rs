@@ -1,0 +1,180 @@
+//! The QEMU command line of a pod VM, built from a [`VmSpec`] as a pure function
+//! so it is unit-tested without QEMU.
+//!
+//! Paths are the ones QEMU sees inside its jail (see [`crate::jail`]): the kernel
+//! and initrd at `/boot/`, the sandbox's `vm/` directory at `/vm/`.
+
+use kata_proto::launcher::Accelerator;
+
+/// Paths inside the jail.
+pub mod jailed {
+    /// The guest kernel.
+    pub const KERNEL: &str = "/boot/vmlinuz";
+    /// The guest initramfs.
+    pub const INITRD: &str = "/boot/initrd.img";
+    /// The sandbox's vm/ directory.
+    pub const VM_DIR: &str = "/vm";
+    /// QMP socket (QEMU listens).
+    pub const QMP: &str = "/vm/qmp.sock";
+    /// vhost-user vsock socket (our backend listens, QEMU connects).
+    pub const VHOST_VSOCK: &str = "/vm/vhost-vsock.sock";
+}
+
+/// Everything that decides the command line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QemuArgs {
+    /// The sandbox id (VM name).
+    pub sandbox_id: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// `q35`, `pc` or `microvm`.
+    pub machine_type: String,
+    /// KVM or TCG (never Auto here: resolved before).
+    pub accelerator: Accelerator,
+    /// Extra kernel parameters.
+    pub kernel_params: String,
+    /// `Some(cid)`: vhost-vsock with that CID; `None`: vhost-user vsock (hybrid).
+    pub vhost_vsock_cid: Option<u32>,
+    /// Host CPU kHz, for `tsc_early_khz` on microvm under TCG.
+    pub tsc_khz: Option<u64>,
+}
+
+/// The kernel command line the launcher always passes (before the user's).
+pub fn base_kernel_params(a: &QemuArgs) -> String {
+    // panic=1 + -no-reboot: a guest panic ends the VM instead of hanging it.
+    let mut p = String::from(
+        "console=ttyS0 panic=1 reboot=k quiet loglevel=4 rcupdate.rcu_expedited=1 \
+         i8042.noaux i8042.nomux i8042.nopnp nomodeset cryptomgr.notests",
+    );
+    if a.machine_type == "microvm" && a.accelerator == Accelerator::Tcg {
+        if let Some(khz) = a.tsc_khz {
+            // under TCG the TSC calibration of microvm hangs without it
+            p.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
+    p
+}
+
+/// The arguments after the binary.
+pub fn command_line(a: &QemuArgs) -> Vec<String> {
+    let accel = match a.accelerator {
+        Accelerator::Kvm => "kvm",
+        _ => "tcg",
+    };
+    let cpu = if a.accelerator == Accelerator::Kvm { "host" } else { "max" };
+    let machine = match a.machine_type.as_str() {
+        "microvm" => format!("microvm,accel={accel},pcie=on,rtc=on,memory-backend=mem"),
+        "pc" => format!("pc,accel={accel},memory-backend=mem"),
+        _ => format!("q35,accel={accel},memory-backend=mem"),
+    };
+    let mut append = base_kernel_params(a);
+    if !a.kernel_params.trim().is_empty() {
+        append.push(' ');
+        append.push_str(a.kernel_params.trim());
+    }
+    let mut v: Vec<String> = vec![
+        "-name".into(),
+        format!("sandbox-{},debug-threads=on", a.sandbox_id),
+        "-S".into(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-no-reboot".into(),
+        "-display".into(),
+        "none".into(),
+        "-machine".into(),
+        machine,
+        "-cpu".into(),
+        cpu.into(),
+        "-smp".into(),
+        a.vcpus.max(1).to_string(),
+        "-m".into(),
+        format!("{}M", a.memory_mib),
+        // shared guest RAM: the vhost-user backends map it
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={}M,share=on", a.memory_mib),
+        "-kernel".into(),
+        jailed::KERNEL.into(),
+        "-initrd".into(),
+        jailed::INITRD.into(),
+        "-append".into(),
+        append,
+        "-chardev".into(),
+        "stdio,id=console,signal=off".into(),
+        "-serial".into(),
+        "chardev:console".into(),
+        "-chardev".into(),
+        format!("socket,id=qmp,path={},server=on,wait=off", jailed::QMP),
+        "-mon".into(),
+        "chardev=qmp,mode=control".into(),
+        // QEMU's own seccomp filter, on top of the launcher's
+        "-sandbox".into(),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+    ];
+    match a.vhost_vsock_cid {
+        Some(cid) => {
+            v.push("-device".into());
+            v.push(format!("vhost-vsock-pci,id=vsock,guest-cid={cid}"));
+        }
+        None => {
+            v.push("-chardev".into());
+            v.push(format!("socket,id=vsockchr,path={}", jailed::VHOST_VSOCK));
+            v.push("-device".into());
+            v.push("vhost-user-vsock-pci,id=vsock,chardev=vsockchr".into());
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> QemuArgs {
+        QemuArgs {
+            sandbox_id: "p1".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            machine_type: "q35".into(),
+            accelerator: Accelerator::Tcg,
+            kernel_params: " agent.log=debug ".into(),
+            vhost_vsock_cid: None,
+            tsc_khz: Some(2_000_000),
+        }
+    }
+
+    fn after<'a>(v: &'a [String], flag: &str, value_prefix: &str) -> Option<&'a String> {
+        v.windows(2).find(|w| w[0] == flag && w[1].starts_with(value_prefix)).map(|w| &w[1])
+    }
+
+    #[test]
+    fn tcg_q35_hybrid() {
+        let v = command_line(&args());
+        assert_eq!(after(&v, "-machine", "").unwrap(), "q35,accel=tcg,memory-backend=mem");
+        assert_eq!(after(&v, "-cpu", "").unwrap(), "max");
+        assert_eq!(after(&v, "-smp", "").unwrap(), "2");
+        assert!(after(&v, "-object", "memory-backend-memfd,id=mem,size=512M,share=on").is_some());
+        assert!(after(&v, "-device", "vhost-user-vsock-pci").is_some());
+        let append = after(&v, "-append", "").unwrap();
+        assert!(append.starts_with("console=ttyS0 panic=1"), "{append}");
+        assert!(append.ends_with(" agent.log=debug"), "{append}");
+        assert!(!append.contains("tsc_early_khz"), "only microvm needs it");
+        assert!(v.contains(&"-S".to_string()) && v.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn kvm_microvm_vhost() {
+        let mut a = args();
+        a.accelerator = Accelerator::Kvm;
+        a.machine_type = "microvm".into();
+        a.vhost_vsock_cid = Some(7);
+        let v = command_line(&a);
+        assert!(after(&v, "-machine", "microvm,accel=kvm").is_some());
+        assert_eq!(after(&v, "-cpu", "").unwrap(), "host");
+        assert_eq!(after(&v, "-device", "vhost-vsock").unwrap(), "vhost-vsock-pci,id=vsock,guest-cid=7");
+        assert!(!after(&v, "-append", "").unwrap().contains("tsc_early_khz"));
+        a.accelerator = Accelerator::Tcg;
+        assert!(after(&command_line(&a), "-append", "").unwrap().contains("tsc_early_khz=2000000"));
+    }
+}
