@@ -1,1 +1,104 @@
+//! kata-vmm-launcher: runs one VM. It jails the hypervisor (QEMU), drives it over
+//! QMP, and serves the host end of the VM's vsock. The shim (or kata-ctl) talks
+//! to it over gRPC on `/run/kata/<sandbox>/launcher.sock`.
 
+pub mod cgroup;
+pub mod client;
+pub mod jail;
+pub mod qemu;
+pub mod qmp;
+pub mod server;
+pub mod vm;
+pub mod vsock;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kata_proto::launcher::launcher_server::LauncherServer;
+use kata_proto::paths::SandboxPaths;
+use tokio::sync::Notify;
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{info, warn};
+
+/// Why a launcher operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LauncherError {
+    /// The VM spec is not acceptable.
+    #[error("invalid VM spec: {0}")]
+    InvalidSpec(String),
+    /// The call does not fit the VM's state.
+    #[error("{0}")]
+    State(String),
+    /// Something took too long.
+    #[error("timeout: {0}")]
+    Timeout(String),
+    /// A host file operation failed.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// The hypervisor could not be started.
+    #[error("cannot start the hypervisor {0}: {1}")]
+    Spawn(String, std::io::Error),
+    /// The hypervisor misbehaved.
+    #[error("hypervisor: {0}")]
+    Hypervisor(String),
+    /// cgroups.
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    /// The jail.
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    /// QMP.
+    #[error(transparent)]
+    Qmp(#[from] qmp::QmpError),
+    /// The vsock backend.
+    #[error(transparent)]
+    Vsock(#[from] vsock::VsockError),
+}
+
+/// Serves the launcher API for `sandbox_id` until `Shutdown`, SIGTERM or SIGINT
+/// (both of which also tear the VM down). Leftovers of a dead launcher of the
+/// same sandbox are removed first. `on_listening` runs once the socket accepts.
+pub async fn run(
+    sandbox_id: &str,
+    paths: SandboxPaths,
+    on_listening: impl FnOnce(),
+) -> Result<(), LauncherError> {
+    if vm::State::load(&paths).is_some() {
+        warn!("removing the leftovers of a previous launcher of this sandbox");
+        vm::cleanup(&paths)?;
+    }
+    let io = |what: String| move |e| LauncherError::Io(what, e);
+    std::fs::create_dir_all(&paths.dir).map_err(io(format!("creating {}", paths.dir.display())))?;
+    let sock = paths.launcher_socket();
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock).map_err(io(format!("binding {}", sock.display())))?;
+    let vm = Arc::new(vm::Vm::new(sandbox_id, paths.clone()));
+    let done = Arc::new(Notify::new());
+    let svc = server::LauncherService { vm: vm.clone(), done: done.clone() };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io("SIGTERM handler".into()))?;
+    let stop = {
+        let vm = vm.clone();
+        async move {
+            tokio::select! {
+                _ = done.notified() => {}
+                _ = term.recv() => { info!("SIGTERM: tearing the VM down"); vm.teardown().await; }
+                _ = tokio::signal::ctrl_c() => { info!("SIGINT: tearing the VM down"); vm.teardown().await; }
+            }
+            // let the Shutdown reply leave
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    info!(socket = %sock.display(), "launcher listening");
+    on_listening();
+    let served = tonic::transport::Server::builder()
+        .add_service(LauncherServer::new(svc))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
+        .await;
+    if let Err(e) = served {
+        warn!("launcher API server: {e}");
+        vm.teardown().await;
+    }
+    vm::remove_sandbox_files(&paths);
+    Ok(())
+}
