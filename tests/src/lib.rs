@@ -1,1 +1,128 @@
+//! Helpers of the kata-rs integration and end-to-end tests: where the built
+//! binaries and guest images are, and booting a VM under a real launcher.
+//!
+//! The tests need root and QEMU (CI runs `make test` as root, which builds the
+//! binaries and the test guest image first). A missing prerequisite is a test
+//! failure that says what to do, never a silent skip.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kata_proto::launcher::{Accelerator, CreateVmRequest, CreateVmResponse, StartVmRequest, VmSpec};
+use kata_vmm_launcher::client::LauncherProcess;
+
+/// A directory from the environment, or a panic naming what to run.
+fn env_dir(var: &str, hint: &str) -> PathBuf {
+    match std::env::var_os(var) {
+        Some(d) => PathBuf::from(d),
+        None => panic!("{var} is not set: run the tests with `make test` ({hint})"),
+    }
+}
+
+/// A kata-rs binary built by `make build`.
+pub fn bin(name: &str) -> PathBuf {
+    let p = env_dir("KATA_TEST_BIN_DIR", "it builds the binaries").join(name);
+    assert!(p.exists(), "{} is missing: run `make build`", p.display());
+    p
+}
+
+/// The test guest image (agent + test peer), built by `make test-image`.
+pub fn guest_dir() -> PathBuf {
+    let d = env_dir("KATA_TEST_GUEST_DIR", "it builds the test guest image");
+    for f in ["vmlinuz", "initrd.img", "manifest.json"] {
+        assert!(d.join(f).exists(), "{} is missing: run `make test-image`", d.join(f).display());
+    }
+    d
+}
+
+/// Fails unless the test runs as root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (namespaces, cgroups, QEMU jail): run `make test` as root, as CI does"
+    );
+}
+
+/// A booted VM for a test; its sandbox directory is a temporary directory.
+pub struct TestVm {
+    /// The launcher.
+    pub launcher: LauncherProcess,
+    /// What CreateVm answered.
+    pub created: CreateVmResponse,
+    /// The sandbox id.
+    pub id: String,
+    /// The cgroup path given to CreateVm.
+    pub cgroup: String,
+    /// Keeps the sandbox directory's parent alive.
+    pub tmp: tempfile::TempDir,
+}
+
+impl TestVm {
+    /// Boots the test image under TCG; `rdinit` picks the guest's init
+    /// (`None`: the agent). Waits for the readiness announcement.
+    pub async fn boot(id: &str, rdinit: Option<&str>) -> TestVm {
+        require_root();
+        let guest = guest_dir();
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join(id);
+        let launcher = LauncherProcess::spawn(&bin("kata-vmm-launcher"), id, &dir, Duration::from_secs(10))
+            .await
+            .expect("launcher starts");
+        let cgroup = format!("kata-rs-test/{id}");
+        let mut params = String::from("agent.log=debug");
+        if let Some(init) = rdinit {
+            params.push_str(&format!(" rdinit={init}"));
+        }
+        let spec = VmSpec {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel_path: guest.join("vmlinuz").display().to_string(),
+            initrd_path: guest.join("initrd.img").display().to_string(),
+            kernel_params: params,
+            accelerator: Accelerator::Tcg as i32,
+            cgroup_path: cgroup.clone(),
+            ..Default::default()
+        };
+        let mut l = launcher;
+        let created = l
+            .client
+            .create_vm(CreateVmRequest { sandbox_id: id.into(), spec: Some(spec) })
+            .await
+            .expect("CreateVm")
+            .into_inner();
+        l.client
+            .start_vm(StartVmRequest { agent_ready_timeout_seconds: 90 })
+            .await
+            .expect("StartVm with the guest ready");
+        TestVm { launcher: l, created, id: id.into(), cgroup, tmp }
+    }
+
+    /// The hybrid vsock address of guest port `port`.
+    pub fn addr(&self, port: u32) -> kata_proto::dialer::Address {
+        kata_proto::dialer::Address::Hybrid { path: self.created.vsock_uds_path.clone().into(), port }
+    }
+
+    /// The sandbox directory.
+    pub fn dir(&self) -> PathBuf {
+        self.launcher.paths.dir.clone()
+    }
+}
+
+/// Whether `pid` is alive (and not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Asserts that nothing of the sandbox is left on the host: the hypervisor, the
+/// sandbox directory, the cgroups.
+pub fn assert_nothing_left(dir: &Path, cgroup: &str, hypervisor_pid: u32) {
+    assert!(!alive(hypervisor_pid), "the hypervisor (pid {hypervisor_pid}) still runs");
+    assert!(!dir.exists(), "the sandbox directory {} is still there", dir.display());
+    for h in kata_vmm_launcher::cgroup::hierarchies() {
+        let p = h.join(cgroup);
+        assert!(!p.exists(), "the cgroup {} is still there", p.display());
+    }
+}
