@@ -1,1 +1,116 @@
-fn main(){}
+//! kata-ctl: the kata-rs operator tool (host checks, guest image).
+
+mod check;
+mod image;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// kata-rs operator tool.
+#[derive(Debug, Parser)]
+#[command(name = "kata-ctl", version = kata_proto::VERSION)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The guest image (kernel + initramfs).
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Checks whether this host can run kata-rs pods.
+    Check {
+        /// Print details under each check.
+        #[arg(long)]
+        verbose: bool,
+        /// Accepted for compatibility with Kata's kata-ctl; kata-rs makes no network
+        /// checks (there is no release check to skip).
+        #[arg(long)]
+        no_network_checks: bool,
+        /// Configuration file (default: $KATA_CONF_FILE, then the standard paths).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Builds vmlinuz, initrd.img and manifest.json from a Debian cloud kernel
+    /// package (apt-get download), the agent and a static busybox.
+    Build {
+        /// Output directory.
+        #[arg(long, default_value = kata_proto::config::DEFAULT_GUEST_DIR)]
+        output: PathBuf,
+        /// The agent (a static binary; default: kata-agent next to kata-ctl).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// A static busybox (Debian's busybox-static).
+        #[arg(long, default_value = image::DEFAULT_BUSYBOX)]
+        busybox: PathBuf,
+        /// Kernel package (default: what linux-image-cloud-amd64 depends on).
+        #[arg(long)]
+        kernel_package: Option<String>,
+        /// An extra static binary to put in /usr/bin (repeatable).
+        #[arg(long = "extra")]
+        extras: Vec<PathBuf>,
+        /// Cache of downloaded kernel packages.
+        #[arg(long, default_value = image::DEFAULT_CACHE_DIR)]
+        cache_dir: PathBuf,
+    },
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Image {
+            command:
+                ImageCommand::Build {
+                    output,
+                    agent,
+                    busybox,
+                    kernel_package,
+                    extras,
+                    cache_dir,
+                },
+        } => {
+            let opts = image::BuildOptions {
+                output,
+                agent,
+                busybox,
+                kernel_package,
+                extras,
+                cache_dir,
+            };
+            let report = image::build(&opts)?;
+            tracing::debug!(kver = %report.manifest.kver, up_to_date = report.up_to_date, "image build done");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            verbose,
+            no_network_checks: _,
+            config,
+        } => {
+            let ok = check::run(config.as_deref(), verbose)?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    kata_proto::logging::init("kata-ctl", None);
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kata-ctl: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
