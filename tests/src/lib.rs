@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kata_proto::launcher::{Accelerator, CreateVmRequest, CreateVmResponse, StartVmRequest, VmSpec};
+use kata_proto::launcher::{
+    Accelerator, CreateVmRequest, CreateVmResponse, StartVmRequest, VmSpec,
+};
 use kata_vmm_launcher::client::LauncherProcess;
 
 /// A directory from the environment, or a panic naming what to run.
@@ -30,7 +32,11 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn guest_dir() -> PathBuf {
     let d = env_dir("KATA_TEST_GUEST_DIR", "it builds the test guest image");
     for f in ["vmlinuz", "initrd.img", "manifest.json"] {
-        assert!(d.join(f).exists(), "{} is missing: run `make test-image`", d.join(f).display());
+        assert!(
+            d.join(f).exists(),
+            "{} is missing: run `make test-image`",
+            d.join(f).display()
+        );
     }
     d
 }
@@ -65,9 +71,10 @@ impl TestVm {
         let guest = guest_dir();
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join(id);
-        let launcher = LauncherProcess::spawn(&bin("kata-vmm-launcher"), id, &dir, Duration::from_secs(10))
-            .await
-            .expect("launcher starts");
+        let launcher =
+            LauncherProcess::spawn(&bin("kata-vmm-launcher"), id, &dir, Duration::from_secs(10))
+                .await
+                .expect("launcher starts");
         let cgroup = format!("kata-rs-test/{id}");
         let mut params = String::from("agent.log=debug");
         if let Some(init) = rdinit {
@@ -86,20 +93,34 @@ impl TestVm {
         let mut l = launcher;
         let created = l
             .client
-            .create_vm(CreateVmRequest { sandbox_id: id.into(), spec: Some(spec) })
+            .create_vm(CreateVmRequest {
+                sandbox_id: id.into(),
+                spec: Some(spec),
+            })
             .await
             .expect("CreateVm")
             .into_inner();
         l.client
-            .start_vm(StartVmRequest { agent_ready_timeout_seconds: 90 })
+            .start_vm(StartVmRequest {
+                agent_ready_timeout_seconds: 90,
+            })
             .await
             .expect("StartVm with the guest ready");
-        TestVm { launcher: l, created, id: id.into(), cgroup, tmp }
+        TestVm {
+            launcher: l,
+            created,
+            id: id.into(),
+            cgroup,
+            tmp,
+        }
     }
 
     /// The hybrid vsock address of guest port `port`.
     pub fn addr(&self, port: u32) -> kata_proto::dialer::Address {
-        kata_proto::dialer::Address::Hybrid { path: self.created.vsock_uds_path.clone().into(), port }
+        kata_proto::dialer::Address::Hybrid {
+            path: self.created.vsock_uds_path.clone().into(),
+            port,
+        }
     }
 
     /// The sandbox directory.
@@ -111,7 +132,12 @@ impl TestVm {
 /// Whether `pid` is alive (and not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -119,8 +145,15 @@ pub fn alive(pid: u32) -> bool {
 /// Asserts that nothing of the sandbox is left on the host: the hypervisor, the
 /// sandbox directory, the cgroups.
 pub fn assert_nothing_left(dir: &Path, cgroup: &str, hypervisor_pid: u32) {
-    assert!(!alive(hypervisor_pid), "the hypervisor (pid {hypervisor_pid}) still runs");
-    assert!(!dir.exists(), "the sandbox directory {} is still there", dir.display());
+    assert!(
+        !alive(hypervisor_pid),
+        "the hypervisor (pid {hypervisor_pid}) still runs"
+    );
+    assert!(
+        !dir.exists(),
+        "the sandbox directory {} is still there",
+        dir.display()
+    );
     for h in kata_vmm_launcher::cgroup::hierarchies() {
         let p = h.join(cgroup);
         assert!(!p.exists(), "the cgroup {} is still there", p.display());

@@ -18,7 +18,10 @@ const DIAL: Duration = Duration::from_secs(10);
 fn manifest_kernel() -> String {
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(guest_dir().join("manifest.json")).unwrap()).unwrap();
-    let k = m["kernel_version"].as_str().or_else(|| m["kver"].as_str()).unwrap_or_default();
+    let k = m["kernel_version"]
+        .as_str()
+        .or_else(|| m["kver"].as_str())
+        .unwrap_or_default();
     assert!(!k.is_empty(), "manifest.json names no kernel version: {m}");
     k.to_string()
 }
@@ -26,23 +29,47 @@ fn manifest_kernel() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_answers_from_the_guest_and_powers_off() {
     let mut vm = TestVm::boot("e2e-agent", None).await;
-    let ch = dialer::channel(&vm.addr(kata_proto::paths::ports::AGENT), DIAL).await.expect("dial the agent");
-    let health = HealthClient::new(ch.clone()).check(CheckRequest::default()).await.unwrap().into_inner();
-    assert_eq!(health.status, 1, "SERVING");
-    let mut agent = AgentServiceClient::new(ch);
-    let d = agent
-        .get_guest_details(GuestDetailsRequest { mem_block_size: true, mem_hotplug_probe: false })
+    let ch = dialer::channel(&vm.addr(kata_proto::paths::ports::AGENT), DIAL)
+        .await
+        .expect("dial the agent");
+    let health = HealthClient::new(ch.clone())
+        .check(CheckRequest::default())
         .await
         .unwrap()
         .into_inner();
-    let host = nix::sys::utsname::uname().unwrap().release().to_string_lossy().into_owned();
-    assert_eq!(d.kernel_release, manifest_kernel(), "the guest's kernel, from the image manifest");
+    assert_eq!(health.status, 1, "SERVING");
+    let mut agent = AgentServiceClient::new(ch);
+    let d = agent
+        .get_guest_details(GuestDetailsRequest {
+            mem_block_size: true,
+            mem_hotplug_probe: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let host = nix::sys::utsname::uname()
+        .unwrap()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(
+        d.kernel_release,
+        manifest_kernel(),
+        "the guest's kernel, from the image manifest"
+    );
     assert_ne!(d.kernel_release, host, "not the host's kernel");
     assert_eq!(d.online_vcpus, 1);
-    assert!(d.mem_total_bytes > 128 << 20 && d.mem_total_bytes <= 256 << 20, "{}", d.mem_total_bytes);
+    assert!(
+        d.mem_total_bytes > 128 << 20 && d.mem_total_bytes <= 256 << 20,
+        "{}",
+        d.mem_total_bytes
+    );
     assert_eq!(d.agent_details.unwrap().version, kata_proto::VERSION);
 
-    agent.destroy_sandbox(DestroySandboxRequest {}).await.expect("DestroySandbox");
+    agent
+        .destroy_sandbox(DestroySandboxRequest {})
+        .await
+        .expect("DestroySandbox");
     let exit = tokio::time::timeout(Duration::from_secs(60), vm.launcher.client.wait_vm(()))
         .await
         .expect("the VM exits after DestroySandbox")
@@ -81,7 +108,9 @@ async fn vsock_backend_under_stress() {
         if i % 2 == 0 {
             s.write_all(b"CONNECT 5000\n").await.unwrap();
         } else {
-            let junk: Vec<u8> = (0..(i * 97 % 300 + 1)).map(|b| (b * 31 + i) as u8).collect();
+            let junk: Vec<u8> = (0..(i * 97 % 300 + 1))
+                .map(|b| (b * 31 + i) as u8)
+                .collect();
             let _ = s.write_all(&junk).await;
         }
         drop(s);
@@ -91,10 +120,15 @@ async fn vsock_backend_under_stress() {
     // half-close: the host's FIN reaches the guest, which finishes and closes back
     let mut s = dialer::dial(&vm.addr(5000), DIAL).await.unwrap();
     s.write_all(b"half").await.unwrap();
-    let dialer::Stream::Unix(mut u) = s else { panic!("hybrid is a unix stream") };
+    let dialer::Stream::Unix(mut u) = s else {
+        panic!("hybrid is a unix stream")
+    };
     u.shutdown().await.unwrap();
     let mut all = vec![];
-    tokio::time::timeout(Duration::from_secs(20), u.read_to_end(&mut all)).await.expect("EOF after half-close").unwrap();
+    tokio::time::timeout(Duration::from_secs(20), u.read_to_end(&mut all))
+        .await
+        .expect("EOF after half-close")
+        .unwrap();
     assert_eq!(all, b"half");
 
     // 100 concurrent host-initiated connections
@@ -102,7 +136,9 @@ async fn vsock_backend_under_stress() {
         .map(|i| {
             let addr = vm.addr(5000);
             tokio::spawn(async move {
-                let mut s = dialer::dial(&addr, Duration::from_secs(30)).await.expect("dial");
+                let mut s = dialer::dial(&addr, Duration::from_secs(30))
+                    .await
+                    .expect("dial");
                 let msg = format!("conn {i} ").repeat(100);
                 s.write_all(msg.as_bytes()).await.unwrap();
                 let mut back = vec![0u8; msg.len()];
@@ -112,7 +148,10 @@ async fn vsock_backend_under_stress() {
         })
         .collect();
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t).await.expect("no wedge").unwrap();
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("no wedge")
+            .unwrap();
     }
 
     // 100 concurrent guest-initiated connections to host port 6000
@@ -132,7 +171,10 @@ async fn vsock_backend_under_stress() {
     let mut ctl = BufReader::new(dialer::dial(&vm.addr(5002), DIAL).await.unwrap());
     ctl.get_mut().write_all(b"100 6000\n").await.unwrap();
     let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(120), ctl.read_line(&mut answer)).await.expect("dial-back answers").unwrap();
+    tokio::time::timeout(Duration::from_secs(120), ctl.read_line(&mut answer))
+        .await
+        .expect("dial-back answers")
+        .unwrap();
     assert_eq!(answer.trim(), "ok 100");
     server.abort();
 
@@ -158,16 +200,29 @@ async fn vsock_backend_under_stress() {
     let mut got = 0usize;
     let mut buf = vec![0u8; 256 * 1024];
     while got < SIZE {
-        let n = tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf)).await.expect("no stall").unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf))
+            .await
+            .expect("no stall")
+            .unwrap();
         assert!(n > 0, "EOF after {got} bytes");
         h.update(&buf[..n]);
         got += n;
     }
-    assert_eq!(writer.await.unwrap(), h.finalize(), "the echoed bytes are the sent bytes");
+    assert_eq!(
+        writer.await.unwrap(),
+        h.finalize(),
+        "the echoed bytes are the sent bytes"
+    );
     eprintln!("64 MiB echoed in {:?}", t0.elapsed());
     echo_once(&vm, b"after bulk").await;
 
-    let exit = vm.launcher.client.stop_vm(StopVmRequest { timeout_seconds: 5 }).await.unwrap().into_inner();
+    let exit = vm
+        .launcher
+        .client
+        .stop_vm(StopVmRequest { timeout_seconds: 5 })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(exit.reason, "stopped", "{exit:?}");
     let dir = vm.dir();
     vm.launcher.client.shutdown(()).await.unwrap();
@@ -180,7 +235,11 @@ async fn teardown_after_sigkill_of_qemu_or_launcher() {
     // QEMU killed: the launcher reports it, Shutdown removes everything
     let mut vm = TestVm::boot("e2e-kill-qemu", Some("/usr/bin/kata-test-guest")).await;
     let pid = vm.created.hypervisor_pid;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let exit = vm.launcher.client.wait_vm(()).await.unwrap().into_inner();
     assert_eq!(exit.reason, "killed", "{exit:?}");
     assert_eq!(exit.signal, 9);
@@ -202,13 +261,20 @@ async fn teardown_after_sigkill_of_qemu_or_launcher() {
     }
     assert!(!alive(pid), "QEMU outlived its launcher");
     let dir = vm.dir();
-    assert!(dir.join("launcher.json").exists(), "a dead launcher leaves its state for cleanup");
+    assert!(
+        dir.join("launcher.json").exists(),
+        "a dead launcher leaves its state for cleanup"
+    );
     let out = std::process::Command::new(bin("kata-vmm-launcher"))
         .args(["--sandbox-id", &vm.id, "--sandbox-dir"])
         .arg(&dir)
         .arg("cleanup")
         .output()
         .unwrap();
-    assert!(out.status.success(), "cleanup: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_nothing_left(&dir, &vm.cgroup, pid);
 }

@@ -35,7 +35,9 @@ fn parse_hierarchies(mountinfo: &str) -> Vec<PathBuf> {
     let mut v = vec![];
     for line in mountinfo.lines() {
         // ... mount_point ... - fstype source options
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         let fstype = right.split_whitespace().next().unwrap_or("");
         if fstype != "cgroup" && fstype != "cgroup2" {
             continue;
@@ -52,7 +54,8 @@ pub fn validate(rel: &str) -> Result<(), CgroupError> {
     let p = Path::new(rel);
     if rel.is_empty()
         || p.is_absolute()
-        || p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+        || p.components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
     {
         return Err(CgroupError::BadPath(rel.into()));
     }
@@ -94,7 +97,10 @@ pub fn create(rel: &str) -> Result<Vec<PathBuf>, CgroupError> {
 
 /// The `cgroup.procs` files of `rel` in every hierarchy.
 pub fn procs_files(rel: &str) -> Vec<PathBuf> {
-    hierarchies().into_iter().map(|h| h.join(rel).join("cgroup.procs")).collect()
+    hierarchies()
+        .into_iter()
+        .map(|h| h.join(rel).join("cgroup.procs"))
+        .collect()
 }
 
 /// Removes the directories (deepest first). Missing ones are fine; a cgroup that
@@ -123,7 +129,10 @@ mod tests {
                  30 1 0:26 / /proc rw - proc proc rw\n";
         assert_eq!(
             parse_hierarchies(m),
-            vec![PathBuf::from("/sys/fs/cgroup/unified"), PathBuf::from("/sys/fs/cgroup/memory")]
+            vec![
+                PathBuf::from("/sys/fs/cgroup/unified"),
+                PathBuf::from("/sys/fs/cgroup/memory")
+            ]
         );
     }
 

@@ -65,8 +65,14 @@ impl LauncherProcess {
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| ClientError::Spawn { binary: binary.into(), source })?;
-        let not_ready = || ClientError::NotReady { binary: binary.into(), timeout };
+            .map_err(|source| ClientError::Spawn {
+                binary: binary.into(),
+                source,
+            })?;
+        let not_ready = || ClientError::NotReady {
+            binary: binary.into(),
+            timeout,
+        };
         let stdout = child.stdout.take().ok_or_else(not_ready)?;
         let mut lines = BufReader::new(stdout).lines();
         match tokio::time::timeout(timeout, lines.next_line()).await {
@@ -78,7 +84,12 @@ impl LauncherProcess {
             }
         }
         let paths = SandboxPaths::in_dir(dir);
-        let ch = kata_proto::dialer::channel(&Address::Unix(paths.launcher_socket()), timeout).await?;
-        Ok(LauncherProcess { child, paths, client: LauncherClient::new(ch) })
+        let ch =
+            kata_proto::dialer::channel(&Address::Unix(paths.launcher_socket()), timeout).await?;
+        Ok(LauncherProcess {
+            child,
+            paths,
+            client: LauncherClient::new(ch),
+        })
     }
 }

@@ -75,8 +75,16 @@ pub struct JailSpec {
 #[derive(Debug)]
 enum Step {
     Dir(CString),
-    Symlink { target: CString, link: CString },
-    Bind { src: CString, dst: CString, file: bool, readonly: bool },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    Bind {
+        src: CString,
+        dst: CString,
+        file: bool,
+        readonly: bool,
+    },
 }
 
 /// A prepared jail; [`Jail::enter`] runs in the child.
@@ -171,7 +179,11 @@ impl Jail {
                 .read(!write)
                 .write(write)
                 .open(path)
-                .map_err(|source| JailError::Open { what, path: path.into(), source })
+                .map_err(|source| JailError::Open {
+                    what,
+                    path: path.into(),
+                    source,
+                })
         };
         // fail early, with the launcher's view of the path, if an input is missing
         open("guest kernel", &spec.kernel, false)?;
@@ -190,15 +202,28 @@ impl Jail {
         for d in ["usr", "etc", "boot", "vm", "dev", "tmp"] {
             steps.push(Step::Dir(r(d)));
         }
-        steps.push(Step::Bind { src: cstr(Path::new("/usr")), dst: r("usr"), file: false, readonly: true });
+        steps.push(Step::Bind {
+            src: cstr(Path::new("/usr")),
+            dst: r("usr"),
+            file: false,
+            readonly: true,
+        });
         // merged-/usr hosts (Debian 12): /lib, /lib64, /bin are symlinks into /usr
         for top in ["lib", "lib64", "bin", "sbin"] {
             let host = Path::new("/").join(top);
             match std::fs::read_link(&host) {
-                Ok(target) => steps.push(Step::Symlink { target: cstr(&target), link: r(top) }),
+                Ok(target) => steps.push(Step::Symlink {
+                    target: cstr(&target),
+                    link: r(top),
+                }),
                 Err(_) if host.is_dir() => {
                     steps.push(Step::Dir(r(top)));
-                    steps.push(Step::Bind { src: cstr(&host), dst: r(top), file: false, readonly: true });
+                    steps.push(Step::Bind {
+                        src: cstr(&host),
+                        dst: r(top),
+                        file: false,
+                        readonly: true,
+                    });
                 }
                 Err(_) => {}
             }
@@ -211,9 +236,24 @@ impl Jail {
                 readonly: true,
             });
         }
-        steps.push(Step::Bind { src: cstr(&spec.kernel), dst: r("boot/vmlinuz"), file: true, readonly: true });
-        steps.push(Step::Bind { src: cstr(&spec.initrd), dst: r("boot/initrd.img"), file: true, readonly: true });
-        steps.push(Step::Bind { src: cstr(&spec.vm_dir), dst: r("vm"), file: false, readonly: false });
+        steps.push(Step::Bind {
+            src: cstr(&spec.kernel),
+            dst: r("boot/vmlinuz"),
+            file: true,
+            readonly: true,
+        });
+        steps.push(Step::Bind {
+            src: cstr(&spec.initrd),
+            dst: r("boot/initrd.img"),
+            file: true,
+            readonly: true,
+        });
+        steps.push(Step::Bind {
+            src: cstr(&spec.vm_dir),
+            dst: r("vm"),
+            file: false,
+            readonly: false,
+        });
         let mut devs = vec!["null", "zero", "random", "urandom"];
         let mut groups = vec![];
         if spec.kvm {
@@ -252,7 +292,7 @@ impl Jail {
             }
         }
         let null = std::ptr::null::<libc::c_char>();
-        // SAFETY (whole block): plain system calls on NUL-terminated strings and
+        // SAFETY: (whole block) plain system calls on NUL-terminated strings and
         // file descriptors this struct owns; nothing is allocated or freed.
         unsafe {
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
@@ -267,7 +307,13 @@ impl Jail {
                 }
             }
             check(libc::unshare(libc::CLONE_NEWNS))?;
-            check(libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
+            check(libc::mount(
+                null,
+                c"/".as_ptr(),
+                null,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
             check(libc::mount(
                 c"tmpfs".as_ptr(),
                 self.root.as_ptr(),
@@ -278,20 +324,40 @@ impl Jail {
             for s in &self.steps {
                 match s {
                     Step::Dir(p) => check(libc::mkdir(p.as_ptr(), 0o755))?,
-                    Step::Symlink { target, link } => check(libc::symlink(target.as_ptr(), link.as_ptr()))?,
-                    Step::Bind { src, dst, file, readonly } => {
+                    Step::Symlink { target, link } => {
+                        check(libc::symlink(target.as_ptr(), link.as_ptr()))?
+                    }
+                    Step::Bind {
+                        src,
+                        dst,
+                        file,
+                        readonly,
+                    } => {
                         if *file {
-                            let fd = libc::open(dst.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o600);
+                            let fd = libc::open(
+                                dst.as_ptr(),
+                                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                                0o600,
+                            );
                             check(fd)?;
                             libc::close(fd);
                         }
-                        check(libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_BIND | libc::MS_REC, std::ptr::null()))?;
+                        check(libc::mount(
+                            src.as_ptr(),
+                            dst.as_ptr(),
+                            null,
+                            libc::MS_BIND | libc::MS_REC,
+                            std::ptr::null(),
+                        ))?;
                         if *readonly {
                             check(libc::mount(
                                 null,
                                 dst.as_ptr(),
                                 null,
-                                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
+                                libc::MS_BIND
+                                    | libc::MS_REMOUNT
+                                    | libc::MS_RDONLY
+                                    | libc::MS_NOSUID,
                                 std::ptr::null(),
                             ))?;
                         }
@@ -299,10 +365,18 @@ impl Jail {
                 }
             }
             check(libc::chdir(self.root.as_ptr()))?;
-            check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
+            check(
+                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
+            )?;
             check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
             check(libc::chdir(c"/".as_ptr()))?;
-            check(libc::mount(null, c"/".as_ptr(), null, libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID, std::ptr::null()))?;
+            check(libc::mount(
+                null,
+                c"/".as_ptr(),
+                null,
+                libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
+                std::ptr::null(),
+            ))?;
             // capabilities: bounding set first (needs CAP_SETPCAP), then the ids
             for cap in 0..=63 {
                 let rc = libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
@@ -313,7 +387,13 @@ impl Jail {
             check(libc::setgroups(self.groups.len(), self.groups.as_ptr()))?;
             check(libc::setresgid(self.uid, self.uid, self.uid))?;
             check(libc::setresuid(self.uid, self.uid, self.uid))?;
-            check(libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0))?;
+            check(libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ))?;
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
         }
         seccompiler::apply_filter(&self.seccomp).map_err(|e| io::Error::other(e.to_string()))?;

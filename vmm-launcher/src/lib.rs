@@ -71,10 +71,14 @@ pub async fn run(
     std::fs::create_dir_all(&paths.dir).map_err(io(format!("creating {}", paths.dir.display())))?;
     let sock = paths.launcher_socket();
     let _ = std::fs::remove_file(&sock);
-    let listener = tokio::net::UnixListener::bind(&sock).map_err(io(format!("binding {}", sock.display())))?;
+    let listener =
+        tokio::net::UnixListener::bind(&sock).map_err(io(format!("binding {}", sock.display())))?;
     let vm = Arc::new(vm::Vm::new(sandbox_id, paths.clone()));
     let done = Arc::new(Notify::new());
-    let svc = server::LauncherService { vm: vm.clone(), done: done.clone() };
+    let svc = server::LauncherService {
+        vm: vm.clone(),
+        done: done.clone(),
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io("SIGTERM handler".into()))?;
     let stop = {

@@ -63,7 +63,11 @@ pub fn command_line(a: &QemuArgs) -> Vec<String> {
         Accelerator::Kvm => "kvm",
         _ => "tcg",
     };
-    let cpu = if a.accelerator == Accelerator::Kvm { "host" } else { "max" };
+    let cpu = if a.accelerator == Accelerator::Kvm {
+        "host"
+    } else {
+        "max"
+    };
     let machine = match a.machine_type.as_str() {
         "microvm" => format!("microvm,accel={accel},pcie=on,rtc=on,memory-backend=mem"),
         "pc" => format!("pc,accel={accel},memory-backend=mem"),
@@ -93,7 +97,10 @@ pub fn command_line(a: &QemuArgs) -> Vec<String> {
         format!("{}M", a.memory_mib),
         // shared guest RAM: the vhost-user backends map it
         "-object".into(),
-        format!("memory-backend-memfd,id=mem,size={}M,share=on", a.memory_mib),
+        format!(
+            "memory-backend-memfd,id=mem,size={}M,share=on",
+            a.memory_mib
+        ),
         "-kernel".into(),
         jailed::KERNEL.into(),
         "-initrd".into(),
@@ -145,16 +152,26 @@ mod tests {
     }
 
     fn after<'a>(v: &'a [String], flag: &str, value_prefix: &str) -> Option<&'a String> {
-        v.windows(2).find(|w| w[0] == flag && w[1].starts_with(value_prefix)).map(|w| &w[1])
+        v.windows(2)
+            .find(|w| w[0] == flag && w[1].starts_with(value_prefix))
+            .map(|w| &w[1])
     }
 
     #[test]
     fn tcg_q35_hybrid() {
         let v = command_line(&args());
-        assert_eq!(after(&v, "-machine", "").unwrap(), "q35,accel=tcg,memory-backend=mem");
+        assert_eq!(
+            after(&v, "-machine", "").unwrap(),
+            "q35,accel=tcg,memory-backend=mem"
+        );
         assert_eq!(after(&v, "-cpu", "").unwrap(), "max");
         assert_eq!(after(&v, "-smp", "").unwrap(), "2");
-        assert!(after(&v, "-object", "memory-backend-memfd,id=mem,size=512M,share=on").is_some());
+        assert!(after(
+            &v,
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on"
+        )
+        .is_some());
         assert!(after(&v, "-device", "vhost-user-vsock-pci").is_some());
         let append = after(&v, "-append", "").unwrap();
         assert!(append.starts_with("console=ttyS0 panic=1"), "{append}");
@@ -172,9 +189,14 @@ mod tests {
         let v = command_line(&a);
         assert!(after(&v, "-machine", "microvm,accel=kvm").is_some());
         assert_eq!(after(&v, "-cpu", "").unwrap(), "host");
-        assert_eq!(after(&v, "-device", "vhost-vsock").unwrap(), "vhost-vsock-pci,id=vsock,guest-cid=7");
+        assert_eq!(
+            after(&v, "-device", "vhost-vsock").unwrap(),
+            "vhost-vsock-pci,id=vsock,guest-cid=7"
+        );
         assert!(!after(&v, "-append", "").unwrap().contains("tsc_early_khz"));
         a.accelerator = Accelerator::Tcg;
-        assert!(after(&command_line(&a), "-append", "").unwrap().contains("tsc_early_khz=2000000"));
+        assert!(after(&command_line(&a), "-append", "")
+            .unwrap()
+            .contains("tsc_early_khz=2000000"));
     }
 }

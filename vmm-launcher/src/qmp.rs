@@ -80,14 +80,20 @@ pub struct Qmp {
 impl Qmp {
     /// Connects to `path`, reads the greeting and enters command mode.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
-        let io = |source| QmpError::Io { path: path.display().to_string(), source };
+        let io = |source| QmpError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let stream = UnixStream::connect(path).await.map_err(io)?;
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read);
         let mut greeting = String::new();
         match tokio::time::timeout(timeout, read_line(&mut lines, &mut greeting)).await {
             Err(_) => {
-                return Err(QmpError::Timeout { command: "greeting".into(), timeout });
+                return Err(QmpError::Timeout {
+                    command: "greeting".into(),
+                    timeout,
+                });
             }
             Ok(r) => r?,
         }
@@ -116,14 +122,23 @@ impl Qmp {
     }
 
     /// Runs `command` with optional `arguments`; returns its `return` value.
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
-        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
         let mut line = msg.to_string();
         line.push('\n');
         debug!(command, "QMP command");
@@ -135,8 +150,14 @@ impl Qmp {
         }
         let reply = match tokio::time::timeout(self.timeout, rx).await {
             Err(_) => {
-                self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                return Err(QmpError::Timeout { command: command.into(), timeout: self.timeout });
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                return Err(QmpError::Timeout {
+                    command: command.into(),
+                    timeout: self.timeout,
+                });
             }
             Ok(Err(_)) => return Err(QmpError::Closed),
             Ok(Ok(v)) => v,
@@ -167,7 +188,10 @@ async fn read_line(
         .take(MAX_LINE as u64)
         .read_line(buf)
         .await
-        .map_err(|source| QmpError::Io { path: "qmp".into(), source })?;
+        .map_err(|source| QmpError::Io {
+            path: "qmp".into(),
+            source,
+        })?;
     if n == 0 {
         return Err(QmpError::Closed);
     }
@@ -189,9 +213,15 @@ async fn reader(
         };
         if let Some(name) = v.get("event").and_then(Value::as_str) {
             debug!(event = name, "QMP event");
-            let _ = events.send(Event { name: name.into(), data: v["data"].clone() });
+            let _ = events.send(Event {
+                name: name.into(),
+                data: v["data"].clone(),
+            });
         } else if let Some(id) = v.get("id").and_then(Value::as_u64) {
-            let tx = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            let tx = pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             if let Some(tx) = tx {
                 let _ = tx.send(v);
             }
@@ -215,7 +245,9 @@ mod tests {
             let (s, _) = l.accept().await.unwrap();
             let (r, mut w) = s.into_split();
             let mut r = BufReader::new(r);
-            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .unwrap();
             let mut line = String::new();
             loop {
                 line.clear();
@@ -226,17 +258,23 @@ mod tests {
                 let id = v["id"].clone();
                 let reply = match v["execute"].as_str().unwrap() {
                     "query-status" => {
-                        w.write_all(b"{\"event\": \"STOP\", \"data\": {}}\n").await.unwrap();
+                        w.write_all(b"{\"event\": \"STOP\", \"data\": {}}\n")
+                            .await
+                            .unwrap();
                         json!({"return": {"status": "paused"}, "id": id})
                     }
-                    "bogus" => json!({"error": {"class": "CommandNotFound", "desc": "no"}, "id": id}),
+                    "bogus" => {
+                        json!({"error": {"class": "CommandNotFound", "desc": "no"}, "id": id})
+                    }
                     "hang" => continue,
                     _ => json!({"return": {}, "id": id}),
                 };
                 w.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
             }
         });
-        let q = Qmp::connect(&path, Duration::from_millis(300)).await.unwrap();
+        let q = Qmp::connect(&path, Duration::from_millis(300))
+            .await
+            .unwrap();
         let mut ev = q.events();
         assert_eq!(q.status().await.unwrap(), "paused");
         assert_eq!(ev.recv().await.unwrap().name, "STOP");
@@ -255,7 +293,9 @@ mod tests {
             let (mut s, _) = l.accept().await.unwrap();
             s.write_all(b"hello\n").await.unwrap();
         });
-        let e = Qmp::connect(&path, Duration::from_secs(1)).await.unwrap_err();
+        let e = Qmp::connect(&path, Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert!(matches!(e, QmpError::Protocol(_)), "{e:?}");
     }
 }

@@ -24,7 +24,8 @@ impl From<LauncherError> for Status {
     fn from(e: LauncherError) -> Status {
         let msg = e.to_string();
         match e {
-            LauncherError::InvalidSpec(_) | LauncherError::Cgroup(crate::cgroup::CgroupError::BadPath(_)) => {
+            LauncherError::InvalidSpec(_)
+            | LauncherError::Cgroup(crate::cgroup::CgroupError::BadPath(_)) => {
                 Status::invalid_argument(msg)
             }
             LauncherError::State(_) => Status::failed_precondition(msg),
@@ -41,8 +42,14 @@ impl From<LauncherError> for Status {
 
 #[tonic::async_trait]
 impl Launcher for LauncherService {
-    async fn create_vm(&self, r: Request<CreateVmRequest>) -> Result<Response<CreateVmResponse>, Status> {
-        let spec = r.into_inner().spec.ok_or_else(|| Status::invalid_argument("CreateVm: spec is missing"))?;
+    async fn create_vm(
+        &self,
+        r: Request<CreateVmRequest>,
+    ) -> Result<Response<CreateVmResponse>, Status> {
+        let spec = r
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("CreateVm: spec is missing"))?;
         let (pid, uds, accel) = self.vm.create(spec).await?;
         Ok(Response::new(CreateVmResponse {
             vsock_uds_path: uds.display().to_string(),
@@ -52,7 +59,10 @@ impl Launcher for LauncherService {
         }))
     }
 
-    async fn start_vm(&self, r: Request<StartVmRequest>) -> Result<Response<StartVmResponse>, Status> {
+    async fn start_vm(
+        &self,
+        r: Request<StartVmRequest>,
+    ) -> Result<Response<StartVmResponse>, Status> {
         let t = Duration::from_secs(u64::from(r.into_inner().agent_ready_timeout_seconds));
         let agent_ready_us = self.vm.start(t).await?;
         Ok(Response::new(StartVmResponse { agent_ready_us }))
@@ -79,7 +89,12 @@ impl Launcher for LauncherService {
 
     async fn vm_status(&self, _r: Request<()>) -> Result<Response<VmStatusResponse>, Status> {
         let (state, hypervisor_pid, vsock_uds_path, agent_ready) = self.vm.status().await;
-        Ok(Response::new(VmStatusResponse { state, hypervisor_pid, vsock_uds_path, agent_ready }))
+        Ok(Response::new(VmStatusResponse {
+            state,
+            hypervisor_pid,
+            vsock_uds_path,
+            agent_ready,
+        }))
     }
 
     async fn shutdown(&self, _r: Request<()>) -> Result<Response<()>, Status> {

@@ -98,7 +98,10 @@ impl Vm {
             sandbox_id: sandbox_id.into(),
             paths,
             inner: Mutex::new(None),
-            state: Mutex::new(State { launcher_pid: std::process::id(), ..Default::default() }),
+            state: Mutex::new(State {
+                launcher_pid: std::process::id(),
+                ..Default::default()
+            }),
             exit: watch::channel(None).0,
             ready: watch::channel(None).0,
             stop_requested: Arc::new(AtomicBool::new(false)),
@@ -109,12 +112,18 @@ impl Vm {
     pub async fn create(&self, spec: VmSpec) -> Result<(u32, PathBuf, Accelerator), LauncherError> {
         let mut inner = self.inner.lock().await;
         if inner.is_some() || self.exit.borrow().is_some() {
-            return Err(LauncherError::State("the VM was already created (one VM per launcher)".into()));
+            return Err(LauncherError::State(
+                "the VM was already created (one VM per launcher)".into(),
+            ));
         }
         let spec = validate(spec)?;
         let accel = resolve_accel(spec.accelerator())?;
         let vm_dir = self.paths.vm_dir();
-        let uid = if spec.jail_uid == 0 { jail::uid_for(&self.sandbox_id) } else { spec.jail_uid };
+        let uid = if spec.jail_uid == 0 {
+            jail::uid_for(&self.sandbox_id)
+        } else {
+            spec.jail_uid
+        };
         let mut cgroups = vec![];
         let result = self.spawn(&spec, accel, &vm_dir, uid, &mut cgroups).await;
         match result {
@@ -128,7 +137,10 @@ impl Vm {
                 cgroup::remove(&cgroups);
                 let _ = std::fs::remove_dir_all(&vm_dir);
                 let _ = std::fs::remove_dir(self.paths.jail_root());
-                for p in [self.paths.vsock_uds(), paths::hybrid_listener_path(&self.paths.vsock_uds(), ports::READY)] {
+                for p in [
+                    self.paths.vsock_uds(),
+                    paths::hybrid_listener_path(&self.paths.vsock_uds(), ports::READY),
+                ] {
                     let _ = std::fs::remove_file(p);
                 }
                 let mut st = self.state.lock().await;
@@ -152,8 +164,10 @@ impl Vm {
             move |e: std::io::Error| LauncherError::Io(what, e)
         };
         std::fs::create_dir_all(vm_dir).map_err(io("creating", vm_dir))?;
-        std::fs::create_dir_all(self.paths.jail_root()).map_err(io("creating", &self.paths.jail_root()))?;
-        std::fs::set_permissions(vm_dir, std::fs::Permissions::from_mode(0o700)).map_err(io("chmod", vm_dir))?;
+        std::fs::create_dir_all(self.paths.jail_root())
+            .map_err(io("creating", &self.paths.jail_root()))?;
+        std::fs::set_permissions(vm_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("chmod", vm_dir))?;
         nix::unistd::chown(vm_dir, Some(uid.into()), Some(uid.into()))
             .map_err(|e| LauncherError::Io(format!("chown {}", vm_dir.display()), e.into()))?;
 
@@ -163,7 +177,8 @@ impl Vm {
             *cgroups = cgroup::create(&spec.cgroup_path)?;
             let mut st = self.state.lock().await;
             st.cgroups = cgroups.clone();
-            st.save(&self.paths).map_err(io("writing", &self.paths.launcher_state()))?;
+            st.save(&self.paths)
+                .map_err(io("writing", &self.paths.launcher_state()))?;
             cgroup::procs_files(&spec.cgroup_path)
         };
 
@@ -171,7 +186,8 @@ impl Vm {
         let vsock_uds = self.paths.vsock_uds();
         let ready_path = paths::hybrid_listener_path(&vsock_uds, ports::READY);
         let _ = std::fs::remove_file(&ready_path);
-        let ready_listener = tokio::net::UnixListener::bind(&ready_path).map_err(io("binding", &ready_path))?;
+        let ready_listener =
+            tokio::net::UnixListener::bind(&ready_path).map_err(io("binding", &ready_path))?;
         let vhost_vsock = kata_proto::host::vhost_vsock_available();
         let vsock = if vhost_vsock {
             None
@@ -182,8 +198,9 @@ impl Vm {
                 uds_path: vsock_uds.clone(),
                 guest_cid: u64::from(paths::HYBRID_GUEST_CID),
             })?;
-            nix::unistd::chown(&vhost_socket, Some(uid.into()), Some(uid.into()))
-                .map_err(|e| LauncherError::Io(format!("chown {}", vhost_socket.display()), e.into()))?;
+            nix::unistd::chown(&vhost_socket, Some(uid.into()), Some(uid.into())).map_err(|e| {
+                LauncherError::Io(format!("chown {}", vhost_socket.display()), e.into())
+            })?;
             Some(b)
         };
 
@@ -207,40 +224,71 @@ impl Vm {
             vhost_vsock_cid: vhost_vsock.then_some(paths::HYBRID_GUEST_CID),
             tsc_khz: host_tsc_khz(),
         });
-        let console = if spec.console_log_path.is_empty() { self.paths.console_log() } else { spec.console_log_path.clone().into() };
+        let console = if spec.console_log_path.is_empty() {
+            self.paths.console_log()
+        } else {
+            spec.console_log_path.clone().into()
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&console)
             .map_err(io("opening the console log", &console))?;
-        let log2 = log.try_clone().map_err(io("opening the console log", &console))?;
+        let log2 = log
+            .try_clone()
+            .map_err(io("opening the console log", &console))?;
         let mut cmd = tokio::process::Command::new(&spec.hypervisor_path);
-        cmd.args(&args).env_clear().stdin(Stdio::null()).stdout(log).stderr(log2).kill_on_drop(true);
+        cmd.args(&args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(true);
         // SAFETY: Jail::enter only makes system calls on data prepared before the fork.
         unsafe {
             cmd.pre_exec(move || jail.enter());
         }
         debug!(?args, "starting {}", spec.hypervisor_path);
-        let mut child = cmd.spawn().map_err(|e| LauncherError::Spawn(spec.hypervisor_path.clone(), e))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| LauncherError::Spawn(spec.hypervisor_path.clone(), e))?;
         let pid = child.id().unwrap_or(0);
         {
             let mut st = self.state.lock().await;
             st.hypervisor_pid = pid;
             st.hypervisor_start = start_time(pid).unwrap_or(0);
-            st.save(&self.paths).map_err(io("writing", &self.paths.launcher_state()))?;
+            st.save(&self.paths)
+                .map_err(io("writing", &self.paths.launcher_state()))?;
         }
         let qmp = match connect_qmp(&vm_dir.join("qmp.sock"), &mut child).await {
             Ok(q) => Arc::new(q),
             Err(e) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                return Err(LauncherError::Hypervisor(format!("{e}; console log {}: {}", console.display(), tail(&console))));
+                return Err(LauncherError::Hypervisor(format!(
+                    "{e}; console log {}: {}",
+                    console.display(),
+                    tail(&console)
+                )));
             }
         };
         info!(pid, ?accel, "hypervisor created (paused)");
         tokio::spawn(watch_ready(ready_listener, self.ready.clone()));
-        tokio::spawn(watch_exit(child, qmp.clone(), self.exit.clone(), self.stop_requested.clone()));
-        Ok(Running { pid, qmp, vsock, accel, vsock_uds, paused: true, started: false })
+        tokio::spawn(watch_exit(
+            child,
+            qmp.clone(),
+            self.exit.clone(),
+            self.stop_requested.clone(),
+        ));
+        Ok(Running {
+            pid,
+            qmp,
+            vsock,
+            accel,
+            vsock_uds,
+            paused: true,
+            started: false,
+        })
     }
 
     /// Lets the vCPUs run; waits up to `ready_timeout` for the agent's announcement.
@@ -248,7 +296,9 @@ impl Vm {
         let t0 = Instant::now();
         {
             let mut inner = self.inner.lock().await;
-            let r = inner.as_mut().ok_or_else(|| LauncherError::State("no VM: call CreateVm first".into()))?;
+            let r = inner
+                .as_mut()
+                .ok_or_else(|| LauncherError::State("no VM: call CreateVm first".into()))?;
             if r.started {
                 return Err(LauncherError::State("the VM was already started".into()));
             }
@@ -300,22 +350,35 @@ impl Vm {
     /// Pauses (`pause = true`) or resumes the vCPUs.
     pub async fn set_paused(&self, pause: bool) -> Result<(), LauncherError> {
         let mut inner = self.inner.lock().await;
-        let r = inner.as_mut().ok_or_else(|| LauncherError::State("no VM: call CreateVm first".into()))?;
+        let r = inner
+            .as_mut()
+            .ok_or_else(|| LauncherError::State("no VM: call CreateVm first".into()))?;
         if !r.started {
             return Err(LauncherError::State("the VM is not started".into()));
         }
-        r.qmp.execute(if pause { "stop" } else { "cont" }, None).await?;
+        r.qmp
+            .execute(if pause { "stop" } else { "cont" }, None)
+            .await?;
         r.paused = pause;
         Ok(())
     }
 
     /// Graceful stop (the agent's `DestroySandbox`), then `quit`, then SIGKILL.
     pub async fn stop(&self, timeout: Duration) -> Result<VmExit, LauncherError> {
-        let timeout = if timeout.is_zero() { STOP_TIMEOUT } else { timeout };
+        let timeout = if timeout.is_zero() {
+            STOP_TIMEOUT
+        } else {
+            timeout
+        };
         let (pid, qmp, uds, started) = {
             let inner = self.inner.lock().await;
             match inner.as_ref() {
-                Some(r) => (r.pid, r.qmp.clone(), r.vsock_uds.clone(), r.started && !r.paused),
+                Some(r) => (
+                    r.pid,
+                    r.qmp.clone(),
+                    r.vsock_uds.clone(),
+                    r.started && !r.paused,
+                ),
                 None => return Err(LauncherError::State("no VM: call CreateVm first".into())),
             }
         };
@@ -326,7 +389,11 @@ impl Vm {
         let mut exit = self.exit.subscribe();
         let exited = |rx: &mut watch::Receiver<Option<VmExit>>, d: Duration| {
             let mut rx = rx.clone();
-            async move { tokio::time::timeout(d, rx.wait_for(Option::is_some)).await.is_ok() }
+            async move {
+                tokio::time::timeout(d, rx.wait_for(Option::is_some))
+                    .await
+                    .is_ok()
+            }
         };
         if started && self.ready.borrow().is_some() {
             if let Err(e) = destroy_sandbox(&uds, timeout).await {
@@ -340,7 +407,10 @@ impl Vm {
         let _ = qmp.execute("quit", None).await;
         if !exited(&mut exit, Duration::from_secs(3)).await {
             warn!(pid, "QEMU did not quit; killing it");
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             let _ = exit.wait_for(Option::is_some).await;
         }
         Ok(self.exit.borrow().clone().unwrap_or_default())
@@ -352,7 +422,10 @@ impl Vm {
             return Err(LauncherError::State("no VM: call CreateVm first".into()));
         }
         let mut rx = self.exit.subscribe();
-        let e = rx.wait_for(Option::is_some).await.map_err(|_| LauncherError::State("launcher shutting down".into()))?;
+        let e = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| LauncherError::State("launcher shutting down".into()))?;
         Ok(e.clone().unwrap_or_default())
     }
 
@@ -361,13 +434,22 @@ impl Vm {
         let inner = self.inner.lock().await;
         let ready = self.ready.borrow().is_some();
         if self.exit.borrow().is_some() {
-            let uds = inner.as_ref().map(|r| r.vsock_uds.display().to_string()).unwrap_or_default();
+            let uds = inner
+                .as_ref()
+                .map(|r| r.vsock_uds.display().to_string())
+                .unwrap_or_default();
             return ("exited".into(), 0, uds, ready);
         }
         match inner.as_ref() {
             None => ("none".into(), 0, String::new(), false),
             Some(r) => {
-                let s = if !r.started { "created" } else if r.paused { "paused" } else { "running" };
+                let s = if !r.started {
+                    "created"
+                } else if r.paused {
+                    "paused"
+                } else {
+                    "running"
+                };
                 (s.into(), r.pid, r.vsock_uds.display().to_string(), ready)
             }
         }
@@ -419,14 +501,20 @@ pub fn remove_sandbox_files(p: &SandboxPaths) {
 /// ours), removes its cgroups and files. Refuses while the launcher runs.
 pub fn cleanup(p: &SandboxPaths) -> Result<(), LauncherError> {
     if let Some(st) = State::load(p) {
-        if st.launcher_pid != std::process::id() && start_time(st.launcher_pid).is_some() && is_launcher(st.launcher_pid) {
+        if st.launcher_pid != std::process::id()
+            && start_time(st.launcher_pid).is_some()
+            && is_launcher(st.launcher_pid)
+        {
             return Err(LauncherError::State(format!(
                 "the launcher (pid {}) of this sandbox still runs: use its Shutdown call",
                 st.launcher_pid
             )));
         }
         if st.hypervisor_pid != 0 && start_time(st.hypervisor_pid) == Some(st.hypervisor_start) {
-            info!(pid = st.hypervisor_pid, "killing the hypervisor of a dead launcher");
+            info!(
+                pid = st.hypervisor_pid,
+                "killing the hypervisor of a dead launcher"
+            );
             let pid = nix::unistd::Pid::from_raw(st.hypervisor_pid as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             for _ in 0..100 {
@@ -462,9 +550,15 @@ fn validate(mut spec: VmSpec) -> Result<VmSpec, LauncherError> {
         spec.memory_mib = 512;
     }
     if spec.memory_mib < 64 || spec.memory_mib > 1 << 20 {
-        return bad(format!("memory_mib = {}: must be between 64 and 1048576", spec.memory_mib));
+        return bad(format!(
+            "memory_mib = {}: must be between 64 and 1048576",
+            spec.memory_mib
+        ));
     }
-    for (name, p) in [("kernel_path", &spec.kernel_path), ("initrd_path", &spec.initrd_path)] {
+    for (name, p) in [
+        ("kernel_path", &spec.kernel_path),
+        ("initrd_path", &spec.initrd_path),
+    ] {
         if p.is_empty() || !p.starts_with('/') {
             return bad(format!("{name} = {p:?}: an absolute path is required (build one with `kata-ctl image build`)"));
         }
@@ -473,10 +567,16 @@ fn validate(mut spec: VmSpec) -> Result<VmSpec, LauncherError> {
         spec.machine_type = "q35".into();
     }
     if !matches!(spec.machine_type.as_str(), "q35" | "pc" | "microvm") {
-        return bad(format!("machine_type = {:?}: must be q35, pc or microvm", spec.machine_type));
+        return bad(format!(
+            "machine_type = {:?}: must be q35, pc or microvm",
+            spec.machine_type
+        ));
     }
     if spec.hypervisor_path.is_empty() {
-        spec.hypervisor_path = kata_proto::config::Qemu::default().path.display().to_string();
+        spec.hypervisor_path = kata_proto::config::Qemu::default()
+            .path
+            .display()
+            .to_string();
     }
     if !spec.hypervisor_path.starts_with("/usr/") {
         return bad(format!(
@@ -499,17 +599,26 @@ fn resolve_accel(a: Accelerator) -> Result<Accelerator, LauncherError> {
         Accelerator::Kvm => kata_proto::host::kvm_usable()
             .map(|_| Accelerator::Kvm)
             .map_err(|why| LauncherError::InvalidSpec(format!("accelerator kvm: {why}"))),
-        Accelerator::Auto | Accelerator::Unspecified => Ok(if kata_proto::host::kvm_usable().is_ok() {
-            Accelerator::Kvm
-        } else {
-            Accelerator::Tcg
-        }),
+        Accelerator::Auto | Accelerator::Unspecified => {
+            Ok(if kata_proto::host::kvm_usable().is_ok() {
+                Accelerator::Kvm
+            } else {
+                Accelerator::Tcg
+            })
+        }
     }
 }
 
 fn host_tsc_khz() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
     Some((mhz * 1000.0) as u64)
 }
 
@@ -520,10 +629,15 @@ async fn connect_qmp(path: &Path, child: &mut tokio::process::Child) -> Result<Q
             return Err(format!("QEMU exited at start ({status})"));
         }
         if path.exists() {
-            return Qmp::connect(path, QMP_TIMEOUT).await.map_err(|e| e.to_string());
+            return Qmp::connect(path, QMP_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string());
         }
         if Instant::now() > deadline {
-            return Err(format!("QEMU did not create {} within {QMP_SOCKET_WAIT:?}", path.display()));
+            return Err(format!(
+                "QEMU did not create {} within {QMP_SOCKET_WAIT:?}",
+                path.display()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -535,7 +649,11 @@ async fn watch_ready(l: tokio::net::UnixListener, ready: watch::Sender<Option<In
         let at = Instant::now();
         let mut line = String::new();
         let mut r = tokio::io::BufReader::new(s);
-        let read = tokio::time::timeout(Duration::from_secs(2), (&mut r).take(256).read_line(&mut line)).await;
+        let read = tokio::time::timeout(
+            Duration::from_secs(2),
+            (&mut r).take(256).read_line(&mut line),
+        )
+        .await;
         if matches!(read, Ok(Ok(_))) && line.starts_with("READY") {
             info!(announce = line.trim(), "agent announced itself");
             ready.send_if_modified(|v| {
@@ -575,7 +693,10 @@ async fn watch_exit(
     // give the reader a moment to deliver the SHUTDOWN event that preceded the exit
     tokio::time::sleep(Duration::from_millis(20)).await;
     collector.abort();
-    let reason = shutdown_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let reason = shutdown_reason
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let mut e = VmExit::default();
     if let Ok(st) = &status {
         use std::os::unix::process::ExitStatusExt;
@@ -590,19 +711,32 @@ async fn watch_exit(
         _ => "crashed",
     }
     .into();
-    info!(reason = e.reason, code = e.exit_code, signal = e.signal, "hypervisor exited");
+    info!(
+        reason = e.reason,
+        code = e.exit_code,
+        signal = e.signal,
+        "hypervisor exited"
+    );
     let _ = exit.send(Some(e));
 }
 
 /// Asks the agent to end the sandbox (it powers the guest off).
 async fn destroy_sandbox(uds: &Path, timeout: Duration) -> Result<(), String> {
-    let addr = kata_proto::dialer::Address::Hybrid { path: uds.into(), port: ports::AGENT };
-    let ch = kata_proto::dialer::channel(&addr, timeout).await.map_err(|e| e.to_string())?;
-    let mut c = kata_proto::agent::agent_service_client::AgentServiceClient::new(ch);
-    tokio::time::timeout(timeout, c.destroy_sandbox(kata_proto::agent::DestroySandboxRequest {}))
+    let addr = kata_proto::dialer::Address::Hybrid {
+        path: uds.into(),
+        port: ports::AGENT,
+    };
+    let ch = kata_proto::dialer::channel(&addr, timeout)
         .await
-        .map_err(|_| "DestroySandbox timed out".to_string())?
         .map_err(|e| e.to_string())?;
+    let mut c = kata_proto::agent::agent_service_client::AgentServiceClient::new(ch);
+    tokio::time::timeout(
+        timeout,
+        c.destroy_sandbox(kata_proto::agent::DestroySandboxRequest {}),
+    )
+    .await
+    .map_err(|_| "DestroySandbox timed out".to_string())?
+    .map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -631,14 +765,53 @@ mod tests {
             ..Default::default()
         };
         let v = validate(ok.clone()).unwrap();
-        assert_eq!((v.vcpus, v.memory_mib, v.machine_type.as_str()), (1, 512, "q35"));
+        assert_eq!(
+            (v.vcpus, v.memory_mib, v.machine_type.as_str()),
+            (1, 512, "q35")
+        );
         for (spec, word) in [
-            (VmSpec { kernel_path: String::new(), ..ok.clone() }, "kernel_path"),
-            (VmSpec { memory_mib: 10, ..ok.clone() }, "memory_mib"),
-            (VmSpec { machine_type: "virt".into(), ..ok.clone() }, "machine_type"),
-            (VmSpec { cgroup_path: "../x".into(), ..ok.clone() }, "../x"),
-            (VmSpec { netns_path: "/nonexistent/ns".into(), ..ok.clone() }, "netns_path"),
-            (VmSpec { hypervisor_path: "/opt/qemu".into(), ..ok.clone() }, "hypervisor_path"),
+            (
+                VmSpec {
+                    kernel_path: String::new(),
+                    ..ok.clone()
+                },
+                "kernel_path",
+            ),
+            (
+                VmSpec {
+                    memory_mib: 10,
+                    ..ok.clone()
+                },
+                "memory_mib",
+            ),
+            (
+                VmSpec {
+                    machine_type: "virt".into(),
+                    ..ok.clone()
+                },
+                "machine_type",
+            ),
+            (
+                VmSpec {
+                    cgroup_path: "../x".into(),
+                    ..ok.clone()
+                },
+                "../x",
+            ),
+            (
+                VmSpec {
+                    netns_path: "/nonexistent/ns".into(),
+                    ..ok.clone()
+                },
+                "netns_path",
+            ),
+            (
+                VmSpec {
+                    hypervisor_path: "/opt/qemu".into(),
+                    ..ok.clone()
+                },
+                "hypervisor_path",
+            ),
         ] {
             let e = validate(spec).unwrap_err().to_string();
             assert!(e.contains(word), "{e}");
@@ -655,7 +828,12 @@ mod tests {
     fn state_round_trip() {
         let d = tempfile::tempdir().unwrap();
         let p = SandboxPaths::in_dir(d.path());
-        let s = State { launcher_pid: 1, hypervisor_pid: 2, hypervisor_start: 3, cgroups: vec!["/x".into()] };
+        let s = State {
+            launcher_pid: 1,
+            hypervisor_pid: 2,
+            hypervisor_start: 3,
+            cgroups: vec!["/x".into()],
+        };
         s.save(&p).unwrap();
         assert_eq!(State::load(&p), Some(s));
     }

@@ -24,7 +24,10 @@ fn main() {
         }
     }
     kata_proto::logging::init("kata-test-guest", None);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build();
     let Ok(rt) = rt else {
         kata_agent::init::power_off();
     };
@@ -92,12 +95,16 @@ async fn serve_dialback(s: VsockStream) {
     if s.read_line(&mut line).await.is_err() {
         return;
     }
-    let mut it = line.split_whitespace().map(|w| w.parse::<u32>().unwrap_or(0));
+    let mut it = line
+        .split_whitespace()
+        .map(|w| w.parse::<u32>().unwrap_or(0));
     let (n, port) = (it.next().unwrap_or(0).min(1000), it.next().unwrap_or(0));
     let tasks: Vec<_> = (0..n)
         .map(|i| {
             tokio::spawn(async move {
-                let mut c = VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, port)).await.ok()?;
+                let mut c = VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, port))
+                    .await
+                    .ok()?;
                 let msg = format!("hello {i}\n");
                 c.write_all(msg.as_bytes()).await.ok()?;
                 let mut back = vec![0u8; msg.len()];
