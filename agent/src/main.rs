@@ -16,8 +16,14 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
     let pid1 = std::process::id() == 1;
+    // As PID 1 the kernel hands init every command-line word it does not know
+    // (`nomodeset`, ...): those are not ours to reject.
+    let args = if pid1 {
+        Args::try_parse().unwrap_or(Args { listen: None })
+    } else {
+        Args::parse()
+    };
     let listen = match args.listen.as_deref() {
         None => Listen::Vsock(ports::AGENT),
         Some(a) => match a.strip_prefix("unix://") {

@@ -23,6 +23,13 @@ pub struct BootArgs {
     /// Configuration file (else $KATA_CONF_FILE, else the default locations).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Keep the guest console here (default: in the sandbox directory, removed
+    /// with it).
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Extra kernel parameters, e.g. `agent.log=debug`.
+    #[arg(long, default_value = "")]
+    pub kernel_params: String,
     /// Seconds to wait for the agent.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
@@ -36,7 +43,7 @@ pub async fn run(args: BootArgs) -> anyhow::Result<()> {
         Some(d) => (d.join("vmlinuz"), d.join("initrd.img")),
         None => (q.kernel.clone(), q.initrd.clone()),
     };
-    let launcher = match args.launcher {
+    let launcher = match args.launcher.clone() {
         Some(l) => l,
         None => std::env::current_exe()?.with_file_name("kata-vmm-launcher"),
     };
@@ -44,7 +51,7 @@ pub async fn run(args: BootArgs) -> anyhow::Result<()> {
     let dir = kata_proto::paths::run_dir().join(&id);
     let t0 = Instant::now();
     let mut l = LauncherProcess::spawn(&launcher, &id, &dir, Duration::from_secs(10)).await?;
-    let result = boot(&mut l, &id, &cfg, kernel, initrd, args.timeout, t0).await;
+    let result = boot(&mut l, &id, &cfg, &args, kernel, initrd, t0).await;
     let _ = l.client.shutdown(()).await;
     let _ = l.child.wait().await;
     result
@@ -54,9 +61,9 @@ async fn boot(
     l: &mut LauncherProcess,
     id: &str,
     cfg: &Config,
+    args: &BootArgs,
     kernel: PathBuf,
     initrd: PathBuf,
-    timeout: u64,
     t0: Instant,
 ) -> anyhow::Result<()> {
     let q = &cfg.hypervisor.qemu;
@@ -70,7 +77,14 @@ async fn boot(
         memory_mib: q.default_memory,
         kernel_path: kernel.display().to_string(),
         initrd_path: initrd.display().to_string(),
-        kernel_params: q.kernel_params.clone(),
+        kernel_params: format!("{} {}", q.kernel_params, args.kernel_params)
+            .trim()
+            .to_string(),
+        console_log_path: args
+            .console_log
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         accelerator: accelerator as i32,
         hypervisor_path: q.path.display().to_string(),
         machine_type: q.machine_type.clone(),
@@ -78,17 +92,28 @@ async fn boot(
     };
     let created = l
         .client
-        .create_vm(CreateVmRequest { sandbox_id: id.into(), spec: Some(spec) })
+        .create_vm(CreateVmRequest {
+            sandbox_id: id.into(),
+            spec: Some(spec),
+        })
         .await?
         .into_inner();
     let accel = Accelerator::try_from(created.accelerator).unwrap_or(Accelerator::Unspecified);
-    eprintln!("VM created: QEMU pid {} ({:?}), vsock {}", created.hypervisor_pid, accel, created.vsock_uds_path);
+    eprintln!(
+        "VM created: QEMU pid {} ({:?}), vsock {}",
+        created.hypervisor_pid, accel, created.vsock_uds_path
+    );
     let started = l
         .client
-        .start_vm(StartVmRequest { agent_ready_timeout_seconds: u32::try_from(timeout).unwrap_or(120) })
+        .start_vm(StartVmRequest {
+            agent_ready_timeout_seconds: u32::try_from(args.timeout).unwrap_or(120),
+        })
         .await?
         .into_inner();
-    eprintln!("agent ready {:.2} s after StartVm", started.agent_ready_us as f64 / 1e6);
+    eprintln!(
+        "agent ready {:.2} s after StartVm",
+        started.agent_ready_us as f64 / 1e6
+    );
     let addr = kata_proto::dialer::Address::Hybrid {
         path: created.vsock_uds_path.into(),
         port: kata_proto::paths::ports::AGENT,
@@ -96,18 +121,36 @@ async fn boot(
     let ch = kata_proto::dialer::channel(&addr, Duration::from_secs(10)).await?;
     let mut agent = AgentServiceClient::new(ch);
     let d = agent
-        .get_guest_details(GuestDetailsRequest { mem_block_size: true, mem_hotplug_probe: false })
+        .get_guest_details(GuestDetailsRequest {
+            mem_block_size: true,
+            mem_hotplug_probe: false,
+        })
         .await?
         .into_inner();
     let a = d.agent_details.unwrap_or_default();
     println!("guest kernel:   {} {}", d.kernel_release, d.kernel_version);
     println!("guest vCPUs:    {}", d.online_vcpus);
-    println!("guest memory:   {} MiB total, {} MiB available", d.mem_total_bytes >> 20, d.mem_available_bytes >> 20);
+    println!(
+        "guest memory:   {} MiB total, {} MiB available",
+        d.mem_total_bytes >> 20,
+        d.mem_available_bytes >> 20
+    );
     println!("guest uptime:   {:.2} s", d.uptime_seconds);
-    println!("agent:          kata-agent {} (features: {})", a.version, a.features.join(", "));
+    println!(
+        "agent:          kata-agent {} (features: {})",
+        a.version,
+        a.features.join(", ")
+    );
     agent.destroy_sandbox(DestroySandboxRequest {}).await?;
     let exit = l.client.wait_vm(()).await?.into_inner();
-    eprintln!("VM exited: {} after {:.2} s in all", exit.reason, t0.elapsed().as_secs_f64());
-    anyhow::ensure!(exit.reason == "poweroff", "the VM did not power off cleanly: {exit:?}");
+    eprintln!(
+        "VM exited: {} after {:.2} s in all",
+        exit.reason,
+        t0.elapsed().as_secs_f64()
+    );
+    anyhow::ensure!(
+        exit.reason == "poweroff",
+        "the VM did not power off cleanly: {exit:?}"
+    );
     Ok(())
 }

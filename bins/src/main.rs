@@ -1,5 +1,6 @@
-//! kata-ctl: the kata-rs operator tool (host checks, guest image).
+//! kata-ctl: the kata-rs operator tool (host checks, guest image, boot).
 
+mod boot;
 mod check;
 mod image;
 
@@ -36,6 +37,9 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Boots one VM under kata-vmm-launcher, prints the guest's details as the
+    /// agent reports them, and powers it off.
+    Boot(boot::BootArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -87,6 +91,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let report = image::build(&opts)?;
             tracing::debug!(kver = %report.manifest.kver, up_to_date = report.up_to_date, "image build done");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Boot(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(boot::run(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check {

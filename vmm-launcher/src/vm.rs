@@ -89,6 +89,7 @@ pub struct Vm {
     exit: watch::Sender<Option<VmExit>>,
     ready: watch::Sender<Option<Instant>>,
     stop_requested: Arc<AtomicBool>,
+    console: std::sync::Mutex<PathBuf>,
 }
 
 impl Vm {
@@ -96,7 +97,6 @@ impl Vm {
     pub fn new(sandbox_id: &str, paths: SandboxPaths) -> Vm {
         Vm {
             sandbox_id: sandbox_id.into(),
-            paths,
             inner: Mutex::new(None),
             state: Mutex::new(State {
                 launcher_pid: std::process::id(),
@@ -105,6 +105,8 @@ impl Vm {
             exit: watch::channel(None).0,
             ready: watch::channel(None).0,
             stop_requested: Arc::new(AtomicBool::new(false)),
+            console: std::sync::Mutex::new(paths.console_log()),
+            paths,
         }
     }
 
@@ -234,6 +236,7 @@ impl Vm {
             .append(true)
             .open(&console)
             .map_err(io("opening the console log", &console))?;
+        *self.console.lock().unwrap_or_else(|p| p.into_inner()) = console.clone();
         let log2 = log
             .try_clone()
             .map_err(io("opening the console log", &console))?;
@@ -321,8 +324,8 @@ impl Vm {
                     return Err(LauncherError::State(format!(
                         "the VM exited ({}) before the agent was ready; console log {}: {}",
                         e.reason,
-                        self.paths.console_log().display(),
-                        tail(&self.paths.console_log())
+                        self.console_path().display(),
+                        tail(&self.console_path())
                     )));
                 }
                 tokio::select! {
@@ -341,10 +344,17 @@ impl Vm {
             Ok(Err(e)) => Err(e),
             Err(_) => Err(LauncherError::Timeout(format!(
                 "the agent did not announce itself within {ready_timeout:?}; console log {}: {}",
-                self.paths.console_log().display(),
-                tail(&self.paths.console_log())
+                self.console_path().display(),
+                tail(&self.console_path())
             ))),
         }
+    }
+
+    fn console_path(&self) -> PathBuf {
+        self.console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Pauses (`pause = true`) or resumes the vCPUs.
