@@ -177,6 +177,7 @@ async fn vsock_backend_under_stress() {
         .unwrap();
     assert_eq!(answer.trim(), "ok 100");
     server.abort();
+    std::fs::remove_file(&listen).unwrap();
 
     // 64 MiB full duplex through echo, checked by hash
     const SIZE: usize = 64 << 20;

@@ -5,7 +5,7 @@
 //! seccomp program), so the child between `fork` and `exec` ([`Jail::enter`])
 //! only makes system calls and never allocates. In order, the child:
 //!
-//! 1. asks for SIGKILL when the launcher dies (`PR_SET_PDEATHSIG`), starts a session;
+//! 1. starts a session of its own;
 //! 2. joins the pod's network namespace and moves itself into the VM's cgroups;
 //! 3. enters a mount namespace of its own and builds a root on a small tmpfs
 //!    holding only: `/usr` (read-only: QEMU, its libraries and firmware),
@@ -14,7 +14,8 @@
 //!    (+ `/dev/kvm` with KVM); then `pivot_root`s into it and makes it read-only;
 //! 4. drops every capability from the bounding set, becomes an unprivileged
 //!    uid/gid of its own (so the permitted and effective sets are emptied), clears
-//!    the ambient set, sets `no_new_privs`;
+//!    the ambient set, asks for SIGKILL when the launcher dies (`PR_SET_PDEATHSIG`,
+//!    after the uid change, which would clear it), sets `no_new_privs`;
 //! 5. installs a seccomp filter that denies the system calls a VMM never needs
 //!    (mount, module loading, kexec, ptrace, bpf, keyrings, namespaces, ...),
 //!    and QEMU adds its own (`-sandbox on`).
@@ -295,7 +296,6 @@ impl Jail {
         // SAFETY: (whole block) plain system calls on NUL-terminated strings and
         // file descriptors this struct owns; nothing is allocated or freed.
         unsafe {
-            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
             check(libc::setsid())?;
             if let Some(ns) = &self.netns {
                 check(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET))?;
@@ -394,6 +394,8 @@ impl Jail {
                 0,
                 0,
             ))?;
+            // after the uid change, which clears it
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
         }
         seccompiler::apply_filter(&self.seccomp).map_err(|e| io::Error::other(e.to_string()))?;
