@@ -14,7 +14,7 @@ export KATA_TEST_BIN_DIR := $(BIN)
 export KATA_TEST_GUEST_DIR := $(TEST_GUEST_DIR)
 export KATA_GUEST_DIR := $(GUEST_DIR)
 
-.PHONY: all deps build image test-image run test unit lint fmt clean
+.PHONY: all deps build image test-image run test unit lint bench clean
 
 all: build
 
@@ -52,6 +52,12 @@ lint:
 # under TCG, the real guest image). One release profile for both, one build.
 test: deps test-image lint
 	$(CARGO) test --release --locked --workspace -- --test-threads=2
+
+# Benchmarks (not timed tests): regenerates docs/bench-results.md on this machine.
+bench: deps test-image
+	$(BIN)/kata-bench > docs/bench-results.md.tmp
+	mv docs/bench-results.md.tmp docs/bench-results.md
+	cat docs/bench-results.md
 
 unit:
 	$(CARGO) test --release --locked --workspace --lib --bins

@@ -101,7 +101,11 @@ pub struct Agent {
 
 impl Default for Agent {
     fn default() -> Self {
-        Self { dial_timeout: 45, enable_debug: false, debug_console_enabled: false }
+        Self {
+            dial_timeout: 45,
+            enable_debug: false,
+            debug_console_enabled: false,
+        }
     }
 }
 
@@ -139,9 +143,14 @@ pub enum ConfigError {
 impl Config {
     /// Parses a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::parse(&text).map_err(|message| ConfigError::Invalid { path: path.into(), message })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        })
     }
 
     /// Parses configuration text; the error names the key and the problem.
@@ -223,7 +232,9 @@ mod tests {
 
     #[test]
     fn load_names_the_file() {
-        let e = Config::load(Path::new("/nonexistent/kata.toml")).unwrap_err().to_string();
+        let e = Config::load(Path::new("/nonexistent/kata.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/kata.toml"), "{e}");
     }
 }

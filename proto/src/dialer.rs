@@ -67,22 +67,32 @@ impl FromStr for Address {
     type Err = AddressError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| AddressError { input: s.to_string(), reason };
+        let err = |reason| AddressError {
+            input: s.to_string(),
+            reason,
+        };
         let port_of = |rest: &str| -> Result<(String, u32), AddressError> {
             let (head, port) = rest.rsplit_once(':').ok_or_else(|| err("no :PORT"))?;
-            let port = port.parse::<u32>().map_err(|_| err("the port is not a number"))?;
+            let port = port
+                .parse::<u32>()
+                .map_err(|_| err("the port is not a number"))?;
             Ok((head.to_string(), port))
         };
         if let Some(rest) = s.strip_prefix("vsock://") {
             let (cid, port) = port_of(rest)?;
-            let cid = cid.parse::<u32>().map_err(|_| err("the CID is not a number"))?;
+            let cid = cid
+                .parse::<u32>()
+                .map_err(|_| err("the CID is not a number"))?;
             Ok(Address::Vsock { cid, port })
         } else if let Some(rest) = s.strip_prefix("hvsock://") {
             let (path, port) = port_of(rest)?;
             if !path.starts_with('/') {
                 return Err(err("the socket path must be absolute"));
             }
-            Ok(Address::Hybrid { path: path.into(), port })
+            Ok(Address::Hybrid {
+                path: path.into(),
+                port,
+            })
         } else if let Some(rest) = s.strip_prefix("unix://") {
             if !rest.starts_with('/') {
                 return Err(err("the socket path must be absolute"));
@@ -183,28 +193,44 @@ impl AsyncWrite for Stream {
 pub async fn dial(addr: &Address, timeout: Duration) -> Result<Stream, DialError> {
     match tokio::time::timeout(timeout, dial_inner(addr)).await {
         Ok(r) => r,
-        Err(_) => Err(DialError::Timeout { addr: addr.to_string(), timeout }),
+        Err(_) => Err(DialError::Timeout {
+            addr: addr.to_string(),
+            timeout,
+        }),
     }
 }
 
 async fn dial_inner(addr: &Address) -> Result<Stream, DialError> {
-    let connect_err = |source| DialError::Connect { addr: addr.to_string(), source };
+    let connect_err = |source| DialError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
     match addr {
         Address::Vsock { cid, port } => {
-            let s = VsockStream::connect(VsockAddr::new(*cid, *port)).await.map_err(connect_err)?;
+            let s = VsockStream::connect(VsockAddr::new(*cid, *port))
+                .await
+                .map_err(connect_err)?;
             Ok(Stream::Vsock(s))
         }
-        Address::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await.map_err(connect_err)?)),
+        Address::Unix(path) => Ok(Stream::Unix(
+            UnixStream::connect(path).await.map_err(connect_err)?,
+        )),
         Address::Hybrid { path, port } => {
             let mut s = UnixStream::connect(path).await.map_err(connect_err)?;
-            s.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(connect_err)?;
+            s.write_all(format!("CONNECT {port}\n").as_bytes())
+                .await
+                .map_err(connect_err)?;
             // Read the reply a byte at a time: whatever follows the newline is
             // already guest data and must stay in the socket.
             let mut line = Vec::with_capacity(MAX_REPLY);
             loop {
                 let mut b = [0u8; 1];
                 match s.read(&mut b).await {
-                    Ok(0) => return Err(DialError::Refused { addr: addr.to_string() }),
+                    Ok(0) => {
+                        return Err(DialError::Refused {
+                            addr: addr.to_string(),
+                        })
+                    }
                     Ok(_) if b[0] == b'\n' => break,
                     Ok(_) if line.len() < MAX_REPLY => line.push(b[0]),
                     Ok(_) => {
@@ -219,7 +245,9 @@ async fn dial_inner(addr: &Address) -> Result<Stream, DialError> {
                             io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
                         ) =>
                     {
-                        return Err(DialError::Refused { addr: addr.to_string() })
+                        return Err(DialError::Refused {
+                            addr: addr.to_string(),
+                        })
                     }
                     Err(e) => return Err(connect_err(e)),
                 }
@@ -227,7 +255,10 @@ async fn dial_inner(addr: &Address) -> Result<Stream, DialError> {
             let reply = String::from_utf8_lossy(&line);
             match reply.strip_prefix("OK ").map(|n| n.trim().parse::<u32>()) {
                 Some(Ok(_)) => Ok(Stream::Unix(s)),
-                _ => Err(DialError::BadReply { addr: addr.to_string(), reply: reply.into_owned() }),
+                _ => Err(DialError::BadReply {
+                    addr: addr.to_string(),
+                    reply: reply.into_owned(),
+                }),
             }
         }
     }
@@ -261,11 +292,25 @@ mod tests {
             Address::Vsock { cid: 3, port: 1024 }
         );
         assert_eq!(
-            "hvsock:///run/kata/x/vsock.sock:1024".parse::<Address>().unwrap(),
-            Address::Hybrid { path: "/run/kata/x/vsock.sock".into(), port: 1024 }
+            "hvsock:///run/kata/x/vsock.sock:1024"
+                .parse::<Address>()
+                .unwrap(),
+            Address::Hybrid {
+                path: "/run/kata/x/vsock.sock".into(),
+                port: 1024
+            }
         );
-        assert_eq!("unix:///a/b".parse::<Address>().unwrap(), Address::Unix("/a/b".into()));
-        for bad in ["vsock://x:1", "vsock://3", "hvsock://rel:1", "tcp://1.2.3.4:5", "unix://rel"] {
+        assert_eq!(
+            "unix:///a/b".parse::<Address>().unwrap(),
+            Address::Unix("/a/b".into())
+        );
+        for bad in [
+            "vsock://x:1",
+            "vsock://3",
+            "hvsock://rel:1",
+            "tcp://1.2.3.4:5",
+            "unix://rel",
+        ] {
             let e = bad.parse::<Address>().unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
@@ -290,9 +335,12 @@ mod tests {
     #[tokio::test]
     async fn hybrid_ok_keeps_following_bytes() {
         let (_d, path) = backend(b"OK 5000\nhello").await;
-        let mut s = dial(&Address::Hybrid { path, port: 1024 }, Duration::from_secs(2))
-            .await
-            .unwrap();
+        let mut s = dial(
+            &Address::Hybrid { path, port: 1024 },
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello");
@@ -301,13 +349,25 @@ mod tests {
     #[tokio::test]
     async fn hybrid_refused_and_garbage() {
         let (_d, path) = backend(b"").await;
-        let e = dial(&Address::Hybrid { path, port: 1024 }, Duration::from_secs(2)).await;
+        let e = dial(
+            &Address::Hybrid { path, port: 1024 },
+            Duration::from_secs(2),
+        )
+        .await;
         assert!(matches!(e, Err(DialError::Refused { .. })), "{e:?}");
         let (_d, path) = backend(b"NOPE\n").await;
-        let e = dial(&Address::Hybrid { path, port: 1024 }, Duration::from_secs(2)).await;
+        let e = dial(
+            &Address::Hybrid { path, port: 1024 },
+            Duration::from_secs(2),
+        )
+        .await;
         assert!(matches!(e, Err(DialError::BadReply { .. })), "{e:?}");
         let (_d, path) = backend(&[b'x'; 100]).await;
-        let e = dial(&Address::Hybrid { path, port: 1024 }, Duration::from_secs(2)).await;
+        let e = dial(
+            &Address::Hybrid { path, port: 1024 },
+            Duration::from_secs(2),
+        )
+        .await;
         assert!(matches!(e, Err(DialError::BadReply { .. })), "{e:?}");
     }
 
@@ -315,15 +375,24 @@ mod tests {
     async fn timeout_and_missing_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.sock");
-        let e = dial(&Address::Hybrid { path: path.clone(), port: 1 }, Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let e = dial(
+            &Address::Hybrid {
+                path: path.clone(),
+                port: 1,
+            },
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
         assert!(e.to_string().contains("v.sock"), "{e}");
         // a backend that accepts and never answers
         let _l = UnixListener::bind(&path).unwrap();
-        let e = dial(&Address::Hybrid { path, port: 1 }, Duration::from_millis(200))
-            .await
-            .unwrap_err();
+        let e = dial(
+            &Address::Hybrid { path, port: 1 },
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, DialError::Timeout { .. }), "{e:?}");
     }
 }

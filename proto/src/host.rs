@@ -10,7 +10,11 @@ pub fn kvm_usable() -> Result<(), String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("/dev/kvm does not exist".into());
     }
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         return Err(format!("/dev/kvm cannot be opened: {e}"));
     }
     if Path::new("/sys/module/kvm_pvm").exists() {

@@ -67,7 +67,10 @@ pub fn init(component: &'static str, sandbox_id: Option<&str>) {
         tracing_subscriber::fmt()
             .with_env_filter(filter("info"))
             .with_writer(std::io::stderr)
-            .event_format(WithSandbox { component, inner: Format::default().with_ansi(false) })
+            .event_format(WithSandbox {
+                component,
+                inner: Format::default().with_ansi(false),
+            })
             .try_init()
     };
 }

@@ -33,7 +33,9 @@ pub fn run_dir() -> PathBuf {
 /// Checks that a sandbox id is usable as a directory name and in cgroup paths.
 pub fn validate_sandbox_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 128 {
-        return Err(format!("sandbox id {id:?} must be 1 to 128 characters long"));
+        return Err(format!(
+            "sandbox id {id:?} must be 1 to 128 characters long"
+        ));
     }
     if !id
         .chars()
@@ -57,12 +59,16 @@ pub struct SandboxPaths {
 impl SandboxPaths {
     /// Paths of the sandbox `id` under [`run_dir`].
     pub fn new(id: &str) -> Self {
-        Self { dir: run_dir().join(id) }
+        Self {
+            dir: run_dir().join(id),
+        }
     }
 
     /// Paths of a sandbox living in `dir`.
     pub fn in_dir(dir: impl AsRef<Path>) -> Self {
-        Self { dir: dir.as_ref().to_path_buf() }
+        Self {
+            dir: dir.as_ref().to_path_buf(),
+        }
     }
 
     /// The launcher's gRPC socket.
