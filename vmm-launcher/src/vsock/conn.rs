@@ -447,7 +447,14 @@ impl Muxer {
         if let Some(h) = self.rst_queue.pop_front() {
             return Some((h, 0));
         }
-        while let Some(slot) = self.rx_queue.pop_front() {
+        // each queued connection gets one chance per call: one that cannot
+        // use this buffer (e.g. no room for payload) must not spin here
+        let mut budget = self.rx_queue.len();
+        while budget > 0 {
+            budget -= 1;
+            let Some(slot) = self.rx_queue.pop_front() else {
+                break;
+            };
             let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };

@@ -165,8 +165,10 @@ impl VsockDevice {
             if event_idx {
                 let _ = state.disable_notification();
             }
+            let mut out_of_buffers = false;
             while mux.has_rx_work() {
                 let Some(chain) = pop(&mut state, mem) else {
+                    out_of_buffers = true;
                     break;
                 };
                 let head = chain.head_index();
@@ -196,7 +198,7 @@ impl VsockDevice {
                 let _ = state.add_used(head, len);
                 used = true;
             }
-            if !mux.has_rx_work() || !event_idx {
+            if !out_of_buffers || !mux.has_rx_work() || !event_idx {
                 break;
             }
             // out of RX buffers with work pending: ask for a kick, then
