@@ -66,6 +66,28 @@ async fn agent_answers_from_the_guest_and_powers_off() {
     );
     assert_eq!(d.agent_details.unwrap().version, kata_proto::VERSION);
 
+    // pause and resume through QMP: the state follows, the agent answers again after
+    vm.launcher.client.pause_vm(()).await.expect("PauseVm");
+    let st = vm.launcher.client.vm_status(()).await.unwrap().into_inner();
+    assert_eq!((st.state.as_str(), st.agent_ready), ("paused", true));
+    vm.launcher.client.resume_vm(()).await.expect("ResumeVm");
+    assert_eq!(
+        vm.launcher
+            .client
+            .vm_status(())
+            .await
+            .unwrap()
+            .into_inner()
+            .state,
+        "running"
+    );
+    let again = agent
+        .get_guest_details(GuestDetailsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.uptime_seconds >= d.uptime_seconds);
+
     agent
         .destroy_sandbox(DestroySandboxRequest {})
         .await

@@ -1,0 +1,88 @@
+//! `kata-ctl check` and `kata-ctl image build` as a user runs them.
+
+use std::process::Command;
+
+use kata_tests::{bin, guest_dir};
+
+fn config(dir: &std::path::Path, kernel: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("configuration.toml");
+    let g = guest_dir();
+    std::fs::write(
+        &p,
+        format!(
+            "[hypervisor.qemu]\nkernel = \"{}\"\ninitrd = \"{}\"\naccelerator = \"tcg\"\n",
+            kernel.display(),
+            g.join("initrd.img").display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn check_passes_with_the_test_image_and_fails_without_a_kernel() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = config(tmp.path(), &guest_dir().join("vmlinuz"));
+    let out = Command::new(bin("kata-ctl"))
+        .args(["check", "--verbose", "--no-network-checks", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "check failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ok") && l.contains("qemu")),
+        "{text}"
+    );
+    assert!(text.contains("vsock"), "{text}");
+
+    let sub = tmp.path().join("bad");
+    std::fs::create_dir(&sub).unwrap();
+    let bad = config(&sub, &tmp.path().join("no-such-vmlinuz"));
+    let out = Command::new(bin("kata-ctl"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "check must fail without a kernel:\n{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("FAIL")), "{text}");
+}
+
+#[test]
+fn image_build_is_reproducible_and_fast_when_up_to_date() {
+    kata_tests::require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let build = |out: &std::path::Path| {
+        let o = Command::new(bin("kata-ctl"))
+            .args(["image", "build", "--output"])
+            .arg(out)
+            .arg("--agent")
+            .arg(bin("kata-agent"))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "image build: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    build(&a);
+    build(&b);
+    assert_eq!(
+        std::fs::read(a.join("initrd.img")).unwrap(),
+        std::fs::read(b.join("initrd.img")).unwrap()
+    );
+    let again = build(&a);
+    assert!(again.contains("up to date"), "{again}");
+}
