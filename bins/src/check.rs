@@ -182,18 +182,6 @@ fn check_qemu(path: &Path) -> Outcome {
 const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
 const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
 
-/// Whether the host's KVM is PVM (nested paravirtualisation), and how we know.
-fn pvm_evidence() -> Option<String> {
-    if Path::new("/sys/module/kvm_pvm").exists() {
-        return Some("/sys/module/kvm_pvm exists".into());
-    }
-    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
-    if modules.lines().any(|l| l.starts_with("kvm_pvm ")) {
-        return Some("kvm_pvm is in /proc/modules".into());
-    }
-    None
-}
-
 fn check_kvm(accelerator: &str) -> Outcome {
     let name = "kvm";
     let fallback = if accelerator == "kvm" {
@@ -228,7 +216,7 @@ fn check_kvm(accelerator: &str) -> Outcome {
     }
     // SAFETY: `vm` is a file descriptor we own and use nowhere else.
     unsafe { libc::close(vm) };
-    if let Some(why) = pvm_evidence() {
+    if let Some(why) = kata_proto::host::pvm_evidence() {
         return Outcome::new(
             fallback,
             name,

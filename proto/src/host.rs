@@ -17,10 +17,24 @@ pub fn kvm_usable() -> Result<(), String> {
     {
         return Err(format!("/dev/kvm cannot be opened: {e}"));
     }
-    if Path::new("/sys/module/kvm_pvm").exists() {
-        return Err("KVM here is nested PVM (kvm_pvm is loaded): a stock guest kernel hangs under it, use TCG".into());
+    if let Some(why) = pvm_evidence() {
+        return Err(format!(
+            "KVM here is nested PVM ({why}): a stock guest kernel hangs under it, use TCG"
+        ));
     }
     Ok(())
+}
+
+/// Whether the host's KVM is PVM (nested paravirtualisation), and how we know.
+pub fn pvm_evidence() -> Option<String> {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Some("/sys/module/kvm_pvm exists".into());
+    }
+    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+    if modules.lines().any(|l| l.starts_with("kvm_pvm ")) {
+        return Some("kvm_pvm is in /proc/modules".into());
+    }
+    None
 }
 
 /// Whether the host has `/dev/vhost-vsock` (else kata-rs uses hybrid vsock).
