@@ -75,7 +75,8 @@ impl TestVm {
             LauncherProcess::spawn(&bin("kata-vmm-launcher"), id, &dir, Duration::from_secs(10))
                 .await
                 .expect("launcher starts");
-        let cgroup = format!("kata-rs-test/{id}");
+        // flat, no shared parent: concurrent tests never leave an empty parent behind
+        let cgroup = format!("kata-rs-test-{id}");
         let mut params = String::from("agent.log=debug");
         if let Some(init) = rdinit {
             params.push_str(&format!(" rdinit={init}"));
