@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use kata_proto::agent::agent_service_server::AgentServiceServer;
 use kata_proto::agent::health_server::HealthServer;
-use kata_proto::paths::ports;
 use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_HOST};
@@ -111,11 +110,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         }
         Ok::<(), AgentError>(())
     };
-    // A client that keeps its connection open must not hold the guest up.
-    match tokio::time::timeout(Duration::from_secs(3600 * 24 * 365), serve).await {
-        Ok(r) => r,
-        Err(_) => Ok(()),
-    }
+    serve.await
 }
 
 /// Tells the host the agent listens: a guest-initiated connection to host port
@@ -139,6 +134,3 @@ pub async fn announce(port: u32) {
         tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
     }
 }
-
-/// The default readiness port.
-pub const READY_PORT: u32 = ports::READY;

@@ -48,11 +48,7 @@ fn main() -> std::process::ExitCode {
         debug_console = init::cmdline_option(&cmdline, "debug_console").is_some();
     }
     kata_proto::logging::init("kata-agent", None);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match kata_proto::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kata-agent: cannot start the async runtime: {e}");

@@ -94,10 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Boot(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let rt = kata_proto::runtime()?;
             rt.block_on(boot::run(args))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -27,3 +27,12 @@ pub mod launcher {
 
 /// Version of the kata-rs programs, reported by the agent and the tools.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The async runtime every kata-rs program runs on: two worker threads (these
+/// programs are small; a pod must not cost a thread per host CPU), I/O and time.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}

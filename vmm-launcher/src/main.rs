@@ -44,11 +44,7 @@ fn main() -> std::process::ExitCode {
     let result = match args.cmd.unwrap_or(Cmd::Serve) {
         Cmd::Cleanup => kata_vmm_launcher::vm::cleanup(&paths),
         Cmd::Serve => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
+            let rt = match kata_proto::runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("kata-vmm-launcher: cannot start the async runtime: {e}");

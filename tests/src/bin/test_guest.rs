@@ -24,10 +24,7 @@ fn main() {
         }
     }
     kata_proto::logging::init("kata-test-guest", None);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build();
+    let rt = kata_proto::runtime();
     let Ok(rt) = rt else {
         kata_agent::init::power_off();
     };
