@@ -10,6 +10,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // JSON forms of the agent API's messages, for `kata-ctl agent` (any RPC
+        // from the command line) and for test fixtures.
+        .message_attribute(
+            ".kata.agent.v1",
+            "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]",
+        )
+        .enum_attribute(
+            ".kata.agent.v1",
+            "#[derive(serde::Serialize, serde::Deserialize)]",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! What the agent does as PID 1 of the guest before it serves: the early mounts,
-//! the kernel modules the image carries, zombie reaping, and the final power-off.
+//! the kernel modules the image carries, and the final power-off (reaping is
+//! [`crate::reaper`]).
 //!
 //! None of this runs in host mode (`--listen unix://...`), where the host's init
 //! already did it.
@@ -11,8 +12,6 @@ use std::path::Path;
 
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::Mode;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
 use tracing::{debug, info, warn};
 
 /// Lists the modules to load, one path per line relative to
@@ -106,6 +105,43 @@ const EARLY_MOUNTS: &[EarlyMount] = &[
     },
 ];
 
+/// Makes the root a bind mount of the initramfs instead of the initramfs
+/// itself. The kernel refuses pivot_root away from the initramfs root, and
+/// containers are set up with pivot_root; a root that is a mount with a
+/// parent is fine. Nothing is copied.
+pub fn leave_initramfs() -> Result<(), InitError> {
+    const TMP: &str = "/.kata-root";
+    let err = |target: &'static str| {
+        move |source| InitError::Mount {
+            fstype: "bind",
+            target,
+            source,
+        }
+    };
+    let _ = nix::unistd::mkdir(TMP, Mode::from_bits_truncate(0o755));
+    mount(
+        Some("/"),
+        TMP,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err(TMP))?;
+    nix::unistd::chdir(TMP).map_err(err(TMP))?;
+    mount(
+        Some("."),
+        "/",
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .map_err(err("/"))?;
+    nix::unistd::chroot(".").map_err(err("/"))?;
+    nix::unistd::chdir("/").map_err(err("/"))?;
+    let _ = std::fs::remove_dir(TMP);
+    Ok(())
+}
+
 /// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run, /tmp and the cgroup v2
 /// hierarchy. A mount point that is already mounted (the kernel mounts devtmpfs
 /// itself with `CONFIG_DEVTMPFS_MOUNT`) is left as it is.
@@ -170,24 +206,6 @@ pub fn load_modules() -> Result<usize, InitError> {
         loaded += 1;
     }
     Ok(loaded)
-}
-
-/// Reaps every exited child that nobody else waits for. PID 1 inherits every
-/// orphan of the guest; without this they would stay zombies.
-pub async fn reap_zombies() {
-    let Ok(mut sig) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) else {
-        warn!("cannot watch SIGCHLD: zombies will not be reaped");
-        return;
-    };
-    loop {
-        sig.recv().await;
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(status) => debug!(?status, "reaped"),
-            }
-        }
-    }
 }
 
 /// Ends the guest: flushes the filesystems, asks every process to stop, then

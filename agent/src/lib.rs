@@ -3,13 +3,22 @@
 //! `agent.proto` names and meaning) over vsock port 1024, tells the host it is
 //! ready by dialing host port 1028, and powers the VM off on `DestroySandbox`.
 //!
-//! `kata-agent --listen unix:///path` runs the same services on the host (host
-//! mode), for fast tests without a VM.
+//! `kata-agent --listen unix:///path --root DIR` runs the same services on the
+//! host (host mode), for fast tests without a VM: the stdio port is then the
+//! unix socket `<path>_1027`.
 
+pub mod cgroup;
+pub mod childinit;
 pub mod console;
+pub mod container;
 pub mod guest;
 pub mod init;
+pub mod mounts;
+pub mod reaper;
 pub mod rpc;
+pub mod sandbox;
+pub mod seccomp;
+pub mod stdio;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +26,9 @@ use std::time::Duration;
 
 use kata_proto::agent::agent_service_server::AgentServiceServer;
 use kata_proto::agent::health_server::HealthServer;
+use kata_proto::dialer::Stream;
+use kata_proto::paths::ports;
+use tokio::signal::unix::SignalKind;
 use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_HOST};
@@ -42,7 +54,12 @@ pub struct Config {
     pub init: bool,
     /// Host vsock port to dial once listening (guest only).
     pub announce_port: Option<u32>,
+    /// The agent's state directory.
+    pub root: PathBuf,
 }
+
+/// The default state directory in the guest.
+pub const DEFAULT_ROOT: &str = "/run/kata-agent";
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -62,19 +79,32 @@ pub enum AgentError {
 
 /// Serves the agent API until `DestroySandbox` (or a server error).
 pub async fn run(cfg: Config) -> Result<(), AgentError> {
-    let agent = Arc::new(Agent {
-        init: cfg.init,
-        ..Default::default()
-    });
+    std::fs::create_dir_all(&cfg.root).map_err(|source| AgentError::Listen {
+        what: format!("state directory {}", cfg.root.display()),
+        source,
+    })?;
+    let agent = Arc::new(Agent::new(cfg.init, cfg.root.clone()));
     let router = tonic::transport::Server::builder()
         .add_service(HealthServer::new(HealthService(agent.clone())))
         .add_service(AgentServiceServer::new(AgentRpc(agent.clone())));
     let shutdown = {
         let agent = agent.clone();
+        let host_mode = !cfg.init;
         async move {
-            agent.shutdown.notified().await;
-            // let the DestroySandbox reply leave before the server stops
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut term = match tokio::signal::unix::signal(SignalKind::terminate()) {
+                Ok(s) => Some(s),
+                Err(_) => None,
+            };
+            tokio::select! {
+                _ = agent.shutdown.notified() => {
+                    // let the DestroySandbox reply leave before the server stops
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ = async { term.as_mut()?.recv().await }, if host_mode => {
+                    info!("SIGTERM: ending every container");
+                    agent.destroy_all().await;
+                }
+            }
         }
     };
     let serve = async {
@@ -87,6 +117,12 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                     },
                 )?;
                 info!(port, "agent API listening on vsock");
+                let io = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, ports::STDIO))
+                    .map_err(|source| AgentError::Listen {
+                        what: format!("vsock port {}", ports::STDIO),
+                        source,
+                    })?;
+                tokio::spawn(serve_stdio_vsock(io, agent.clone()));
                 if let Some(p) = cfg.announce_port {
                     tokio::spawn(announce(p));
                 }
@@ -102,15 +138,55 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                         source,
                     })?;
                 info!(path = %path.display(), "agent API listening on a unix socket (host mode)");
+                let io_path = kata_proto::paths::hybrid_listener_path(path, ports::STDIO);
+                let _ = std::fs::remove_file(&io_path);
+                let io = tokio::net::UnixListener::bind(&io_path).map_err(|source| {
+                    AgentError::Listen {
+                        what: io_path.display().to_string(),
+                        source,
+                    }
+                })?;
+                tokio::spawn(serve_stdio_unix(io, agent.clone()));
                 router
                     .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
                     .await?;
                 let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(&io_path);
             }
         }
         Ok::<(), AgentError>(())
     };
     serve.await
+}
+
+async fn serve_stdio_vsock(l: VsockListener, agent: Arc<Agent>) {
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                let agent = agent.clone();
+                tokio::spawn(stdio::handle(Stream::Vsock(s), move |h| agent.stdio_of(h)));
+            }
+            Err(e) => {
+                warn!(error = %e, "stdio port accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_stdio_unix(l: tokio::net::UnixListener, agent: Arc<Agent>) {
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                let agent = agent.clone();
+                tokio::spawn(stdio::handle(Stream::Unix(s), move |h| agent.stdio_of(h)));
+            }
+            Err(e) => {
+                warn!(error = %e, "stdio port accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 /// Tells the host the agent listens: a guest-initiated connection to host port

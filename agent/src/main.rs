@@ -13,14 +13,23 @@ struct Args {
     /// Serve on this address instead of vsock port 1024: `unix:///path` (host mode).
     #[arg(long)]
     listen: Option<String>,
+    /// The agent's state directory.
+    #[arg(long, default_value = kata_agent::DEFAULT_ROOT)]
+    root: PathBuf,
 }
 
 fn main() -> std::process::ExitCode {
+    if std::env::args_os().nth(1).as_deref() == Some(kata_agent::childinit::CHILD_ARG.as_ref()) {
+        kata_agent::childinit::child_main();
+    }
     let pid1 = std::process::id() == 1;
     // As PID 1 the kernel hands init every command-line word it does not know
     // (`nomodeset`, ...): those are not ours to reject.
     let args = if pid1 {
-        Args::try_parse().unwrap_or(Args { listen: None })
+        Args::try_parse().unwrap_or(Args {
+            listen: None,
+            root: kata_agent::DEFAULT_ROOT.into(),
+        })
     } else {
         Args::parse()
     };
@@ -36,7 +45,7 @@ fn main() -> std::process::ExitCode {
     };
     let mut debug_console = false;
     if pid1 {
-        if let Err(e) = init::early_mounts() {
+        if let Err(e) = init::leave_initramfs().and_then(|_| init::early_mounts()) {
             eprintln!("kata-agent: {e}");
             init::power_off();
         }
@@ -59,8 +68,8 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = rt.block_on(async {
+        kata_agent::reaper::start(pid1);
         if pid1 {
-            tokio::spawn(init::reap_zombies());
             match init::load_modules() {
                 Ok(n) => tracing::info!(modules = n, "kernel modules loaded"),
                 Err(e) => tracing::error!("{e}"),
@@ -76,6 +85,7 @@ fn main() -> std::process::ExitCode {
             listen,
             init: pid1,
             announce_port,
+            root: args.root,
         })
         .await
     });

@@ -1,36 +1,113 @@
 //! The agent's gRPC services: Kata's `Health` and `AgentService`.
 //!
-//! Implemented so far: the health check, `GetGuestDetails`, `DestroySandbox`.
-//! Every other call of the declared surface answers `Unimplemented` with the
-//! call's name, so a client never mistakes it for a failure of the guest.
+//! Containers and processes, stdio control, cgroups, OOM events and the
+//! sandbox calls are implemented; networking, hot-plug and policy calls answer
+//! `Unimplemented` with the call's name, so a client never mistakes them for a
+//! failure of the guest. Errors carry proper codes: NotFound, AlreadyExists,
+//! InvalidArgument, FailedPrecondition.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kata_proto::agent::agent_service_server::AgentService;
 use kata_proto::agent::health_check_response::ServingStatus;
 use kata_proto::agent::health_server::Health;
 use kata_proto::agent::*;
-use tokio::sync::Notify;
-use tokio_stream::Stream;
+use tokio::sync::{mpsc, Notify};
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn, Instrument};
 
+use crate::container::{self, Container, State};
 use crate::guest;
+use crate::sandbox::{self, SandboxInfo, STORAGE_DRIVERS};
+use crate::stdio::Stdio;
+use kata_proto::stdio::Header;
 
-/// Storage handlers this agent knows (reported in `GetGuestDetails`).
-const STORAGE_HANDLERS: &[&str] = &[];
 /// kata-rs features (reported in `GetGuestDetails`).
-const FEATURES: &[&str] = &["ready-announce"];
+const FEATURES: &[&str] = &["ready-announce", "stdio-streams"];
 
 /// State shared by the services.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Agent {
     /// Notified when `DestroySandbox` asked the agent to end.
     pub shutdown: Notify,
     /// Whether the agent is PID 1 of a guest (else host mode).
     pub init: bool,
+    /// The agent's state directory.
+    pub root: PathBuf,
+    sandbox: Mutex<SandboxInfo>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    creating: Mutex<HashSet<String>>,
+    oom_tx: mpsc::UnboundedSender<String>,
+    oom_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+}
+
+/// The cgroup under which a sandbox's containers go when their spec names
+/// none (flat, so that removing it leaves no empty parent behind).
+pub fn cgroup_parent(sandbox_id: &str) -> String {
+    format!("kata-rs-{sandbox_id}")
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Agent {
+    /// A fresh agent.
+    pub fn new(init: bool, root: PathBuf) -> Agent {
+        let (oom_tx, oom_rx) = mpsc::unbounded_channel();
+        Agent {
+            shutdown: Notify::new(),
+            init,
+            root,
+            sandbox: Mutex::new(SandboxInfo {
+                id: format!("agent-{}", std::process::id()),
+                ..Default::default()
+            }),
+            containers: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashSet::new()),
+            oom_tx,
+            oom_rx: tokio::sync::Mutex::new(oom_rx),
+        }
+    }
+
+    /// A container by id.
+    pub fn container(&self, id: &str) -> Result<Arc<Container>, Status> {
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no container {id:?} in this sandbox")))
+    }
+
+    /// The stdio of a process, for the stdio port.
+    pub fn stdio_of(&self, h: &Header) -> Result<Arc<Stdio>, Status> {
+        Ok(self
+            .container(&h.container_id)?
+            .process(&h.exec_id)?
+            .stdio
+            .clone())
+    }
+
+    /// Ends every container and unmounts the sandbox's storages.
+    pub async fn destroy_all(&self) {
+        let all: Vec<_> = lock(&self.containers).drain().map(|(_, c)| c).collect();
+        for c in all {
+            if let Err(e) = container::destroy(&c, Duration::from_secs(5)).await {
+                warn!(container = %c.id, "{}", e.message());
+            }
+            sandbox::unmount_storages(&c.storages);
+        }
+        let (storages, id) = {
+            let mut sb = lock(&self.sandbox);
+            (std::mem::take(&mut sb.storages), sb.id.clone())
+        };
+        sandbox::unmount_storages(&storages);
+        crate::cgroup::remove_empty(&cgroup_parent(&id));
+    }
 }
 
 /// The `Health` service.
@@ -65,6 +142,10 @@ pub struct AgentRpc(pub Arc<Agent>);
 
 type Empty = Result<Response<()>, Status>;
 
+fn ok() -> Empty {
+    Ok(Response::new(()))
+}
+
 macro_rules! not_yet {
     ($( $name:ident ( $req:ty ) -> $resp:ty ;)*) => {
         $(
@@ -89,19 +170,77 @@ macro_rules! not_yet {
     };
 }
 
+fn polled_stdio() -> Status {
+    Status::unimplemented(
+        "kata-agent streams stdio on its stdio port (vsock 1027) instead of ReadStdout/ReadStderr/WriteStdin polling",
+    )
+}
+
+fn signal_number(sig: u32) -> Result<i32, Status> {
+    match i32::try_from(sig) {
+        Ok(s) if (0..=64).contains(&s) => Ok(s),
+        _ => Err(Status::invalid_argument(format!(
+            "signal {sig} is not a signal number (0-64)"
+        ))),
+    }
+}
+
+fn parse_resources(r: Option<LinuxResources>) -> Result<oci_spec::runtime::LinuxResources, Status> {
+    let json = r.map(|r| r.oci_resources_json).unwrap_or_default();
+    if json.trim().is_empty() {
+        return Err(Status::invalid_argument(
+            "resources.oci_resources_json is empty: give OCI linux.resources as JSON",
+        ));
+    }
+    serde_json::from_str(&json)
+        .map_err(|e| Status::invalid_argument(format!("resources do not parse: {e}")))
+}
+
+fn network_stats() -> Vec<NetworkStats> {
+    let Ok(text) = std::fs::read_to_string("/proc/net/dev") else {
+        return vec![];
+    };
+    text.lines()
+        .skip(2)
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let name = name.trim();
+            if name == "lo" {
+                return None;
+            }
+            let v: Vec<u64> = rest
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            (v.len() >= 12).then(|| NetworkStats {
+                name: name.to_string(),
+                rx_bytes: v[0],
+                rx_packets: v[1],
+                rx_errors: v[2],
+                rx_dropped: v[3],
+                tx_bytes: v[8],
+                tx_packets: v[9],
+                tx_errors: v[10],
+                tx_dropped: v[11],
+            })
+        })
+        .collect()
+}
+
+fn cmdline_of(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|p| !p.is_empty())
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
 #[tonic::async_trait]
 impl AgentService for AgentRpc {
-    type ProcessIoStream = Pin<Box<dyn Stream<Item = Result<ProcessIoDown, Status>> + Send>>;
-
-    async fn process_io(
-        &self,
-        _r: Request<tonic::Streaming<ProcessIoUp>>,
-    ) -> Result<Response<Self::ProcessIoStream>, Status> {
-        Err(Status::unimplemented(
-            "process_io is not implemented by this kata-agent yet",
-        ))
-    }
-
     async fn get_guest_details(
         &self,
         r: Request<GuestDetailsRequest>,
@@ -118,7 +257,7 @@ impl AgentService for AgentRpc {
                 version: kata_proto::VERSION.into(),
                 init_daemon: self.0.init,
                 device_handlers: vec![],
-                storage_handlers: STORAGE_HANDLERS.iter().map(|s| s.to_string()).collect(),
+                storage_handlers: STORAGE_DRIVERS.iter().map(|s| s.to_string()).collect(),
                 supports_seccomp: true,
                 features: FEATURES.iter().map(|s| s.to_string()).collect(),
             }),
@@ -132,47 +271,367 @@ impl AgentService for AgentRpc {
         }))
     }
 
+    async fn create_sandbox(&self, r: Request<CreateSandboxRequest>) -> Empty {
+        let r = r.into_inner();
+        if !r.sandbox_id.is_empty() {
+            container::check_id("sandbox_id", &r.sandbox_id)?;
+        }
+        if lock(&self.0.sandbox).created {
+            return Err(Status::already_exists("CreateSandbox was already called for this agent"));
+        }
+        if !r.hostname.is_empty() {
+            if self.0.init {
+                nix::unistd::sethostname(&r.hostname).map_err(|e| {
+                    Status::invalid_argument(format!("hostname {:?}: {e}", r.hostname))
+                })?;
+            } else {
+                info!(hostname = %r.hostname, "host mode: the host's hostname is left alone");
+            }
+        }
+        sandbox::write_dns(&self.0.root, &r.dns)?;
+        let storages = sandbox::mount_storages(&r.storages)?;
+        let mut sb = lock(&self.0.sandbox);
+        if !r.sandbox_id.is_empty() {
+            sb.id = r.sandbox_id.clone();
+        }
+        sb.created = true;
+        sb.disable_seccomp = r.disable_guest_seccomp;
+        sb.storages = storages;
+        info!(sandbox = %sb.id, "sandbox created");
+        ok()
+    }
+
+    async fn create_container(&self, r: Request<CreateContainerRequest>) -> Empty {
+        let r = r.into_inner();
+        let id = r.container_id.clone();
+        container::check_id("container_id", &id)?;
+        // Reserve the id, so that two creates of one id cannot race.
+        {
+            let containers = lock(&self.0.containers);
+            let mut creating = lock(&self.0.creating);
+            if containers.contains_key(&id) || !creating.insert(id.clone()) {
+                return Err(Status::already_exists(format!("container {id:?} already exists")));
+            }
+        }
+        let result = self.create_container_inner(r).instrument(tracing::info_span!("create", container = %id)).await;
+        lock(&self.0.creating).remove(&id);
+        result
+    }
+
+    async fn start_container(&self, r: Request<StartContainerRequest>) -> Empty {
+        let c = self.0.container(&r.into_inner().container_id)?;
+        c.start().await?;
+        info!(container = %c.id, pid = c.init.pid, "container started");
+        ok()
+    }
+
+    async fn remove_container(&self, r: Request<RemoveContainerRequest>) -> Empty {
+        let r = r.into_inner();
+        let c = self.0.container(&r.container_id)?;
+        let timeout = if r.timeout == 0 {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_secs(u64::from(r.timeout))
+        };
+        container::destroy(&c, timeout).await?;
+        sandbox::unmount_storages(&c.storages);
+        lock(&self.0.containers).remove(&c.id);
+        info!(container = %c.id, "container removed");
+        ok()
+    }
+
+    async fn exec_process(&self, r: Request<ExecProcessRequest>) -> Empty {
+        let r = r.into_inner();
+        let c = self.0.container(&r.container_id)?;
+        container::check_id("exec_id", &r.exec_id)?;
+        let json = r.process.map(|p| p.oci_process_json).unwrap_or_default();
+        let mut process: oci_spec::runtime::Process = serde_json::from_str(&json)
+            .map_err(|e| Status::invalid_argument(format!("process does not parse: {e}")))?;
+        container::apply_string_user(&mut process, r.string_user.as_ref())?;
+        container::check_process(&process)?;
+        let p = container::exec(&c, r.exec_id, process).await?;
+        info!(container = %c.id, exec_id = %p.exec_id, pid = p.pid, "process started");
+        ok()
+    }
+
+    async fn signal_process(&self, r: Request<SignalProcessRequest>) -> Empty {
+        let r = r.into_inner();
+        let c = self.0.container(&r.container_id)?;
+        let sig = signal_number(r.signal)?;
+        if r.all {
+            let pids = c
+                .cgroup
+                .pids()
+                .map_err(|e| Status::internal(format!("listing processes: {e}")))?;
+            for pid in pids {
+                // SAFETY: kill takes integers only.
+                unsafe { libc::kill(pid, sig) };
+            }
+            return ok();
+        }
+        c.process(&r.exec_id)?.signal(sig)?;
+        ok()
+    }
+
+    async fn wait_process(
+        &self,
+        r: Request<WaitProcessRequest>,
+    ) -> Result<Response<WaitProcessResponse>, Status> {
+        let r = r.into_inner();
+        let c = self.0.container(&r.container_id)?;
+        let p = c.process(&r.exec_id)?;
+        let status = p.wait().await;
+        if !p.exec_id.is_empty() {
+            // As Kata: a waited-for exec is gone, its id free again.
+            lock(&c.execs).remove(&p.exec_id);
+        }
+        Ok(Response::new(WaitProcessResponse {
+            status: status.code(),
+            signal: status.signal(),
+        }))
+    }
+
+    async fn update_container(&self, r: Request<UpdateContainerRequest>) -> Empty {
+        let r = r.into_inner();
+        let c = self.0.container(&r.container_id)?;
+        let res = parse_resources(r.resources)?;
+        c.cgroup
+            .update(&res)
+            .map_err(|e| Status::invalid_argument(format!("updating container {}: {e}", c.id)))?;
+        ok()
+    }
+
+    async fn stats_container(
+        &self,
+        r: Request<StatsContainerRequest>,
+    ) -> Result<Response<StatsContainerResponse>, Status> {
+        let c = self.0.container(&r.into_inner().container_id)?;
+        let cg = c
+            .cgroup
+            .stats()
+            .map_err(|e| Status::internal(format!("cgroup stats: {e}")))?;
+        Ok(Response::new(StatsContainerResponse {
+            cgroup_stats: Some(cg),
+            network_stats: network_stats(),
+        }))
+    }
+
+    async fn pause_container(&self, r: Request<PauseContainerRequest>) -> Empty {
+        let c = self.0.container(&r.into_inner().container_id)?;
+        if c.state() != State::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is {:?}: only a running container can be paused",
+                c.id,
+                c.state()
+            )));
+        }
+        c.cgroup
+            .freeze()
+            .map_err(|e| Status::internal(format!("freezing: {e}")))?;
+        c.set_state(State::Paused);
+        ok()
+    }
+
+    async fn resume_container(&self, r: Request<ResumeContainerRequest>) -> Empty {
+        let c = self.0.container(&r.into_inner().container_id)?;
+        if c.state() != State::Paused {
+            return Err(Status::failed_precondition(format!(
+                "container {} is {:?}, not paused",
+                c.id,
+                c.state()
+            )));
+        }
+        c.cgroup
+            .thaw()
+            .map_err(|e| Status::internal(format!("thawing: {e}")))?;
+        c.set_state(State::Running);
+        ok()
+    }
+
+    async fn list_processes(
+        &self,
+        r: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        let r = r.into_inner();
+        let c = self.0.container(&r.container_id)?;
+        let mut pids = c
+            .cgroup
+            .pids()
+            .map_err(|e| Status::internal(format!("listing processes: {e}")))?;
+        pids.sort_unstable();
+        let list = match r.format.as_str() {
+            "json" => serde_json::to_vec(
+                &pids
+                    .iter()
+                    .map(|p| serde_json::json!({"pid": p, "cmd": cmdline_of(*p)}))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap_or_default(),
+            "" | "table" => {
+                let mut t = String::from("PID CMD\n");
+                for p in &pids {
+                    t.push_str(&format!("{p} {}\n", cmdline_of(*p)));
+                }
+                t.into_bytes()
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "format {other:?}: expected \"table\" or \"json\""
+                )))
+            }
+        };
+        Ok(Response::new(ListProcessesResponse {
+            process_list: list,
+            pids,
+        }))
+    }
+
+    async fn close_stdin(&self, r: Request<CloseStdinRequest>) -> Empty {
+        let r = r.into_inner();
+        let c = self.0.container(&r.container_id)?;
+        c.process(&r.exec_id)?.stdio.close_stdin();
+        ok()
+    }
+
+    async fn tty_win_resize(&self, r: Request<TtyWinResizeRequest>) -> Empty {
+        let r = r.into_inner();
+        let c = self.0.container(&r.container_id)?;
+        let (rows, cols) = match (u16::try_from(r.row), u16::try_from(r.column)) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "window size {}x{} is over 65535",
+                    r.row, r.column
+                )))
+            }
+        };
+        c.process(&r.exec_id)?.stdio.resize(rows, cols)?;
+        ok()
+    }
+
+    async fn write_stdin(
+        &self,
+        _r: Request<WriteStreamRequest>,
+    ) -> Result<Response<WriteStreamResponse>, Status> {
+        Err(polled_stdio())
+    }
+
+    async fn read_stdout(
+        &self,
+        _r: Request<ReadStreamRequest>,
+    ) -> Result<Response<ReadStreamResponse>, Status> {
+        Err(polled_stdio())
+    }
+
+    async fn read_stderr(
+        &self,
+        _r: Request<ReadStreamRequest>,
+    ) -> Result<Response<ReadStreamResponse>, Status> {
+        Err(polled_stdio())
+    }
+
+    async fn get_oom_event(
+        &self,
+        _r: Request<GetOomEventRequest>,
+    ) -> Result<Response<OomEvent>, Status> {
+        let mut rx = self.0.oom_rx.lock().await;
+        match rx.recv().await {
+            Some(container_id) => Ok(Response::new(OomEvent { container_id })),
+            None => Err(Status::unavailable("the agent is shutting down")),
+        }
+    }
+
+    async fn copy_file(&self, r: Request<CopyFileRequest>) -> Empty {
+        let r = r.into_inner();
+        let root = self.0.root.clone();
+        tokio::task::spawn_blocking(move || sandbox::copy_file(&root, &r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        ok()
+    }
+
     async fn destroy_sandbox(&self, _r: Request<DestroySandboxRequest>) -> Empty {
-        info!("DestroySandbox: the agent ends once this reply is sent");
+        info!("DestroySandbox: ending every container; the agent ends once this reply is sent");
+        self.0.destroy_all().await;
         // The reply must reach the host before the guest goes away: the serve
         // loop waits for this notification, then finishes in-flight replies.
         self.0.shutdown.notify_one();
-        Ok(Response::new(()))
+        ok()
     }
 
     not_yet! {
-        create_container(CreateContainerRequest) -> ();
-        start_container(StartContainerRequest) -> ();
-        remove_container(RemoveContainerRequest) -> ();
-        exec_process(ExecProcessRequest) -> ();
-        signal_process(SignalProcessRequest) -> ();
-        wait_process(WaitProcessRequest) -> WaitProcessResponse;
-        update_container(UpdateContainerRequest) -> ();
-        stats_container(StatsContainerRequest) -> StatsContainerResponse;
-        pause_container(PauseContainerRequest) -> ();
-        resume_container(ResumeContainerRequest) -> ();
-        list_processes(ListProcessesRequest) -> ListProcessesResponse;
-        write_stdin(WriteStreamRequest) -> WriteStreamResponse;
-        read_stdout(ReadStreamRequest) -> ReadStreamResponse;
-        read_stderr(ReadStreamRequest) -> ReadStreamResponse;
-        close_stdin(CloseStdinRequest) -> ();
-        tty_win_resize(TtyWinResizeRequest) -> ();
         update_interface(UpdateInterfaceRequest) -> Interface;
         update_routes(UpdateRoutesRequest) -> Routes;
         list_interfaces(ListInterfacesRequest) -> Interfaces;
         list_routes(ListRoutesRequest) -> Routes;
         add_arp_neighbors(AddArpNeighborsRequest) -> ();
         get_metrics(GetMetricsRequest) -> Metrics;
-        get_oom_event(GetOomEventRequest) -> OomEvent;
         get_volume_stats(VolumeStatsRequest) -> VolumeStatsResponse;
-        create_sandbox(CreateSandboxRequest) -> ();
         online_cpu_mem(OnlineCpuMemRequest) -> ();
         reseed_random_dev(ReseedRandomDevRequest) -> ();
         mem_hotplug_by_probe(MemHotplugByProbeRequest) -> ();
         set_guest_date_time(SetGuestDateTimeRequest) -> ();
-        copy_file(CopyFileRequest) -> ();
         add_swap(AddSwapRequest) -> ();
         update_ephemeral_mounts(UpdateEphemeralMountsRequest) -> ();
         set_policy(SetPolicyRequest) -> ();
+    }
+}
+
+impl AgentRpc {
+    async fn create_container_inner(&self, r: CreateContainerRequest) -> Empty {
+        let id = r.container_id.clone();
+        let mut spec = container::parse_spec(&r.oci_spec_json)?;
+        if let Some(mut p) = spec.process().clone() {
+            container::apply_string_user(&mut p, r.string_user.as_ref())?;
+            container::check_process(&p)?;
+            spec.set_process(Some(p));
+        }
+        let (sandbox_id, disable_seccomp) = {
+            let sb = lock(&self.0.sandbox);
+            (sb.id.clone(), sb.disable_seccomp)
+        };
+        let cgroup_path = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().clone())
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| format!("/{}/{id}", cgroup_parent(&sandbox_id)));
+        let storages = sandbox::mount_storages(&r.storages)?;
+        let oom_tx = self.0.oom_tx.clone();
+        let created = container::create(
+            container::CreateArgs {
+                id: id.clone(),
+                spec,
+                cgroup_path,
+                seccomp: !disable_seccomp,
+                storages: storages.clone(),
+            })
+        .await;
+        let c = match created {
+            Ok(c) => c,
+            Err(e) => {
+                sandbox::unmount_storages(&storages);
+                return Err(e);
+            }
+        };
+        match c.cgroup.oom_events() {
+            Ok(mut w) => {
+                let cid = id.clone();
+                let task = tokio::spawn(async move {
+                    while w.next().await.is_ok() {
+                        warn!(container = %cid, "OOM: the kernel killed a process of the container");
+                        if oom_tx.send(cid.clone()).is_err() {
+                            return;
+                        }
+                    }
+                });
+                *lock(&c.oom_task) = Some(task);
+            }
+            Err(e) => warn!(container = %id, "no OOM events for this container: {e}"),
+        }
+        info!(container = %id, pid = c.init.pid, "container created");
+        lock(&self.0.containers).insert(id, c);
+        ok()
     }
 }

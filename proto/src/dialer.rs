@@ -45,6 +45,22 @@ pub enum Address {
     Unix(PathBuf),
 }
 
+impl Address {
+    /// The same endpoint, another port: the guest port for vsock and hybrid
+    /// vsock; for a plain unix socket (a host-mode agent) the sibling socket
+    /// `<path>_<port>`, the hybrid-vsock naming of a port on the host side.
+    pub fn with_port(&self, port: u32) -> Address {
+        match self {
+            Address::Vsock { cid, .. } => Address::Vsock { cid: *cid, port },
+            Address::Hybrid { path, .. } => Address::Hybrid {
+                path: path.clone(),
+                port,
+            },
+            Address::Unix(path) => Address::Unix(crate::paths::hybrid_listener_path(path, port)),
+        }
+    }
+}
+
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

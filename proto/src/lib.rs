@@ -12,6 +12,7 @@ pub mod dialer;
 pub mod host;
 pub mod logging;
 pub mod paths;
+pub mod stdio;
 
 /// The agent API (Kata's agent.proto names and meaning).
 #[allow(clippy::all, missing_docs, clippy::undocumented_unsafe_blocks)]

@@ -11,8 +11,9 @@ pub mod ports {
     pub const LOG: u32 = 1025;
     /// The debug console.
     pub const DEBUG_CONSOLE: u32 = 1026;
-    /// File-descriptor passing.
-    pub const PASSFD: u32 = 1027;
+    /// Process stdio streams (Kata's passfd I/O port): one connection per
+    /// stdin/stdout/stderr, raw bytes after a header line (see agent.proto).
+    pub const STDIO: u32 = 1027;
     /// kata-rs: the agent dials this host port once it listens, so the host
     /// knows the guest is ready without polling `CONNECT` during boot.
     pub const READY: u32 = 1028;

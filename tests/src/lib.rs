@@ -5,6 +5,8 @@
 //! binaries and the test guest image first). A missing prerequisite is a test
 //! failure that says what to do, never a silent skip.
 
+pub mod agent;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use kata_proto::agent::agent_service_client::AgentServiceClient;
 use kata_proto::agent::health_client::HealthClient;
-use kata_proto::agent::{CheckRequest, DestroySandboxRequest, GuestDetailsRequest};
+use kata_proto::agent::{
+    CheckRequest, CreateSandboxRequest, DestroySandboxRequest, GuestDetailsRequest,
+    TtyWinResizeRequest,
+};
 use kata_proto::dialer::{self, DialError};
 use kata_proto::launcher::StopVmRequest;
 use kata_tests::{alive, assert_nothing_left, bin, guest_dir, TestVm};
@@ -300,4 +303,95 @@ async fn teardown_after_sigkill_of_qemu_or_launcher() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_nothing_left(&dir, &vm.cgroup, pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_run_in_the_guest() {
+    use kata_proto::stdio::Which;
+    use kata_tests::agent::*;
+    use serde_json::json;
+
+    let mut vm = TestVm::boot("e2e-ctr", None).await;
+    let addr = vm.addr(kata_proto::paths::ports::AGENT);
+    let mut c = connect(&addr).await;
+    // the rootfs reaches the guest through CopyFile (no shared filesystem yet)
+    let local = tempfile::tempdir().unwrap();
+    let rootfs_local = busybox_rootfs(local.path());
+    let rootfs = std::path::Path::new("/run/kata-agent/shared/busybox");
+    copy_tree(&mut c, &rootfs_local, rootfs).await.expect("CopyFile the rootfs");
+    c.create_sandbox(CreateSandboxRequest {
+        sandbox_id: "e2e-ctr".into(),
+        hostname: "guest-host".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("CreateSandbox");
+    let base = spec(rootfs, &["true"]);
+    let with = |args: &[&str]| {
+        let mut s = base.clone();
+        s["process"]["args"] = json!(args);
+        s
+    };
+
+    let o = run(&mut c, &addr, "echo", &with(&["sh", "-c", "echo hello from $(hostname); uname -r"]), None)
+        .await
+        .expect("run echo");
+    assert_eq!(o.status, 0, "{o:?}");
+    let mut lines = o.stdout.lines();
+    assert_eq!(lines.next(), Some("hello from kata-test"));
+    assert_eq!(lines.next().map(str::to_string), Some(manifest_kernel()), "runs on the guest kernel");
+
+    let o = run(&mut c, &addr, "exit", &with(&["sh", "-c", "exit 7"]), None).await.unwrap();
+    assert_eq!(o.status, 7);
+
+    let o = run(&mut c, &addr, "cat", &with(&["cat"]), Some(b"piped through the guest\n"))
+        .await
+        .unwrap();
+    assert_eq!(o.stdout, "piped through the guest\n");
+
+    // a terminal, resized
+    let mut s = with(&["sh"]);
+    s["process"]["terminal"] = json!(true);
+    create(&mut c, "tty", &s).await.unwrap();
+    let out = collect(stream(&addr, Which::Stdout, "tty", "").await);
+    let mut input = stream(&addr, Which::Stdin, "tty", "").await;
+    start(&mut c, "tty").await.unwrap();
+    c.tty_win_resize(TtyWinResizeRequest {
+        container_id: "tty".into(),
+        exec_id: String::new(),
+        row: 24,
+        column: 132,
+    })
+    .await
+    .unwrap();
+    input.write_all(b"stty size; exit\n").await.unwrap();
+    assert_eq!(wait(&mut c, "tty", "").await, (0, 0));
+    let text = String::from_utf8_lossy(&out.await.unwrap()).into_owned();
+    assert!(text.contains("24 132"), "{text:?}");
+    remove(&mut c, "tty").await.unwrap();
+
+    // exec into a running container; SIGKILL gives 137
+    create(&mut c, "box", &with(&["sleep", "1000"])).await.unwrap();
+    start(&mut c, "box").await.unwrap();
+    exec(&mut c, "box", "e1", &process(&["sh", "-c", "echo exec in $(hostname)"], false))
+        .await
+        .unwrap();
+    let out = collect(stream(&addr, Which::Stdout, "box", "e1").await);
+    assert_eq!(wait(&mut c, "box", "e1").await, (0, 0));
+    assert_eq!(String::from_utf8_lossy(&out.await.unwrap()), "exec in kata-test\n");
+    signal(&mut c, "box", "", libc::SIGKILL, false).await.unwrap();
+    assert_eq!(wait(&mut c, "box", "").await, (137, libc::SIGKILL));
+    remove(&mut c, "box").await.unwrap();
+
+    c.destroy_sandbox(DestroySandboxRequest {}).await.expect("DestroySandbox");
+    let exit = tokio::time::timeout(Duration::from_secs(60), vm.launcher.client.wait_vm(()))
+        .await
+        .expect("the VM exits after DestroySandbox")
+        .unwrap()
+        .into_inner();
+    assert_eq!(exit.reason, "poweroff", "{exit:?}");
+    let dir = vm.dir();
+    vm.launcher.client.shutdown(()).await.unwrap();
+    let _ = vm.launcher.child.wait().await;
+    assert_nothing_left(&dir, &vm.cgroup, vm.created.hypervisor_pid);
 }

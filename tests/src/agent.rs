@@ -1,0 +1,413 @@
+//! Driving a kata-agent from tests: a host-mode agent process, a busybox
+//! rootfs, runc-like OCI specs, and client helpers (create, start, stdio,
+//! wait) that work the same against a host-mode agent and a guest's agent.
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use kata_proto::agent::agent_service_client::AgentServiceClient;
+use kata_proto::agent::*;
+use kata_proto::dialer::{Address, Stream};
+use kata_proto::stdio::{attach, Which};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+/// A client of one agent.
+pub type Client = AgentServiceClient<Channel>;
+
+/// The busybox applets a test rootfs gets.
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "sleep", "stty", "dd", "head", "ls", "id", "mkdir", "true", "false",
+    "grep", "wc", "tr", "touch", "ps", "kill", "hostname", "env", "pwd", "umask", "yes", "test",
+    "readlink", "rm", "mount", "nproc", "tail", "printf", "seq", "cut",
+];
+
+/// Makes a busybox root filesystem under `dir` and returns its path.
+pub fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "/bin/busybox is missing: install busybox-static (`make deps` does)"
+    );
+    let root = dir.join("rootfs");
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root", "home/user"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for a in APPLETS {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/group"),
+        "root:x:0:\nuser:x:1000:\nnogroup:x:65534:\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/secret"), "top secret\n").unwrap();
+    root
+}
+
+/// The capabilities runc gives a container by default.
+pub const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// A runc-like OCI spec for `args` in `rootfs`.
+pub fn spec(rootfs: &Path, args: &[&str]) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": DEFAULT_CAPS,
+                "effective": DEFAULT_CAPS,
+                "permitted": DEFAULT_CAPS,
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": rootfs, "readonly": false},
+        "hostname": "kata-test",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware", "/proc/scsi", "/etc/secret"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+/// A spec's process section alone, for ExecProcess.
+pub fn process(args: &[&str], terminal: bool) -> Value {
+    json!({
+        "terminal": terminal,
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": ["PATH=/bin"],
+        "cwd": "/",
+        "capabilities": {
+            "bounding": DEFAULT_CAPS,
+            "effective": DEFAULT_CAPS,
+            "permitted": DEFAULT_CAPS,
+        },
+        "noNewPrivileges": true
+    })
+}
+
+/// A kata-agent on the host (host mode), in a temporary directory.
+pub struct HostAgent {
+    /// The agent process.
+    pub child: Child,
+    /// Its API address.
+    pub addr: Address,
+    /// A connected client.
+    pub client: Client,
+    /// Temporary directory (socket, state, rootfs).
+    pub dir: tempfile::TempDir,
+    /// A busybox rootfs in `dir`.
+    pub rootfs: PathBuf,
+}
+
+impl HostAgent {
+    /// Starts `kata-agent --listen unix://... --root ...` and connects.
+    pub async fn start() -> HostAgent {
+        crate::require_root();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("agent.sock");
+        let rootfs = busybox_rootfs(dir.path());
+        let child = std::process::Command::new(crate::bin("kata-agent"))
+            .arg("--listen")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--root")
+            .arg(dir.path().join("state"))
+            .env("KATA_LOG", "debug")
+            .spawn()
+            .expect("kata-agent starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let io = kata_proto::paths::hybrid_listener_path(&sock, kata_proto::paths::ports::STDIO);
+        while !(sock.exists() && io.exists()) {
+            assert!(Instant::now() < deadline, "the host-mode agent did not listen within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let addr = Address::Unix(sock);
+        let client = connect(&addr).await;
+        HostAgent {
+            child,
+            addr,
+            client,
+            dir,
+            rootfs,
+        }
+    }
+
+    /// Ends the agent the way a host would: SIGTERM (which ends every
+    /// container), then waits.
+    pub fn stop(&mut self) {
+        // SAFETY: kill takes integers only; the pid is our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("the host-mode agent did not end within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill takes integers only; the pid is our child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            for _ in 0..500 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Connects a client.
+pub async fn connect(addr: &Address) -> Client {
+    let ch = kata_proto::dialer::channel(addr, Duration::from_secs(10))
+        .await
+        .expect("connect to the agent");
+    AgentServiceClient::new(ch)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// CreateContainer with a spec.
+pub async fn create(c: &mut Client, id: &str, spec: &Value) -> Result<(), tonic::Status> {
+    c.create_container(CreateContainerRequest {
+        container_id: id.into(),
+        oci_spec_json: spec.to_string(),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+}
+
+/// StartContainer.
+pub async fn start(c: &mut Client, id: &str) -> Result<(), tonic::Status> {
+    c.start_container(StartContainerRequest {
+        container_id: id.into(),
+    })
+    .await
+    .map(|_| ())
+}
+
+/// ExecProcess.
+pub async fn exec(c: &mut Client, id: &str, exec_id: &str, p: &Value) -> Result<(), tonic::Status> {
+    c.exec_process(ExecProcessRequest {
+        container_id: id.into(),
+        exec_id: exec_id.into(),
+        process: Some(Process {
+            oci_process_json: p.to_string(),
+            terminal: p["terminal"].as_bool().unwrap_or(false),
+        }),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+}
+
+/// WaitProcess: (status, signal).
+pub async fn wait(c: &mut Client, id: &str, exec_id: &str) -> (i32, i32) {
+    let r = c
+        .wait_process(WaitProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+        })
+        .await
+        .expect("WaitProcess")
+        .into_inner();
+    (r.status, r.signal)
+}
+
+/// SignalProcess.
+pub async fn signal(
+    c: &mut Client,
+    id: &str,
+    exec_id: &str,
+    sig: i32,
+    all: bool,
+) -> Result<(), tonic::Status> {
+    c.signal_process(SignalProcessRequest {
+        container_id: id.into(),
+        exec_id: exec_id.into(),
+        signal: sig as u32,
+        all,
+    })
+    .await
+    .map(|_| ())
+}
+
+/// RemoveContainer.
+pub async fn remove(c: &mut Client, id: &str) -> Result<(), tonic::Status> {
+    c.remove_container(RemoveContainerRequest {
+        container_id: id.into(),
+        timeout: 10,
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Attaches a stdio stream.
+pub async fn stream(addr: &Address, which: Which, id: &str, exec_id: &str) -> Stream {
+    attach(addr, which, id, exec_id, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("attaching {which:?} of {id}/{exec_id}: {e}"))
+}
+
+/// Reads a stream to its end (in the background).
+pub fn collect(mut s: Stream) -> tokio::task::JoinHandle<Vec<u8>> {
+    tokio::spawn(async move {
+        let mut v = Vec::new();
+        let _ = s.read_to_end(&mut v).await;
+        v
+    })
+}
+
+/// What a finished process left.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit status (128 + signal when killed).
+    pub status: i32,
+    /// The signal that ended it, or 0.
+    pub signal: i32,
+    /// Everything it wrote to stdout.
+    pub stdout: String,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+/// Creates, attaches, starts and waits for a container; feeds `stdin` (then
+/// closes it), collects the output. The container is removed afterwards.
+pub async fn run(
+    c: &mut Client,
+    addr: &Address,
+    id: &str,
+    spec: &Value,
+    stdin: Option<&[u8]>,
+) -> Result<Output, tonic::Status> {
+    create(c, id, spec).await?;
+    let out = collect(stream(addr, Which::Stdout, id, "").await);
+    let err = collect(stream(addr, Which::Stderr, id, "").await);
+    let mut input = stream(addr, Which::Stdin, id, "").await;
+    start(c, id).await?;
+    if let Some(data) = stdin {
+        input.write_all(data).await.expect("stdin");
+    }
+    input.shutdown().await.expect("close stdin");
+    let (status, signal) = wait(c, id, "").await;
+    let stdout = String::from_utf8_lossy(&out.await.unwrap()).into_owned();
+    let stderr = String::from_utf8_lossy(&err.await.unwrap()).into_owned();
+    remove(c, id).await?;
+    Ok(Output {
+        status,
+        signal,
+        stdout,
+        stderr,
+    })
+}
+
+/// Whether a cgroup of this path exists in any hierarchy.
+pub fn cgroup_exists(path: &str) -> bool {
+    let rel = path.trim_start_matches('/');
+    kata_vmm_launcher::cgroup::hierarchies()
+        .iter()
+        .any(|h| h.join(rel).exists())
+}
+
+/// Copies a local directory tree into the agent's shared directory with
+/// CopyFile (how a guest gets a rootfs without a shared filesystem).
+pub async fn copy_tree(c: &mut Client, local: &Path, remote: &Path) -> Result<(), tonic::Status> {
+    use std::os::unix::fs::MetadataExt;
+    let mut todo = vec![(local.to_path_buf(), remote.to_path_buf())];
+    while let Some((l, r)) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&l).expect("stat");
+        let base = CopyFileRequest {
+            path: r.display().to_string(),
+            file_mode: meta.mode(),
+            dir_mode: 0o755,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            ..Default::default()
+        };
+        if meta.is_dir() {
+            c.copy_file(base).await?;
+            for e in std::fs::read_dir(&l).expect("readdir") {
+                let e = e.expect("entry");
+                todo.push((e.path(), r.join(e.file_name())));
+            }
+        } else if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&l).expect("readlink");
+            c.copy_file(CopyFileRequest {
+                data: target.display().to_string().into_bytes(),
+                ..base
+            })
+            .await?;
+        } else {
+            let data = std::fs::read(&l).expect("read");
+            let size = data.len() as i64;
+            let mut off = 0usize;
+            loop {
+                let end = (off + (1 << 20)).min(data.len());
+                c.copy_file(CopyFileRequest {
+                    file_size: size,
+                    offset: off as i64,
+                    data: data[off..end].to_vec(),
+                    ..base.clone()
+                })
+                .await?;
+                off = end;
+                if off >= data.len() {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
