@@ -254,16 +254,6 @@ fn create(req: &ChildRequest, rootfs: &Path, sync: &mut UnixStream) -> R<()> {
             sethostname(h).map_err(|e| invalid(format!("hostname {h:?}: {e}")))?;
         }
     }
-    if let Some(sysctl) = linux.sysctl() {
-        for (k, v) in sysctl {
-            if k.contains('/') || k.split('.').any(|p| p.is_empty() || p == "..") {
-                return Err(invalid(format!("sysctl {k:?} is not a sysctl name")));
-            }
-            let path = Path::new("/proc/sys").join(k.replace('.', "/"));
-            std::fs::write(&path, v)
-                .map_err(|e| invalid(format!("sysctl {k}={v}: {e}")))?;
-        }
-    }
     process_limits(&req.process)?;
     // Set up: wait for StartContainer.
     send(sync, &ChildMsg::Ready).map_err(|e| internal(format!("reporting ready: {e}")))?;
@@ -470,6 +460,16 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path, terminal: bool) -> R<()> {
     }
     chdir("/").map_err(|e| internal(format!("chdir /: {e}")))?;
 
+    // sysctls go through the container's /proc, before /proc/sys turns read-only
+    if let Some(sysctl) = linux.sysctl() {
+        for (k, v) in sysctl {
+            if k.contains('/') || k.split('.').any(|p| p.is_empty() || p == "..") {
+                return Err(invalid(format!("sysctl {k:?} is not a sysctl name")));
+            }
+            let path = Path::new("/proc/sys").join(k.replace('.', "/"));
+            std::fs::write(&path, v).map_err(|e| invalid(format!("sysctl {k}={v}: {e}")))?;
+        }
+    }
     for p in linux.masked_paths().clone().unwrap_or_default() {
         mask_path(Path::new(&p))?;
     }

@@ -29,6 +29,7 @@ use kata_proto::agent::health_server::HealthServer;
 use kata_proto::dialer::Stream;
 use kata_proto::paths::ports;
 use tokio::signal::unix::SignalKind;
+use tokio::sync::Notify;
 use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_HOST};
@@ -87,10 +88,15 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let router = tonic::transport::Server::builder()
         .add_service(HealthServer::new(HealthService(agent.clone())))
         .add_service(AgentServiceServer::new(AgentRpc(agent.clone())));
+    // Set once the server is asked to stop: clients get a few seconds to
+    // leave, then the serve loop is dropped.
+    let stopping = Arc::new(Notify::new());
     let shutdown = {
         let agent = agent.clone();
         let host_mode = !cfg.init;
+        let stopping = stopping.clone();
         async move {
+            let _notify = NotifyOnDrop(stopping);
             let mut term = match tokio::signal::unix::signal(SignalKind::terminate()) {
                 Ok(s) => Some(s),
                 Err(_) => None,
@@ -156,7 +162,27 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         }
         Ok::<(), AgentError>(())
     };
-    serve.await
+    tokio::select! {
+        r = serve => r,
+        _ = async {
+            stopping.notified().await;
+            tokio::time::sleep(GRACE).await;
+        } => {
+            info!("clients still connected {GRACE:?} after shutdown; ending anyway");
+            Ok(())
+        }
+    }
+}
+
+/// How long clients get to disconnect after the agent was asked to stop.
+const GRACE: Duration = Duration::from_secs(3);
+
+struct NotifyOnDrop(Arc<Notify>);
+
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 async fn serve_stdio_vsock(l: VsockListener, agent: Arc<Agent>) {

@@ -317,6 +317,19 @@ pub async fn handle(
             );
             let _ = s.write_all(msg.as_bytes()).await;
             let _ = s.shutdown().await;
+            // Read what the client still sends for a moment, so that closing
+            // does not reset the connection before it read the reply.
+            let mut sink = [0u8; 4096];
+            let drain = async {
+                let mut total = 0usize;
+                while total < 1 << 16 {
+                    match s.read(&mut sink).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
             return;
         }
     };

@@ -151,7 +151,7 @@ impl HostAgent {
             .arg(format!("unix://{}", sock.display()))
             .arg("--root")
             .arg(dir.path().join("state"))
-            .env("KATA_LOG", "debug")
+            .env("KATA_LOG", "debug,h2=info,hyper=info,tower=info,tonic=info")
             .spawn()
             .expect("kata-agent starts");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -173,7 +173,7 @@ impl HostAgent {
 
     /// Ends the agent the way a host would: SIGTERM (which ends every
     /// container), then waits.
-    pub fn stop(&mut self) {
+    pub async fn stop(&mut self) {
         // SAFETY: kill takes integers only; the pid is our child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -186,7 +186,8 @@ impl HostAgent {
                 let _ = self.child.wait();
                 panic!("the host-mode agent did not end within 15 s of SIGTERM");
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // async: the runtime keeps serving the client's connection meanwhile
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

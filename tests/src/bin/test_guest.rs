@@ -30,7 +30,7 @@ fn main() {
     };
     rt.block_on(async {
         if std::process::id() == 1 {
-            tokio::spawn(kata_agent::init::reap_zombies());
+            kata_agent::reaper::start(true);
             if let Err(e) = kata_agent::init::load_modules() {
                 eprintln!("test guest: {e}");
             }
