@@ -393,7 +393,12 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path, terminal: bool) -> R<()> {
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None,
     )
-    .map_err(|e| invalid(format!("bind-mounting the rootfs {}: {e}", rootfs.display())))?;
+    .map_err(|e| {
+        invalid(format!(
+            "bind-mounting the rootfs {}: {e}",
+            rootfs.display()
+        ))
+    })?;
 
     let mut dev_is_tmpfs = false;
     for m in spec.mounts().clone().unwrap_or_default() {
@@ -423,8 +428,13 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path, terminal: bool) -> R<()> {
         };
         let mode = Mode::from_bits_truncate(d.file_mode().unwrap_or(0o666));
         let _ = std::fs::remove_file(&path);
-        mknod(&path, kind, mode, makedev(d.major() as u64, d.minor() as u64))
-            .map_err(|e| invalid(format!("device {}: {e}", d.path().display())))?;
+        mknod(
+            &path,
+            kind,
+            mode,
+            makedev(d.major() as u64, d.minor() as u64),
+        )
+        .map_err(|e| invalid(format!("device {}: {e}", d.path().display())))?;
         let uid = d.uid().map(Uid::from_raw);
         let gid = d.gid().map(Gid::from_raw);
         nix::unistd::chown(&path, uid, gid)
@@ -446,14 +456,26 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path, terminal: bool) -> R<()> {
     chdir(rootfs).map_err(|e| internal(format!("chdir {}: {e}", rootfs.display())))?;
     match nix::unistd::pivot_root(".", ".") {
         Ok(()) => {
-            mnt(None, Path::new("."), None, MsFlags::MS_SLAVE | MsFlags::MS_REC, None)
-                .map_err(|e| internal(format!("making the old root a slave: {e}")))?;
+            mnt(
+                None,
+                Path::new("."),
+                None,
+                MsFlags::MS_SLAVE | MsFlags::MS_REC,
+                None,
+            )
+            .map_err(|e| internal(format!("making the old root a slave: {e}")))?;
             umount2(".", MntFlags::MNT_DETACH)
                 .map_err(|e| internal(format!("detaching the old root: {e}")))?;
         }
         Err(nix::Error::EINVAL) => {
-            mnt(Some(Path::new(".")), Path::new("/"), None, MsFlags::MS_MOVE, None)
-                .map_err(|e| internal(format!("moving the rootfs to /: {e}")))?;
+            mnt(
+                Some(Path::new(".")),
+                Path::new("/"),
+                None,
+                MsFlags::MS_MOVE,
+                None,
+            )
+            .map_err(|e| internal(format!("moving the rootfs to /: {e}")))?;
             nix::unistd::chroot(".").map_err(|e| internal(format!("chroot: {e}")))?;
         }
         Err(e) => return Err(internal(format!("pivot_root: {e}"))),
@@ -476,7 +498,12 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path, terminal: bool) -> R<()> {
     for p in linux.readonly_paths().clone().unwrap_or_default() {
         readonly_path(Path::new(&p))?;
     }
-    if spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false) {
+    if spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
         mnt(
             None,
             Path::new("/"),
@@ -696,7 +723,13 @@ fn mask_path(p: &Path) -> R<()> {
             Some("size=0"),
         )
     } else {
-        mnt(Some(Path::new("/dev/null")), p, None, MsFlags::MS_BIND, None)
+        mnt(
+            Some(Path::new("/dev/null")),
+            p,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )
     };
     r.map_err(|e| invalid(format!("masking {}: {e}", p.display())))
 }
@@ -780,7 +813,10 @@ fn finish_and_exec(req: &ChildRequest) -> R<()> {
     let (uid, gid) = (user.uid(), user.gid());
     let mut env = p.env().clone().unwrap_or_default();
     if !env.iter().any(|e| e.starts_with("HOME=")) {
-        env.push(format!("HOME={}", home_of(uid).unwrap_or_else(|| "/".into())));
+        env.push(format!(
+            "HOME={}",
+            home_of(uid).unwrap_or_else(|| "/".into())
+        ));
     }
     let exe = lookup_path(&args[0], &env)?;
     let c_exe = cstring(&exe.to_string_lossy(), "program")?;
@@ -799,8 +835,13 @@ fn finish_and_exec(req: &ChildRequest) -> R<()> {
     let inheritable = to_caps(&caps_spec.as_ref().and_then(|c| c.inheritable().clone()))?;
     let ambient = to_caps(&caps_spec.as_ref().and_then(|c| c.ambient().clone()))?;
     let nnp = p.no_new_privileges().unwrap_or(false);
-    let filters = match (req.seccomp, req.spec.linux().as_ref().and_then(|l| l.seccomp().clone())) {
-        (true, Some(s)) => Some(seccomp::compile(&s).map_err(|e| invalid(format!("linux.seccomp: {e}")))?),
+    let filters = match (
+        req.seccomp,
+        req.spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
+    ) {
+        (true, Some(s)) => {
+            Some(seccomp::compile(&s).map_err(|e| invalid(format!("linux.seccomp: {e}")))?)
+        }
         _ => None,
     };
     let cwd = p.cwd().clone();
@@ -815,7 +856,8 @@ fn finish_and_exec(req: &ChildRequest) -> R<()> {
     // Without no_new_privs, installing a filter needs CAP_SYS_ADMIN: do it
     // while still privileged (the profile must then allow what follows).
     if let (Some(f), false) = (&filters, nnp) {
-        f.install().map_err(|e| invalid(format!("installing seccomp: {e}")))?;
+        f.install()
+            .map_err(|e| invalid(format!("installing seccomp: {e}")))?;
     }
     if let Some(b) = &bounding {
         for c in caps::all() {
@@ -837,12 +879,24 @@ fn finish_and_exec(req: &ChildRequest) -> R<()> {
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
     if caps_spec.is_some() {
         let empty = caps::CapsHashSet::new();
-        caps::set(None, caps::CapSet::Effective, effective.as_ref().unwrap_or(&empty))
-            .map_err(|e| invalid(format!("effective capabilities: {e}")))?;
-        caps::set(None, caps::CapSet::Inheritable, inheritable.as_ref().unwrap_or(&empty))
-            .map_err(|e| invalid(format!("inheritable capabilities: {e}")))?;
-        caps::set(None, caps::CapSet::Permitted, permitted.as_ref().unwrap_or(&empty))
-            .map_err(|e| invalid(format!("permitted capabilities: {e}")))?;
+        caps::set(
+            None,
+            caps::CapSet::Effective,
+            effective.as_ref().unwrap_or(&empty),
+        )
+        .map_err(|e| invalid(format!("effective capabilities: {e}")))?;
+        caps::set(
+            None,
+            caps::CapSet::Inheritable,
+            inheritable.as_ref().unwrap_or(&empty),
+        )
+        .map_err(|e| invalid(format!("inheritable capabilities: {e}")))?;
+        caps::set(
+            None,
+            caps::CapSet::Permitted,
+            permitted.as_ref().unwrap_or(&empty),
+        )
+        .map_err(|e| invalid(format!("permitted capabilities: {e}")))?;
         let _ = caps::clear(None, caps::CapSet::Ambient);
         for c in ambient.unwrap_or_default() {
             caps::raise(None, caps::CapSet::Ambient, c)
@@ -865,7 +919,8 @@ fn finish_and_exec(req: &ChildRequest) -> R<()> {
             )));
         }
         if let Some(f) = &filters {
-            f.install().map_err(|e| invalid(format!("installing seccomp: {e}")))?;
+            f.install()
+                .map_err(|e| invalid(format!("installing seccomp: {e}")))?;
         }
     }
     let e = nix::unistd::execve(&c_exe, &c_args, &c_env).unwrap_err();

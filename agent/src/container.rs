@@ -53,7 +53,11 @@ pub struct Process {
 }
 
 impl Process {
-    fn new(exec_id: String, pid: i32, stdio: Arc<Stdio>) -> (Arc<Process>, watch::Sender<Option<ExitStatus>>) {
+    fn new(
+        exec_id: String,
+        pid: i32,
+        stdio: Arc<Stdio>,
+    ) -> (Arc<Process>, watch::Sender<Option<ExitStatus>>) {
         let (tx, rx) = watch::channel(None);
         (
             Arc::new(Process {
@@ -95,7 +99,9 @@ impl Process {
             let e = std::io::Error::last_os_error();
             return Err(match e.raw_os_error() {
                 Some(libc::ESRCH) => Status::not_found(format!("process {} is gone", self.pid)),
-                Some(libc::EINVAL) => Status::invalid_argument(format!("signal {sig} is not a signal")),
+                Some(libc::EINVAL) => {
+                    Status::invalid_argument(format!("signal {sig} is not a signal"))
+                }
                 _ => Status::internal(format!("kill {} {sig}: {e}", self.pid)),
             });
         }
@@ -178,12 +184,15 @@ impl Container {
         let id = self.id.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<(), Status> {
             let mut sock = sock;
-            sock.write_all(b"S")
-                .map_err(|e| Status::failed_precondition(format!("container {id}'s process is gone: {e}")))?;
+            sock.write_all(b"S").map_err(|e| {
+                Status::failed_precondition(format!("container {id}'s process is gone: {e}"))
+            })?;
             match childinit::recv::<ChildMsg>(&mut sock) {
                 Ok(None) => Ok(()),
                 Ok(Some(ChildMsg::Error { code, message })) => Err(status_from(&code, message)),
-                Ok(Some(other)) => Err(Status::internal(format!("unexpected set-up message {other:?}"))),
+                Ok(Some(other)) => Err(Status::internal(format!(
+                    "unexpected set-up message {other:?}"
+                ))),
                 Err(e) => Err(Status::internal(format!("starting container {id}: {e}"))),
             }
         })
@@ -227,14 +236,15 @@ pub fn check_id(what: &str, id: &str) -> Result<(), Status> {
 /// Parses and checks a spec: what can be refused before any work is done.
 pub fn parse_spec(json: &str) -> Result<Spec, Status> {
     if json.trim().is_empty() {
-        return Err(Status::invalid_argument("oci_spec_json is empty: give the container's OCI spec"));
+        return Err(Status::invalid_argument(
+            "oci_spec_json is empty: give the container's OCI spec",
+        ));
     }
     let spec: Spec = serde_json::from_str(json)
         .map_err(|e| Status::invalid_argument(format!("the OCI spec does not parse: {e}")))?;
-    let root = spec
-        .root()
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("the OCI spec has no root: set root.path to the rootfs"))?;
+    let root = spec.root().as_ref().ok_or_else(|| {
+        Status::invalid_argument("the OCI spec has no root: set root.path to the rootfs")
+    })?;
     let rootfs = root.path();
     if !rootfs.is_absolute() {
         return Err(Status::invalid_argument(format!(
@@ -278,7 +288,9 @@ pub fn parse_spec(json: &str) -> Result<Spec, Status> {
             }
         }
     } else {
-        return Err(Status::invalid_argument("the OCI spec has no linux section"));
+        return Err(Status::invalid_argument(
+            "the OCI spec has no linux section",
+        ));
     }
     Ok(spec)
 }
@@ -286,7 +298,9 @@ pub fn parse_spec(json: &str) -> Result<Spec, Status> {
 /// Checks a process: arguments, user ids, working directory.
 pub fn check_process(p: &OciProcess) -> Result<(), Status> {
     if p.args().as_ref().is_none_or(|a| a.is_empty()) {
-        return Err(Status::invalid_argument("process.args is empty: give the program to run"));
+        return Err(Status::invalid_argument(
+            "process.args is empty: give the program to run",
+        ));
     }
     let u = p.user();
     for (what, id) in [("uid", u.uid()), ("gid", u.gid())] {
@@ -394,9 +408,14 @@ fn spawn_helper(
         kill(helper_pid);
         st
     };
-    cgroup.add_pid(helper_pid).map_err(|e| fail(Status::internal(e.to_string())))?;
-    childinit::send(&mut ours, req)
-        .map_err(|e| fail(Status::internal(format!("talking to the set-up helper: {e}"))))?;
+    cgroup
+        .add_pid(helper_pid)
+        .map_err(|e| fail(Status::internal(e.to_string())))?;
+    childinit::send(&mut ours, req).map_err(|e| {
+        fail(Status::internal(format!(
+            "talking to the set-up helper: {e}"
+        )))
+    })?;
     let _ = ours.set_read_timeout(Some(SETUP_TIMEOUT));
     let mut helper_exit = helper_exit;
     let unexpected_end = |helper_exit: &mut tokio::sync::oneshot::Receiver<ExitStatus>| {
@@ -410,9 +429,17 @@ fn spawn_helper(
     let pid = match childinit::recv::<ChildMsg>(&mut ours) {
         Ok(Some(ChildMsg::Pid(p))) => p,
         Ok(Some(ChildMsg::Error { code, message })) => return Err(status_from(&code, message)),
-        Ok(Some(m)) => return Err(fail(Status::internal(format!("unexpected set-up message {m:?}")))),
+        Ok(Some(m)) => {
+            return Err(fail(Status::internal(format!(
+                "unexpected set-up message {m:?}"
+            ))))
+        }
         Ok(None) => return Err(unexpected_end(&mut helper_exit)),
-        Err(e) => return Err(fail(Status::deadline_exceeded(format!("container set-up: {e}")))),
+        Err(e) => {
+            return Err(fail(Status::deadline_exceeded(format!(
+                "container set-up: {e}"
+            ))))
+        }
     };
     Ok(Helper { sock: ours, pid })
 }
@@ -448,7 +475,11 @@ pub async fn create(args: CreateArgs) -> Result<Arc<Container>, Status> {
             return Err(Status::internal(format!("stdio: {e}")));
         }
     };
-    let rootfs = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_default();
+    let rootfs = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_default();
     let req = ChildRequest {
         mode: ChildMode::Create { rootfs },
         spec: spec.clone(),
@@ -555,7 +586,9 @@ pub async fn exec(
             Ok(Some(ChildMsg::Error { code, message })) => Err(status_from(&code, message)),
             Ok(Some(other)) => {
                 kill(h.pid);
-                Err(Status::internal(format!("unexpected set-up message {other:?}")))
+                Err(Status::internal(format!(
+                    "unexpected set-up message {other:?}"
+                )))
             }
             Err(e) => {
                 kill(h.pid);

@@ -128,14 +128,7 @@ pub fn leave_initramfs() -> Result<(), InitError> {
     )
     .map_err(err(TMP))?;
     nix::unistd::chdir(TMP).map_err(err(TMP))?;
-    mount(
-        Some("."),
-        "/",
-        None::<&str>,
-        MsFlags::MS_MOVE,
-        None::<&str>,
-    )
-    .map_err(err("/"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(err("/"))?;
     nix::unistd::chroot(".").map_err(err("/"))?;
     nix::unistd::chdir("/").map_err(err("/"))?;
     let _ = std::fs::remove_dir(TMP);

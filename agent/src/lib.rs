@@ -28,9 +28,9 @@ use kata_proto::agent::agent_service_server::AgentServiceServer;
 use kata_proto::agent::health_server::HealthServer;
 use kata_proto::dialer::Stream;
 use kata_proto::paths::ports;
+use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::SignalKind;
 use tokio::sync::Notify;
-use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_HOST};
 use tracing::{info, warn};
@@ -97,10 +97,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         let stopping = stopping.clone();
         async move {
             let _notify = NotifyOnDrop(stopping);
-            let mut term = match tokio::signal::unix::signal(SignalKind::terminate()) {
-                Ok(s) => Some(s),
-                Err(_) => None,
-            };
+            let mut term = tokio::signal::unix::signal(SignalKind::terminate()).ok();
             tokio::select! {
                 _ = agent.shutdown.notified() => {
                     // let the DestroySandbox reply leave before the server stops

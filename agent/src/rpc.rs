@@ -277,7 +277,9 @@ impl AgentService for AgentRpc {
             container::check_id("sandbox_id", &r.sandbox_id)?;
         }
         if lock(&self.0.sandbox).created {
-            return Err(Status::already_exists("CreateSandbox was already called for this agent"));
+            return Err(Status::already_exists(
+                "CreateSandbox was already called for this agent",
+            ));
         }
         if !r.hostname.is_empty() {
             if self.0.init {
@@ -310,10 +312,15 @@ impl AgentService for AgentRpc {
             let containers = lock(&self.0.containers);
             let mut creating = lock(&self.0.creating);
             if containers.contains_key(&id) || !creating.insert(id.clone()) {
-                return Err(Status::already_exists(format!("container {id:?} already exists")));
+                return Err(Status::already_exists(format!(
+                    "container {id:?} already exists"
+                )));
             }
         }
-        let result = self.create_container_inner(r).instrument(tracing::info_span!("create", container = %id)).await;
+        let result = self
+            .create_container_inner(r)
+            .instrument(tracing::info_span!("create", container = %id))
+            .await;
         lock(&self.0.creating).remove(&id);
         result
     }
@@ -599,14 +606,13 @@ impl AgentRpc {
             .unwrap_or_else(|| format!("/{}/{id}", cgroup_parent(&sandbox_id)));
         let storages = sandbox::mount_storages(&r.storages)?;
         let oom_tx = self.0.oom_tx.clone();
-        let created = container::create(
-            container::CreateArgs {
-                id: id.clone(),
-                spec,
-                cgroup_path,
-                seccomp: !disable_seccomp,
-                storages: storages.clone(),
-            })
+        let created = container::create(container::CreateArgs {
+            id: id.clone(),
+            spec,
+            cgroup_path,
+            seccomp: !disable_seccomp,
+            storages: storages.clone(),
+        })
         .await;
         let c = match created {
             Ok(c) => c,

@@ -35,7 +35,10 @@ pub fn mount_storage(s: &Storage) -> Result<PathBuf, Status> {
     let opts = parse_options(&s.options);
     let data = (!opts.data.is_empty()).then_some(opts.data.as_str());
     std::fs::create_dir_all(&target).map_err(|e| {
-        Status::internal(format!("creating storage mount point {}: {e}", target.display()))
+        Status::internal(format!(
+            "creating storage mount point {}: {e}",
+            target.display()
+        ))
     })?;
     let err = |e: nix::Error| {
         Status::invalid_argument(format!(
@@ -177,7 +180,13 @@ pub fn copy_file(root: &Path, r: &kata_proto::agent::CopyFileRequest) -> Result<
     }
     // No symlink on the way may lead out of the shared directory.
     let mut walk = base.clone();
-    for c in target.strip_prefix(&base).unwrap_or(&target).parent().into_iter().flat_map(|p| p.components()) {
+    for c in target
+        .strip_prefix(&base)
+        .unwrap_or(&target)
+        .parent()
+        .into_iter()
+        .flat_map(|p| p.components())
+    {
         walk.push(c);
         if std::fs::symlink_metadata(&walk).is_ok_and(|m| m.file_type().is_symlink()) {
             return Err(Status::permission_denied(format!(
@@ -186,11 +195,17 @@ pub fn copy_file(root: &Path, r: &kata_proto::agent::CopyFileRequest) -> Result<
             )));
         }
     }
-    let io = |what: &str, e: std::io::Error| Status::internal(format!("{what} {}: {e}", target.display()));
+    let io = |what: &str, e: std::io::Error| {
+        Status::internal(format!("{what} {}: {e}", target.display()))
+    };
     if let Some(parent) = target.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(if r.dir_mode == 0 { 0o755 } else { r.dir_mode & 0o7777 })
+            .mode(if r.dir_mode == 0 {
+                0o755
+            } else {
+                r.dir_mode & 0o7777
+            })
             .create(parent)
             .map_err(|e| io("creating the parent of", e))?;
     }

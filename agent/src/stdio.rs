@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kata_proto::dialer::Stream;
+use kata_proto::stdio::{parse_header, Header, Which, MAX_LINE};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
-use kata_proto::stdio::{parse_header, Header, Which, MAX_LINE};
 use tonic::Status;
 use tracing::{debug, warn};
 
@@ -209,13 +209,7 @@ async fn copy_out<S: AsyncWrite + Unpin>(fd: OwnedFd, mut sock: S) -> std::io::R
         let mut guard = afd.readable().await?;
         match guard.try_io(|f| {
             // SAFETY: reads into a buffer we own, of its length, from an open fd.
-            let n = unsafe {
-                libc::read(
-                    f.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            };
+            let n = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n < 0 {
                 Err(std::io::Error::last_os_error())
             } else {
@@ -253,13 +247,7 @@ async fn copy_in<S: AsyncRead + Unpin>(
             let mut guard = afd.writable().await?;
             match guard.try_io(|f| {
                 // SAFETY: writes from a buffer we own, within its bounds.
-                let w = unsafe {
-                    libc::write(
-                        f.as_raw_fd(),
-                        buf[off..n].as_ptr().cast(),
-                        n - off,
-                    )
-                };
+                let w = unsafe { libc::write(f.as_raw_fd(), buf[off..n].as_ptr().cast(), n - off) };
                 if w < 0 {
                     Err(std::io::Error::last_os_error())
                 } else {
@@ -299,10 +287,7 @@ async fn read_header(s: &mut Stream) -> Result<String, Status> {
 }
 
 /// Serves one stdio connection: header, lookup, copy.
-pub async fn handle(
-    mut s: Stream,
-    lookup: impl Fn(&Header) -> Result<Arc<Stdio>, Status>,
-) {
+pub async fn handle(mut s: Stream, lookup: impl Fn(&Header) -> Result<Arc<Stdio>, Status>) {
     let attached = match read_header(&mut s).await.and_then(|l| {
         let h = parse_header(&l).map_err(Status::invalid_argument)?;
         let stdio = lookup(&h)?;
@@ -310,11 +295,7 @@ pub async fn handle(
     }) {
         Ok(a) => a,
         Err(st) => {
-            let msg = format!(
-                "ERR {:?} {}\n",
-                st.code(),
-                st.message().replace('\n', " ")
-            );
+            let msg = format!("ERR {:?} {}\n", st.code(), st.message().replace('\n', " "));
             let _ = s.write_all(msg.as_bytes()).await;
             let _ = s.shutdown().await;
             // Read what the client still sends for a moment, so that closing

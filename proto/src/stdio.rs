@@ -63,10 +63,7 @@ pub fn parse_header(line: &str) -> Result<Header, String> {
             ))
         }
     };
-    let container_id = w
-        .next()
-        .ok_or("stdio header: no container id")?
-        .to_string();
+    let container_id = w.next().ok_or("stdio header: no container id")?.to_string();
     let exec_id = w.next().unwrap_or_default().to_string();
     if w.next().is_some() {
         return Err(

@@ -32,7 +32,16 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
         "/bin/busybox is missing: install busybox-static (`make deps` does)"
     );
     let root = dir.join("rootfs");
-    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root", "home/user"] {
+    for d in [
+        "bin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "root",
+        "home/user",
+    ] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
@@ -157,7 +166,10 @@ impl HostAgent {
         let deadline = Instant::now() + Duration::from_secs(10);
         let io = kata_proto::paths::hybrid_listener_path(&sock, kata_proto::paths::ports::STDIO);
         while !(sock.exists() && io.exists()) {
-            assert!(Instant::now() < deadline, "the host-mode agent did not listen within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "the host-mode agent did not listen within 10 s"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let addr = Address::Unix(sock);

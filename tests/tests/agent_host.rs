@@ -19,12 +19,17 @@ fn with_args(mut s: Value, args: &[&str]) -> Value {
 /// Children of the agent that are still alive (anything but zombies).
 fn agent_children(pid: u32) -> Vec<String> {
     let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
             for p in c.split_whitespace() {
                 if let Ok(p) = p.parse::<u32>() {
                     if kata_tests::alive(p) {
-                        let cmd = std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                        let cmd = std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                            .unwrap_or_default();
                         out.push(format!("{p} {}", cmd.replace('\0', " ")));
                     }
                 }
@@ -50,20 +55,41 @@ async fn run_echo_exit_codes_stdin_stderr_and_sigkill() {
     let mut c = a.client.clone();
     let base = spec(&a.rootfs, &["true"]);
 
-    let o = run(&mut c, &a.addr, "echo", &with_args(base.clone(), &["echo", "hello", "world"]), None)
-        .await
-        .unwrap();
-    assert_eq!((o.status, o.signal, o.stdout.as_str()), (0, 0, "hello world\n"));
+    let o = run(
+        &mut c,
+        &a.addr,
+        "echo",
+        &with_args(base.clone(), &["echo", "hello", "world"]),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (o.status, o.signal, o.stdout.as_str()),
+        (0, 0, "hello world\n")
+    );
 
-    let o = run(&mut c, &a.addr, "exit1", &with_args(base.clone(), &["sh", "-c", "echo oops >&2; exit 1"]), None)
-        .await
-        .unwrap();
+    let o = run(
+        &mut c,
+        &a.addr,
+        "exit1",
+        &with_args(base.clone(), &["sh", "-c", "echo oops >&2; exit 1"]),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!((o.status, o.stderr.as_str()), (1, "oops\n"));
 
     let input = b"line one\nline two\n".repeat(1000);
-    let o = run(&mut c, &a.addr, "cat", &with_args(base.clone(), &["cat"]), Some(&input))
-        .await
-        .unwrap();
+    let o = run(
+        &mut c,
+        &a.addr,
+        "cat",
+        &with_args(base.clone(), &["cat"]),
+        Some(&input),
+    )
+    .await
+    .unwrap();
     assert_eq!(o.status, 0);
     assert_eq!(o.stdout.as_bytes(), &input[..], "cat echoes stdin exactly");
 
@@ -77,17 +103,31 @@ async fn run_echo_exit_codes_stdin_stderr_and_sigkill() {
     )
     .await
     .unwrap();
-    assert!(o.stdout.ends_with("20000\nlast\n"), "tail of output: {:?}", &o.stdout[o.stdout.len().saturating_sub(30)..]);
+    assert!(
+        o.stdout.ends_with("20000\nlast\n"),
+        "tail of output: {:?}",
+        &o.stdout[o.stdout.len().saturating_sub(30)..]
+    );
 
     // SIGKILL gives 137
-    create(&mut c, "killed", &with_args(base.clone(), &["sleep", "1000"])).await.unwrap();
+    create(
+        &mut c,
+        "killed",
+        &with_args(base.clone(), &["sleep", "1000"]),
+    )
+    .await
+    .unwrap();
     let out = collect(stream(&a.addr, Which::Stdout, "killed", "").await);
     start(&mut c, "killed").await.unwrap();
-    signal(&mut c, "killed", "", libc::SIGKILL, false).await.unwrap();
+    signal(&mut c, "killed", "", libc::SIGKILL, false)
+        .await
+        .unwrap();
     assert_eq!(wait(&mut c, "killed", "").await, (137, libc::SIGKILL));
     assert!(out.await.unwrap().is_empty());
     // signalling an exited process is NotFound
-    let e = signal(&mut c, "killed", "", libc::SIGTERM, false).await.unwrap_err();
+    let e = signal(&mut c, "killed", "", libc::SIGTERM, false)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     remove(&mut c, "killed").await.unwrap();
     assert_clean(&a, &["echo", "exit1", "cat", "burst", "killed"]);
@@ -116,17 +156,22 @@ async fn terminal_with_resize() {
     })
     .await
     .unwrap();
-    input
-        .write_all(b"stty size; tty; exit 3\n")
-        .await
-        .unwrap();
+    input.write_all(b"stty size; tty; exit 3\n").await.unwrap();
     assert_eq!(wait(&mut c, "tty", "").await, (3, 0));
     let text = String::from_utf8_lossy(&out.await.unwrap()).into_owned();
-    assert!(text.contains("37 101"), "stty size sees the resize: {text:?}");
+    assert!(
+        text.contains("37 101"),
+        "stty size sees the resize: {text:?}"
+    );
     // runc's convention: the terminal is also /dev/console
-    assert!(text.contains("\n/dev/console") || text.contains("\n/dev/pts/"), "the process has a terminal: {text:?}");
+    assert!(
+        text.contains("\n/dev/console") || text.contains("\n/dev/pts/"),
+        "the process has a terminal: {text:?}"
+    );
     // resizing a process without a terminal is refused
-    create(&mut c, "notty", &with_args(spec(&a.rootfs, &[]), &["true"])).await.unwrap();
+    create(&mut c, "notty", &with_args(spec(&a.rootfs, &[]), &["true"]))
+        .await
+        .unwrap();
     let e = c
         .tty_win_resize(TtyWinResizeRequest {
             container_id: "notty".into(),
@@ -146,32 +191,68 @@ async fn terminal_with_resize() {
 async fn exec_signals_and_process_list() {
     let a = HostAgent::start().await;
     let mut c = a.client.clone();
-    create(&mut c, "box", &with_args(spec(&a.rootfs, &[]), &["sleep", "1000"])).await.unwrap();
-    let e = exec(&mut c, "box", "early", &process(&["true"], false)).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "exec before start: {e:?}");
+    create(
+        &mut c,
+        "box",
+        &with_args(spec(&a.rootfs, &[]), &["sleep", "1000"]),
+    )
+    .await
+    .unwrap();
+    let e = exec(&mut c, "box", "early", &process(&["true"], false))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::FailedPrecondition,
+        "exec before start: {e:?}"
+    );
     start(&mut c, "box").await.unwrap();
 
     // exec sees the container's namespaces and rootfs
-    exec(&mut c, "box", "e1", &process(&["sh", "-c", "echo $$; hostname; cat /etc/passwd | head -1"], false))
-        .await
-        .unwrap();
+    exec(
+        &mut c,
+        "box",
+        "e1",
+        &process(
+            &["sh", "-c", "echo $$; hostname; cat /etc/passwd | head -1"],
+            false,
+        ),
+    )
+    .await
+    .unwrap();
     let out = collect(stream(&a.addr, Which::Stdout, "box", "e1").await);
     assert_eq!(wait(&mut c, "box", "e1").await, (0, 0));
     let text = String::from_utf8_lossy(&out.await.unwrap()).into_owned();
     let lines: Vec<&str> = text.lines().collect();
-    assert!(lines[0].parse::<u32>().unwrap() > 1, "exec is not the container's pid 1: {text}");
+    assert!(
+        lines[0].parse::<u32>().unwrap() > 1,
+        "exec is not the container's pid 1: {text}"
+    );
     assert_eq!(lines[1], "kata-test");
     assert_eq!(lines[2], "root:x:0:0:root:/root:/bin/sh");
 
     // an exec id in use is AlreadyExists; a missing program is NotFound
-    exec(&mut c, "box", "long", &process(&["sleep", "1000"], false)).await.unwrap();
-    let e = exec(&mut c, "box", "long", &process(&["true"], false)).await.unwrap_err();
+    exec(&mut c, "box", "long", &process(&["sleep", "1000"], false))
+        .await
+        .unwrap();
+    let e = exec(&mut c, "box", "long", &process(&["true"], false))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
-    let e = exec(&mut c, "box", "nope", &process(&["no-such-program"], false)).await.unwrap_err();
+    let e = exec(&mut c, "box", "nope", &process(&["no-such-program"], false))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
 
     // exec with a terminal
-    exec(&mut c, "box", "t", &process(&["sh", "-c", "test -t 0 && echo tty"], true)).await.unwrap();
+    exec(
+        &mut c,
+        "box",
+        "t",
+        &process(&["sh", "-c", "test -t 0 && echo tty"], true),
+    )
+    .await
+    .unwrap();
     let out = collect(stream(&a.addr, Which::Stdout, "box", "t").await);
     assert_eq!(wait(&mut c, "box", "t").await, (0, 0));
     assert!(String::from_utf8_lossy(&out.await.unwrap()).contains("tty"));
@@ -186,19 +267,35 @@ async fn exec_signals_and_process_list() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(l.pids.len(), 2, "init and the long exec: {:?}", String::from_utf8_lossy(&l.process_list));
+    assert_eq!(
+        l.pids.len(),
+        2,
+        "init and the long exec: {:?}",
+        String::from_utf8_lossy(&l.process_list)
+    );
     assert!(String::from_utf8_lossy(&l.process_list).contains("sleep 1000"));
 
     // a signal to one process
-    signal(&mut c, "box", "long", libc::SIGTERM, false).await.unwrap();
-    assert_eq!(wait(&mut c, "box", "long").await, (128 + libc::SIGTERM, libc::SIGTERM));
+    signal(&mut c, "box", "long", libc::SIGTERM, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        wait(&mut c, "box", "long").await,
+        (128 + libc::SIGTERM, libc::SIGTERM)
+    );
     // a signal to all: init and a new exec both die
-    exec(&mut c, "box", "e2", &process(&["sleep", "1000"], false)).await.unwrap();
-    signal(&mut c, "box", "", libc::SIGKILL, true).await.unwrap();
+    exec(&mut c, "box", "e2", &process(&["sleep", "1000"], false))
+        .await
+        .unwrap();
+    signal(&mut c, "box", "", libc::SIGKILL, true)
+        .await
+        .unwrap();
     assert_eq!(wait(&mut c, "box", "e2").await, (137, libc::SIGKILL));
     assert_eq!(wait(&mut c, "box", "").await, (137, libc::SIGKILL));
     // exec into a stopped container
-    let e = exec(&mut c, "box", "late", &process(&["true"], false)).await.unwrap_err();
+    let e = exec(&mut c, "box", "late", &process(&["true"], false))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     remove(&mut c, "box").await.unwrap();
     let e = start(&mut c, "box").await.unwrap_err();
@@ -218,28 +315,88 @@ async fn pause_resume_stats_update_and_pids_limit() {
     create(&mut c, "p", &s).await.unwrap();
     start(&mut c, "p").await.unwrap();
     let counter = a.rootfs.join("tmp/n");
-    let read = || std::fs::read_to_string(&counter).unwrap_or_default().trim().parse::<u64>().unwrap_or(0);
+    let read = || {
+        std::fs::read_to_string(&counter)
+            .unwrap_or_default()
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(read() > 0, "the container counts");
 
-    let st1 = c.stats_container(StatsContainerRequest { container_id: "p".into() }).await.unwrap().into_inner();
-    c.pause_container(PauseContainerRequest { container_id: "p".into() }).await.unwrap();
-    let e = exec(&mut c, "p", "x", &process(&["true"], false)).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "exec into a paused container");
+    let st1 = c
+        .stats_container(StatsContainerRequest {
+            container_id: "p".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.pause_container(PauseContainerRequest {
+        container_id: "p".into(),
+    })
+    .await
+    .unwrap();
+    let e = exec(&mut c, "p", "x", &process(&["true"], false))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::FailedPrecondition,
+        "exec into a paused container"
+    );
     let frozen = read();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(read(), frozen, "a paused container does not run");
-    let e = c.pause_container(PauseContainerRequest { container_id: "p".into() }).await.unwrap_err();
+    let e = c
+        .pause_container(PauseContainerRequest {
+            container_id: "p".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    c.resume_container(ResumeContainerRequest { container_id: "p".into() }).await.unwrap();
+    c.resume_container(ResumeContainerRequest {
+        container_id: "p".into(),
+    })
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(read() > frozen, "a resumed container runs again");
 
-    let st2 = c.stats_container(StatsContainerRequest { container_id: "p".into() }).await.unwrap().into_inner();
-    let cpu = |s: &StatsContainerResponse| s.cgroup_stats.as_ref().unwrap().cpu_stats.as_ref().unwrap().cpu_usage.as_ref().unwrap().total_usage;
-    assert!(cpu(&st2) > cpu(&st1), "cpu usage moves: {} then {}", cpu(&st1), cpu(&st2));
+    let st2 = c
+        .stats_container(StatsContainerRequest {
+            container_id: "p".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cpu = |s: &StatsContainerResponse| {
+        s.cgroup_stats
+            .as_ref()
+            .unwrap()
+            .cpu_stats
+            .as_ref()
+            .unwrap()
+            .cpu_usage
+            .as_ref()
+            .unwrap()
+            .total_usage
+    };
+    assert!(
+        cpu(&st2) > cpu(&st1),
+        "cpu usage moves: {} then {}",
+        cpu(&st1),
+        cpu(&st2)
+    );
     let cg = st2.cgroup_stats.as_ref().unwrap();
-    let mem = cg.memory_stats.as_ref().unwrap().usage.as_ref().unwrap().usage;
+    let mem = cg
+        .memory_stats
+        .as_ref()
+        .unwrap()
+        .usage
+        .as_ref()
+        .unwrap()
+        .usage;
     assert!(mem > 0, "memory usage is reported");
     let pids = cg.pids_stats.as_ref().unwrap();
     assert!(pids.current >= 1 && pids.limit == 20, "pids: {pids:?}");
@@ -247,30 +404,64 @@ async fn pause_resume_stats_update_and_pids_limit() {
     // UpdateContainer changes the limit; the limit is enforced
     c.update_container(UpdateContainerRequest {
         container_id: "p".into(),
-        resources: Some(LinuxResources { oci_resources_json: json!({"pids": {"limit": 5}}).to_string() }),
+        resources: Some(LinuxResources {
+            oci_resources_json: json!({"pids": {"limit": 5}}).to_string(),
+        }),
     })
     .await
     .unwrap();
-    let st3 = c.stats_container(StatsContainerRequest { container_id: "p".into() }).await.unwrap().into_inner();
-    assert_eq!(st3.cgroup_stats.unwrap().pids_stats.unwrap().limit, 5);
-    exec(&mut c, "p", "fork", &process(&["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 30 & done; wait"], false))
+    let st3 = c
+        .stats_container(StatsContainerRequest {
+            container_id: "p".into(),
+        })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    assert_eq!(st3.cgroup_stats.unwrap().pids_stats.unwrap().limit, 5);
+    exec(
+        &mut c,
+        "p",
+        "fork",
+        &process(
+            &[
+                "sh",
+                "-c",
+                "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 30 & done; wait",
+            ],
+            false,
+        ),
+    )
+    .await
+    .unwrap();
     let err = collect(stream(&a.addr, Which::Stderr, "p", "fork").await);
     let _out = collect(stream(&a.addr, Which::Stdout, "p", "fork").await);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let st4 = c.stats_container(StatsContainerRequest { container_id: "p".into() }).await.unwrap().into_inner();
-    assert!(st4.cgroup_stats.unwrap().pids_stats.unwrap().current <= 5, "the pids limit holds");
+    let st4 = c
+        .stats_container(StatsContainerRequest {
+            container_id: "p".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        st4.cgroup_stats.unwrap().pids_stats.unwrap().current <= 5,
+        "the pids limit holds"
+    );
     signal(&mut c, "p", "", libc::SIGKILL, true).await.unwrap();
     wait(&mut c, "p", "fork").await;
     let text = String::from_utf8_lossy(&err.await.unwrap()).into_owned();
-    assert!(text.contains("fork"), "forks beyond the pids limit fail: {text:?}");
+    assert!(
+        text.contains("fork"),
+        "forks beyond the pids limit fail: {text:?}"
+    );
     wait(&mut c, "p", "").await;
     // bad resources are refused
     let e = c
         .update_container(UpdateContainerRequest {
             container_id: "p".into(),
-            resources: Some(LinuxResources { oci_resources_json: "{not json".into() }),
+            resources: Some(LinuxResources {
+                oci_resources_json: "{not json".into(),
+            }),
         })
         .await
         .unwrap_err();
@@ -285,9 +476,18 @@ async fn memory_limit_oom_kills_and_reports() {
     let mut c = a.client.clone();
     let mut oom = a.client.clone();
     let events = tokio::spawn(async move {
-        oom.get_oom_event(GetOomEventRequest {}).await.map(|r| r.into_inner().container_id)
+        oom.get_oom_event(GetOomEventRequest {})
+            .await
+            .map(|r| r.into_inner().container_id)
     });
-    let mut s = with_args(spec(&a.rootfs, &[]), &["sh", "-c", "head -c 300000000 /dev/zero | tail -c 200000000 > /dev/null"]);
+    let mut s = with_args(
+        spec(&a.rootfs, &[]),
+        &[
+            "sh",
+            "-c",
+            "head -c 300000000 /dev/zero | tail -c 200000000 > /dev/null",
+        ],
+    );
     s["linux"]["resources"]["memory"] = json!({"limit": 32 << 20});
     let o = run(&mut c, &a.addr, "hog", &s, None).await.unwrap();
     assert_ne!(o.status, 0, "a process over the memory limit is killed");
@@ -314,15 +514,37 @@ async fn isolation_readonly_masked_user_seccomp_and_process_settings() {
     assert!(o.stderr.contains("Read-only file system"), "{:?}", o.stderr);
 
     // masked paths read as empty
-    let o = run(&mut c, &a.addr, "mask", &with_args(base.clone(), &["sh", "-c", "cat /etc/secret; cat /proc/kcore | wc -c; ls /sys/firmware | wc -l"]), None)
-        .await
-        .unwrap();
+    let o = run(
+        &mut c,
+        &a.addr,
+        "mask",
+        &with_args(
+            base.clone(),
+            &[
+                "sh",
+                "-c",
+                "cat /etc/secret; cat /proc/kcore | wc -c; ls /sys/firmware | wc -l",
+            ],
+        ),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(o.stdout, "0\n0\n", "masked: {o:?}");
 
     // read-only paths
-    let o = run(&mut c, &a.addr, "rop", &with_args(base.clone(), &["sh", "-c", "echo 1 > /proc/sys/kernel/panic"]), None)
-        .await
-        .unwrap();
+    let o = run(
+        &mut c,
+        &a.addr,
+        "rop",
+        &with_args(
+            base.clone(),
+            &["sh", "-c", "echo 1 > /proc/sys/kernel/panic"],
+        ),
+        None,
+    )
+    .await
+    .unwrap();
     assert_ne!(o.status, 0, "/proc/sys is read-only: {o:?}");
 
     // a non-root user, groups, umask, cwd, env, rlimits, no_new_privs, oom score
@@ -330,42 +552,86 @@ async fn isolation_readonly_masked_user_seccomp_and_process_settings() {
         base.clone(),
         &["sh", "-c", "id; umask; pwd; echo $FOO $HOME; ulimit -n; grep NoNewPrivs /proc/self/status; cat /proc/self/oom_score_adj; touch /root/x"],
     );
-    s["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [65534], "umask": 63});
+    s["process"]["user"] =
+        json!({"uid": 1000, "gid": 1000, "additionalGids": [65534], "umask": 63});
     s["process"]["cwd"] = json!("/tmp");
     s["process"]["env"] = json!(["PATH=/bin", "FOO=bar"]);
     s["process"]["oomScoreAdj"] = json!(500);
     s["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 256, "soft": 200}]);
     let o = run(&mut c, &a.addr, "user", &s, None).await.unwrap();
     let lines: Vec<&str> = o.stdout.lines().collect();
-    assert_eq!(lines[0], "uid=1000(user) gid=1000(user) groups=65534(nogroup)", "{o:?}");
-    assert_eq!(&lines[1..], &["0077", "/tmp", "bar /home/user", "200", "NoNewPrivs:\t1", "500"], "{o:?}");
-    assert!(o.stderr.contains("Permission denied"), "a non-root user cannot write /root: {o:?}");
+    assert_eq!(
+        lines[0], "uid=1000(user) gid=1000(user) groups=65534(nogroup)",
+        "{o:?}"
+    );
+    assert_eq!(
+        &lines[1..],
+        &[
+            "0077",
+            "/tmp",
+            "bar /home/user",
+            "200",
+            "NoNewPrivs:\t1",
+            "500"
+        ],
+        "{o:?}"
+    );
+    assert!(
+        o.stderr.contains("Permission denied"),
+        "a non-root user cannot write /root: {o:?}"
+    );
 
     // capabilities: the default set, effective, as runc gives
-    let o = run(&mut c, &a.addr, "caps", &with_args(base.clone(), &["grep", "Cap", "/proc/self/status"]), None)
-        .await
-        .unwrap();
-    assert!(o.stdout.contains("CapEff:\t00000000a80425fb"), "{}", o.stdout);
-    assert!(o.stdout.contains("CapBnd:\t00000000a80425fb"), "{}", o.stdout);
+    let o = run(
+        &mut c,
+        &a.addr,
+        "caps",
+        &with_args(base.clone(), &["grep", "Cap", "/proc/self/status"]),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(
+        o.stdout.contains("CapEff:\t00000000a80425fb"),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        o.stdout.contains("CapBnd:\t00000000a80425fb"),
+        "{}",
+        o.stdout
+    );
 
     // seccomp: mkdir denied with EPERM, everything else allowed
-    let mut s = with_args(base.clone(), &["sh", "-c", "mkdir /tmp/d; echo status $?; echo still alive"]);
+    let mut s = with_args(
+        base.clone(),
+        &["sh", "-c", "mkdir /tmp/d; echo status $?; echo still alive"],
+    );
     s["linux"]["seccomp"] = json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64"],
         "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
     });
     let o = run(&mut c, &a.addr, "seccomp", &s, None).await.unwrap();
-    assert!(o.stdout.contains("status 1") && o.stdout.contains("still alive"), "{o:?}");
+    assert!(
+        o.stdout.contains("status 1") && o.stdout.contains("still alive"),
+        "{o:?}"
+    );
     assert!(o.stderr.contains("Operation not permitted"), "{o:?}");
     assert!(!a.rootfs.join("tmp/d").exists());
 
     // hostname and a namespaced sysctl
-    let mut s = with_args(base.clone(), &["sh", "-c", "hostname; cat /proc/sys/kernel/msgmax"]);
+    let mut s = with_args(
+        base.clone(),
+        &["sh", "-c", "hostname; cat /proc/sys/kernel/msgmax"],
+    );
     s["linux"]["sysctl"] = json!({"kernel.msgmax": "12345"});
     let o = run(&mut c, &a.addr, "sysctl", &s, None).await.unwrap();
     assert_eq!(o.stdout, "kata-test\n12345\n", "{o:?}");
-    assert_clean(&a, &["ro", "mask", "rop", "user", "caps", "seccomp", "sysctl"]);
+    assert_clean(
+        &a,
+        &["ro", "mask", "rop", "user", "caps", "seccomp", "sysctl"],
+    );
 }
 
 #[tokio::test]
@@ -376,16 +642,28 @@ async fn bad_input_is_refused_and_leaves_nothing() {
     let refused = |r: Result<(), tonic::Status>, code: Code, needle: &str| {
         let e = r.expect_err("must be refused");
         assert_eq!(e.code(), code, "{e:?}");
-        assert!(e.message().contains(needle), "the message names the problem ({needle}): {}", e.message());
+        assert!(
+            e.message().contains(needle),
+            "the message names the problem ({needle}): {}",
+            e.message()
+        );
     };
 
     let mut s = good.clone();
     s["root"]["path"] = json!("/no/such/rootfs");
-    refused(create(&mut c, "b1", &s).await, Code::InvalidArgument, "/no/such/rootfs");
+    refused(
+        create(&mut c, "b1", &s).await,
+        Code::InvalidArgument,
+        "/no/such/rootfs",
+    );
 
     let mut s = good.clone();
     s["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "bogus"}]);
-    refused(create(&mut c, "b2", &s).await, Code::InvalidArgument, "bogus");
+    refused(
+        create(&mut c, "b2", &s).await,
+        Code::InvalidArgument,
+        "bogus",
+    );
 
     for dest in ["../../etc", "/a/../../etc", "relative"] {
         let mut s = good.clone();
@@ -398,16 +676,36 @@ async fn bad_input_is_refused_and_leaves_nothing() {
     refused(create(&mut c, "b4", &s).await, Code::InvalidArgument, "uid");
     let mut s = good.clone();
     s["process"]["user"]["uid"] = json!(99999999999u64);
-    refused(create(&mut c, "b5", &s).await, Code::InvalidArgument, "does not parse");
+    refused(
+        create(&mut c, "b5", &s).await,
+        Code::InvalidArgument,
+        "does not parse",
+    );
 
-    refused(create(&mut c, "bad id!", &good).await, Code::InvalidArgument, "bad id!");
-    refused(create(&mut c, "b6", &json!({"ociVersion": "1.0.2"})).await, Code::InvalidArgument, "root");
+    refused(
+        create(&mut c, "bad id!", &good).await,
+        Code::InvalidArgument,
+        "bad id!",
+    );
+    refused(
+        create(&mut c, "b6", &json!({"ociVersion": "1.0.2"})).await,
+        Code::InvalidArgument,
+        "root",
+    );
     let mut s = good.clone();
     s["process"]["args"] = json!([]);
-    refused(create(&mut c, "b7", &s).await, Code::InvalidArgument, "args");
+    refused(
+        create(&mut c, "b7", &s).await,
+        Code::InvalidArgument,
+        "args",
+    );
     let mut s = good.clone();
     s["mounts"] = json!([{"destination": "/data", "type": "bind", "source": "/no/such/source", "options": ["rbind"]}]);
-    refused(create(&mut c, "b8", &s).await, Code::InvalidArgument, "/no/such/source");
+    refused(
+        create(&mut c, "b8", &s).await,
+        Code::InvalidArgument,
+        "/no/such/source",
+    );
     // a program that does not exist fails at start, with NotFound
     let s = with_args(good.clone(), &["/bin/nope"]);
     create(&mut c, "b9", &s).await.unwrap();
@@ -416,9 +714,17 @@ async fn bad_input_is_refused_and_leaves_nothing() {
 
     // duplicate ids
     create(&mut c, "dup", &good).await.unwrap();
-    refused(create(&mut c, "dup", &good).await, Code::AlreadyExists, "dup");
+    refused(
+        create(&mut c, "dup", &good).await,
+        Code::AlreadyExists,
+        "dup",
+    );
     start(&mut c, "dup").await.unwrap();
-    refused(start(&mut c, "dup").await, Code::FailedPrecondition, "Running");
+    refused(
+        start(&mut c, "dup").await,
+        Code::FailedPrecondition,
+        "Running",
+    );
     refused(
         exec(&mut c, "ghost", "e", &process(&["true"], false)).await,
         Code::NotFound,
@@ -430,7 +736,10 @@ async fn bad_input_is_refused_and_leaves_nothing() {
         "additionalGids",
     );
     remove(&mut c, "dup").await.unwrap();
-    assert_clean(&a, &["b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9", "dup"]);
+    assert_clean(
+        &a,
+        &["b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9", "dup"],
+    );
     // the stdio port refuses unknown processes and garbage
     let e = kata_proto::stdio::attach(&a.addr, Which::Stdout, "ghost", "", Duration::from_secs(5))
         .await
@@ -470,7 +779,10 @@ async fn sandbox_storages_and_sigterm_cleanup() {
     .await
     .unwrap();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(mounts.contains(&mnt.display().to_string()), "the storage is mounted");
+    assert!(
+        mounts.contains(&mnt.display().to_string()),
+        "the storage is mounted"
+    );
     let resolv = std::fs::read_to_string(a.dir.path().join("state/sandbox/resolv.conf")).unwrap();
     assert_eq!(resolv, "nameserver 192.0.2.1\n");
     let e = c
@@ -495,12 +807,27 @@ async fn sandbox_storages_and_sigterm_cleanup() {
     assert!(e.message().contains("nfs"), "{e:?}");
 
     // a running container, then SIGTERM to the agent: everything ends
-    create(&mut c, "long", &with_args(spec(&a.rootfs, &[]), &["sleep", "1000"])).await.unwrap();
+    create(
+        &mut c,
+        "long",
+        &with_args(spec(&a.rootfs, &[]), &["sleep", "1000"]),
+    )
+    .await
+    .unwrap();
     start(&mut c, "long").await.unwrap();
     assert!(cgroup_exists("kata-rs-sbx1/long"));
     a.stop().await;
-    assert!(!cgroup_exists("kata-rs-sbx1/long"), "the container cgroup is removed");
-    assert!(!cgroup_exists("kata-rs-sbx1"), "the sandbox cgroup is removed");
+    assert!(
+        !cgroup_exists("kata-rs-sbx1/long"),
+        "the container cgroup is removed"
+    );
+    assert!(
+        !cgroup_exists("kata-rs-sbx1"),
+        "the sandbox cgroup is removed"
+    );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(&mnt.display().to_string()), "the storage is unmounted");
+    assert!(
+        !mounts.contains(&mnt.display().to_string()),
+        "the storage is unmounted"
+    );
 }

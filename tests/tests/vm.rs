@@ -318,7 +318,9 @@ async fn containers_run_in_the_guest() {
     let local = tempfile::tempdir().unwrap();
     let rootfs_local = busybox_rootfs(local.path());
     let rootfs = std::path::Path::new("/run/kata-agent/shared/busybox");
-    copy_tree(&mut c, &rootfs_local, rootfs).await.expect("CopyFile the rootfs");
+    copy_tree(&mut c, &rootfs_local, rootfs)
+        .await
+        .expect("CopyFile the rootfs");
     c.create_sandbox(CreateSandboxRequest {
         sandbox_id: "e2e-ctr".into(),
         hostname: "guest-host".into(),
@@ -333,20 +335,38 @@ async fn containers_run_in_the_guest() {
         s
     };
 
-    let o = run(&mut c, &addr, "echo", &with(&["sh", "-c", "echo hello from $(hostname); uname -r"]), None)
-        .await
-        .expect("run echo");
+    let o = run(
+        &mut c,
+        &addr,
+        "echo",
+        &with(&["sh", "-c", "echo hello from $(hostname); uname -r"]),
+        None,
+    )
+    .await
+    .expect("run echo");
     assert_eq!(o.status, 0, "{o:?}");
     let mut lines = o.stdout.lines();
     assert_eq!(lines.next(), Some("hello from kata-test"));
-    assert_eq!(lines.next().map(str::to_string), Some(manifest_kernel()), "runs on the guest kernel");
+    assert_eq!(
+        lines.next().map(str::to_string),
+        Some(manifest_kernel()),
+        "runs on the guest kernel"
+    );
 
-    let o = run(&mut c, &addr, "exit", &with(&["sh", "-c", "exit 7"]), None).await.unwrap();
-    assert_eq!(o.status, 7);
-
-    let o = run(&mut c, &addr, "cat", &with(&["cat"]), Some(b"piped through the guest\n"))
+    let o = run(&mut c, &addr, "exit", &with(&["sh", "-c", "exit 7"]), None)
         .await
         .unwrap();
+    assert_eq!(o.status, 7);
+
+    let o = run(
+        &mut c,
+        &addr,
+        "cat",
+        &with(&["cat"]),
+        Some(b"piped through the guest\n"),
+    )
+    .await
+    .unwrap();
     assert_eq!(o.stdout, "piped through the guest\n");
 
     // a terminal, resized
@@ -371,19 +391,33 @@ async fn containers_run_in_the_guest() {
     remove(&mut c, "tty").await.unwrap();
 
     // exec into a running container; SIGKILL gives 137
-    create(&mut c, "box", &with(&["sleep", "1000"])).await.unwrap();
-    start(&mut c, "box").await.unwrap();
-    exec(&mut c, "box", "e1", &process(&["sh", "-c", "echo exec in $(hostname)"], false))
+    create(&mut c, "box", &with(&["sleep", "1000"]))
         .await
         .unwrap();
+    start(&mut c, "box").await.unwrap();
+    exec(
+        &mut c,
+        "box",
+        "e1",
+        &process(&["sh", "-c", "echo exec in $(hostname)"], false),
+    )
+    .await
+    .unwrap();
     let out = collect(stream(&addr, Which::Stdout, "box", "e1").await);
     assert_eq!(wait(&mut c, "box", "e1").await, (0, 0));
-    assert_eq!(String::from_utf8_lossy(&out.await.unwrap()), "exec in kata-test\n");
-    signal(&mut c, "box", "", libc::SIGKILL, false).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.await.unwrap()),
+        "exec in kata-test\n"
+    );
+    signal(&mut c, "box", "", libc::SIGKILL, false)
+        .await
+        .unwrap();
     assert_eq!(wait(&mut c, "box", "").await, (137, libc::SIGKILL));
     remove(&mut c, "box").await.unwrap();
 
-    c.destroy_sandbox(DestroySandboxRequest {}).await.expect("DestroySandbox");
+    c.destroy_sandbox(DestroySandboxRequest {})
+        .await
+        .expect("DestroySandbox");
     let exit = tokio::time::timeout(Duration::from_secs(60), vm.launcher.client.wait_vm(()))
         .await
         .expect("the VM exits after DestroySandbox")
