@@ -9,12 +9,12 @@ BIN := $(CURDIR)/target/$(TARGET)/release
 GUEST_DIR := $(CURDIR)/target/guest
 TEST_GUEST_DIR := $(CURDIR)/target/guest-test
 # Debian packages the build, the image and the tests need.
-APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates
+APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++
 export KATA_TEST_BIN_DIR := $(BIN)
 export KATA_TEST_GUEST_DIR := $(TEST_GUEST_DIR)
 export KATA_GUEST_DIR := $(GUEST_DIR)
 
-.PHONY: all deps build image test-image run test unit lint bench clean
+.PHONY: all deps build image test-image run test unit lint bench fuzz clean
 
 all: build
 
@@ -55,6 +55,25 @@ lint:
 # under TCG, the real guest image). One release profile for both, one build.
 test: deps test-image lint
 	$(CARGO) test --release --locked --workspace -- --test-threads=2
+
+# Fuzzing: libFuzzer targets over the decoders of untrusted input (agent
+# requests and OCI specs; the vsock backend's packets), FUZZ_SECONDS each.
+# Coverage instrumentation uses stable rustc flags only (no nightly, no
+# cargo-fuzz); libfuzzer-sys builds libFuzzer with g++.
+FUZZ_SECONDS ?= 90
+FUZZ_TARGETS := agent_request vsock_packet
+FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+  -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks
+fuzz: deps
+	cd fuzz && RUSTFLAGS="$(FUZZ_RUSTFLAGS)" $(CARGO) build --release --locked --bins
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz-corpus/$$t; \
+	  echo "fuzzing $$t for $(FUZZ_SECONDS) s"; \
+	  fuzz/target/$(TARGET)/release/$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+	    -print_final_stats=1 -artifact_prefix=target/fuzz-corpus/$$t- \
+	    target/fuzz-corpus/$$t fuzz/seeds/$$t 2>&1 | grep -E "^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss|==|SUMMARY|Done)" ; \
+	done
 
 # Benchmarks (not timed tests): regenerates docs/bench-results.md on this machine.
 bench: deps test-image

@@ -7,6 +7,9 @@
 //! host (host mode), for fast tests without a VM: the stdio port is then the
 //! unix socket `<path>_1027`.
 
+/// The OCI runtime-spec types the agent speaks (oci-spec), for its callers.
+pub use oci_spec::runtime as oci;
+
 pub mod cgroup;
 pub mod childinit;
 pub mod console;

@@ -3,13 +3,19 @@
 //! Boots the test guest image under the real launcher (TCG here) and measures:
 //! StartVm to the agent's readiness announcement, 64-byte round trips and bulk
 //! echo through the hybrid vsock backend, and the launcher's memory (PSS).
+//! Then the agent's containers, on a host-mode agent and in the VM: start
+//! latency to the first output byte, stdout throughput, the agent's memory.
 //! Needs root and the test image (`make bench` builds it).
 
 use std::time::{Duration, Instant};
 
-use kata_proto::dialer;
+use kata_proto::agent::{CreateSandboxRequest, DestroySandboxRequest};
+use kata_proto::dialer::{self, Address};
 use kata_proto::launcher::StopVmRequest;
+use kata_proto::stdio::Which;
+use kata_tests::agent::{self as ka, Client};
 use kata_tests::TestVm;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BOOTS: usize = 5;
@@ -132,6 +138,184 @@ async fn main() {
         bulk
     );
     println!("| launcher PSS (vsock backend included), VM idle / after the bulk echo | {} KiB / {} KiB |", idle_pss, busy_pss);
+
+    let (host, guest) = agent_section().await;
+    println!("\n## Agent: containers (kata-bench)\n");
+    println!("Host mode: `kata-agent --listen unix://...` on this machine. VM: the agent as PID 1 of the guest above (TCG), reached over hybrid vsock; rootfs copied in with CopyFile.\n");
+    println!("| figure | value |\n|---|---|");
+    print_agent("host mode", &host);
+    print_agent("VM", &guest);
+    println!(
+        "| VM stdout throughput vs the raw vsock bulk echo above | {:.2}x |",
+        guest.mib_s / (64.0 / bulk)
+    );
+}
+
+/// Container start: CreateContainer + stdio attach + StartContainer until the
+/// first byte of output, in ms.
+async fn start_latency(c: &mut Client, addr: &Address, base: &Value, n: usize) -> Vec<f64> {
+    let mut out = vec![];
+    for i in 0..n {
+        let id = format!("lat{i}");
+        let mut s = base.clone();
+        s["process"]["args"] = json!(["echo", "x"]);
+        let t = Instant::now();
+        ka::create(c, &id, &s).await.unwrap();
+        let mut o = ka::stream(addr, Which::Stdout, &id, "").await;
+        ka::start(c, &id).await.unwrap();
+        let mut b = [0u8; 1];
+        o.read_exact(&mut b).await.unwrap();
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+        ka::wait(c, &id, "").await;
+        ka::remove(c, &id).await.unwrap();
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+/// `dd if=/dev/zero bs=1M count=N` in a container, read by this client:
+/// MiB/s from StartContainer to end of output.
+async fn stdout_throughput(c: &mut Client, addr: &Address, base: &Value, mib: usize) -> f64 {
+    let mut s = base.clone();
+    let count = format!("count={mib}");
+    s["process"]["args"] = json!(["dd", "if=/dev/zero", "bs=1M", count]);
+    ka::create(c, "dd", &s).await.unwrap();
+    let mut o = ka::stream(addr, Which::Stdout, "dd", "").await;
+    let _e = ka::collect(ka::stream(addr, Which::Stderr, "dd", "").await);
+    let t = Instant::now();
+    ka::start(c, "dd").await.unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    loop {
+        let n = o.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(got, mib << 20, "all of dd's output arrived");
+    ka::wait(c, "dd", "").await;
+    ka::remove(c, "dd").await.unwrap();
+    mib as f64 / secs
+}
+
+/// The agent's resident memory in KiB, read by a container that shares the
+/// guest's pid namespace (the agent is its PID 1), or from the host.
+async fn agent_rss_kib(c: &mut Client, addr: &Address, base: &Value, host_pid: Option<u32>) -> u64 {
+    if let Some(pid) = host_pid {
+        return status_kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap());
+    }
+    let mut s = base.clone();
+    s["process"]["args"] = json!(["cat", "/proc/1/status"]);
+    s["linux"]["namespaces"] = json!([{"type": "mount"}]);
+    let o = ka::run(c, addr, "rss", &s, None).await.unwrap();
+    status_kib(&o.stdout)
+}
+
+fn status_kib(status: &str) -> u64 {
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts ten `sleep` containers, measures, removes them.
+async fn rss_with_ten(c: &mut Client, addr: &Address, base: &Value, host_pid: Option<u32>) -> u64 {
+    for i in 0..10 {
+        let mut s = base.clone();
+        s["process"]["args"] = json!(["sleep", "1000"]);
+        let id = format!("ten{i}");
+        ka::create(c, &id, &s).await.unwrap();
+        ka::start(c, &id).await.unwrap();
+    }
+    let rss = agent_rss_kib(c, addr, base, host_pid).await;
+    for i in 0..10 {
+        let id = format!("ten{i}");
+        ka::signal(c, &id, "", libc::SIGKILL, false).await.unwrap();
+        ka::wait(c, &id, "").await;
+        ka::remove(c, &id).await.unwrap();
+    }
+    rss
+}
+
+struct AgentFigures {
+    latency: Vec<f64>,
+    mib_s: f64,
+    mib: usize,
+    rss_idle: u64,
+    rss_ten: u64,
+}
+
+async fn agent_figures(
+    c: &mut Client,
+    addr: &Address,
+    base: &Value,
+    host_pid: Option<u32>,
+    n: usize,
+    mib: usize,
+) -> AgentFigures {
+    let rss_idle = agent_rss_kib(c, addr, base, host_pid).await;
+    let latency = start_latency(c, addr, base, n).await;
+    let mib_s = stdout_throughput(c, addr, base, mib).await;
+    let rss_ten = rss_with_ten(c, addr, base, host_pid).await;
+    AgentFigures {
+        latency,
+        mib_s,
+        mib,
+        rss_idle,
+        rss_ten,
+    }
+}
+
+fn print_agent(label: &str, f: &AgentFigures) {
+    println!(
+        "| {label}: CreateContainer + attach + StartContainer to the first output byte (n={}) | min {:.1} ms, median {:.1} ms, p90 {:.1} ms |",
+        f.latency.len(),
+        f.latency[0],
+        pct(&f.latency, 0.5),
+        pct(&f.latency, 0.9)
+    );
+    println!(
+        "| {label}: stdout of `dd if=/dev/zero bs=1M count={}` read by the client | {:.0} MiB/s |",
+        f.mib, f.mib_s
+    );
+    println!(
+        "| {label}: agent RSS, idle / with 10 containers running | {} KiB / {} KiB |",
+        f.rss_idle, f.rss_ten
+    );
+}
+
+async fn agent_section() -> (AgentFigures, AgentFigures) {
+    // host mode
+    let a = ka::HostAgent::start().await;
+    let mut c = a.client.clone();
+    let base = ka::spec(&a.rootfs, &["true"]);
+    let host = agent_figures(&mut c, &a.addr, &base, Some(a.child.id()), 20, 1024).await;
+    drop(a);
+
+    // in the VM: the rootfs arrives by CopyFile
+    let mut vm = TestVm::boot("bench-agent", None).await;
+    let addr = vm.addr(kata_proto::paths::ports::AGENT);
+    let mut c = ka::connect(&addr).await;
+    let local = tempfile::tempdir().unwrap();
+    let rootfs = std::path::Path::new("/run/kata-agent/shared/busybox");
+    ka::copy_tree(&mut c, &ka::busybox_rootfs(local.path()), rootfs)
+        .await
+        .unwrap();
+    c.create_sandbox(CreateSandboxRequest {
+        sandbox_id: "bench-agent".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let base = ka::spec(rootfs, &["true"]);
+    let guest = agent_figures(&mut c, &addr, &base, None, 10, 256).await;
+    let _ = c.destroy_sandbox(DestroySandboxRequest {}).await;
+    let _ = vm.launcher.client.wait_vm(()).await;
+    stop(vm).await;
+    (host, guest)
 }
 
 fn num_cpus() -> usize {
