@@ -805,6 +805,34 @@ async fn sandbox_storages_and_sigterm_cleanup() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("nfs"), "{e:?}");
+    // a create that fails after its storage was mounted unmounts it again
+    let s2 = a.dir.path().join("s2");
+    let mut bad = with_args(spec(&a.rootfs, &[]), &["true"]);
+    bad["mounts"] = json!([{"destination": "/data", "type": "bind", "source": "/no/such/source", "options": ["rbind"]}]);
+    let e = c
+        .create_container(CreateContainerRequest {
+            container_id: "s2".into(),
+            storages: vec![Storage {
+                driver: "ephemeral".into(),
+                source: "tmpfs".into(),
+                mount_point: s2.display().to_string(),
+                ..Default::default()
+            }],
+            oci_spec_json: bad.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&s2.display().to_string()),
+        "the failed create's storage is unmounted"
+    );
+    assert!(
+        !cgroup_exists("kata-rs-sbx1/s2"),
+        "the failed create's cgroup is removed"
+    );
 
     // a running container, then SIGTERM to the agent: everything ends
     create(
