@@ -117,6 +117,10 @@ pub struct Runtime {
     pub enable_debug: bool,
     /// Put the whole pod (not only the containers) in the pod's cgroup.
     pub sandbox_cgroup_only: bool,
+    /// Ignore the containers' seccomp profiles inside the guest (sent to the
+    /// agent in CreateSandbox). Kata defaults to true; kata-rs to false: the
+    /// profile is applied, as runc would.
+    pub disable_guest_seccomp: bool,
 }
 
 /// Why the configuration could not be loaded.
