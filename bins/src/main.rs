@@ -1,5 +1,6 @@
-//! kata-ctl: the kata-rs operator tool (host checks, guest image, boot).
+//! kata-ctl: the kata-rs operator tool (host checks, guest image, boot, agent client).
 
+mod agent;
 mod boot;
 mod check;
 mod image;
@@ -40,6 +41,9 @@ enum Command {
     /// Boots one VM under kata-vmm-launcher, prints the guest's details as the
     /// agent reports them, and powers it off.
     Boot(boot::BootArgs),
+    /// Talks to an agent directly (Kata's agent-ctl): any AgentService or
+    /// Health RPC with a JSON request, or one stdio stream of a process.
+    Agent(agent::AgentArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(boot::run(args))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Agent(args) => agent::run(args),
         Command::Check {
             verbose,
             no_network_checks: _,
