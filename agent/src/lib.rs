@@ -175,7 +175,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
 }
 
 /// How long clients get to disconnect after the agent was asked to stop.
-const GRACE: Duration = Duration::from_secs(3);
+const GRACE: Duration = Duration::from_secs(1);
 
 struct NotifyOnDrop(Arc<Notify>);
 

@@ -351,9 +351,16 @@ impl AgentService for AgentRpc {
         let r = r.into_inner();
         let c = self.0.container(&r.container_id)?;
         container::check_id("exec_id", &r.exec_id)?;
-        let json = r.process.map(|p| p.oci_process_json).unwrap_or_default();
+        let (json, terminal) = r
+            .process
+            .map(|p| (p.oci_process_json, p.terminal))
+            .unwrap_or_default();
         let mut process: oci_spec::runtime::Process = serde_json::from_str(&json)
             .map_err(|e| Status::invalid_argument(format!("process does not parse: {e}")))?;
+        if terminal {
+            // Kata's Process.terminal, the same as the OCI process's.
+            process.set_terminal(Some(true));
+        }
         container::apply_string_user(&mut process, r.string_user.as_ref())?;
         container::check_process(&process)?;
         let p = container::exec(&c, r.exec_id, process).await?;
