@@ -64,7 +64,10 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => {
             if let Ok(r) = UpdateContainerRequest::decode(rest) {
-                let json = r.resources.map(|r| r.oci_resources_json).unwrap_or_default();
+                let json = r
+                    .resources
+                    .map(|r| r.oci_resources_json)
+                    .unwrap_or_default();
                 let _ = serde_json::from_str::<oci_process::LinuxResources>(&json);
             }
         }
