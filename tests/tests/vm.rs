@@ -7,7 +7,8 @@ use std::time::Duration;
 use kata_proto::agent::agent_service_client::AgentServiceClient;
 use kata_proto::agent::health_client::HealthClient;
 use kata_proto::agent::{
-    CheckRequest, CreateSandboxRequest, DestroySandboxRequest, GuestDetailsRequest,
+    CheckRequest, CreateSandboxRequest, DestroySandboxRequest, GetOomEventRequest,
+    GuestDetailsRequest, PauseContainerRequest, ResumeContainerRequest, StatsContainerRequest,
     TtyWinResizeRequest,
 };
 use kata_proto::dialer::{self, DialError};
@@ -414,6 +415,110 @@ async fn containers_run_in_the_guest() {
         .unwrap();
     assert_eq!(wait(&mut c, "box", "").await, (137, libc::SIGKILL));
     remove(&mut c, "box").await.unwrap();
+
+    // cgroup v2 in the guest: a memory limit that OOM-kills and reports it,
+    // a pids limit, stats, pause and resume
+    let mut oom = c.clone();
+    let events = tokio::spawn(async move {
+        oom.get_oom_event(GetOomEventRequest {})
+            .await
+            .map(|r| r.into_inner().container_id)
+    });
+    let mut s = with(&[
+        "sh",
+        "-c",
+        "head -c 100000000 /dev/zero | tail -c 60000000 > /dev/null",
+    ]);
+    s["linux"]["resources"]["memory"] = json!({"limit": 16 << 20});
+    let o = run(&mut c, &addr, "hog", &s, None).await.unwrap();
+    assert_ne!(o.status, 0, "over the memory limit: {o:?}");
+    let id = tokio::time::timeout(Duration::from_secs(30), events)
+        .await
+        .expect("an OOM event from the guest within 30 s")
+        .unwrap()
+        .expect("GetOOMEvent");
+    assert_eq!(id, "hog");
+
+    let mut s = with(&["sh", "-c", "while true; do sleep 0.05; done"]);
+    s["linux"]["resources"]["pids"] = json!({"limit": 8});
+    create(&mut c, "v2", &s).await.unwrap();
+    start(&mut c, "v2").await.unwrap();
+    let stats = |c: &Client| {
+        let mut c = c.clone();
+        async move {
+            c.stats_container(StatsContainerRequest {
+                container_id: "v2".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .cgroup_stats
+            .unwrap()
+        }
+    };
+    let st = stats(&c).await;
+    assert_eq!(st.pids_stats.as_ref().unwrap().limit, 8, "{st:?}");
+    assert!(
+        st.memory_stats
+            .as_ref()
+            .unwrap()
+            .usage
+            .as_ref()
+            .unwrap()
+            .usage
+            > 0,
+        "{st:?}"
+    );
+    let cpu1 = st.cpu_stats.unwrap().cpu_usage.unwrap().total_usage;
+    c.pause_container(PauseContainerRequest {
+        container_id: "v2".into(),
+    })
+    .await
+    .expect("pause in the guest");
+    c.resume_container(ResumeContainerRequest {
+        container_id: "v2".into(),
+    })
+    .await
+    .expect("resume in the guest");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu2 = stats(&c)
+        .await
+        .cpu_stats
+        .unwrap()
+        .cpu_usage
+        .unwrap()
+        .total_usage;
+    assert!(
+        cpu2 > cpu1,
+        "cpu usage moves in the guest: {cpu1} then {cpu2}"
+    );
+    exec(
+        &mut c,
+        "v2",
+        "fork",
+        &process(
+            &[
+                "sh",
+                "-c",
+                "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 30 & done; wait",
+            ],
+            false,
+        ),
+    )
+    .await
+    .unwrap();
+    let err = collect(stream(&addr, Which::Stderr, "v2", "fork").await);
+    let _out = collect(stream(&addr, Which::Stdout, "v2", "fork").await);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        stats(&c).await.pids_stats.unwrap().current <= 8,
+        "the pids limit holds in the guest"
+    );
+    signal(&mut c, "v2", "", libc::SIGKILL, true).await.unwrap();
+    wait(&mut c, "v2", "fork").await;
+    assert!(String::from_utf8_lossy(&err.await.unwrap()).contains("fork"));
+    wait(&mut c, "v2", "").await;
+    remove(&mut c, "v2").await.unwrap();
 
     c.destroy_sandbox(DestroySandboxRequest {})
         .await
