@@ -44,6 +44,7 @@ fn main() -> std::process::ExitCode {
         },
     };
     let mut debug_console = false;
+    let mut sandbox_id = None;
     if pid1 {
         if let Err(e) = init::leave_initramfs().and_then(|_| init::early_mounts()) {
             eprintln!("kata-agent: {e}");
@@ -55,8 +56,9 @@ fn main() -> std::process::ExitCode {
             std::env::set_var("KATA_LOG", level);
         }
         debug_console = init::cmdline_option(&cmdline, "debug_console").is_some();
+        sandbox_id = init::cmdline_option(&cmdline, "sandbox_id");
     }
-    kata_proto::logging::init("kata-agent", None);
+    kata_proto::logging::init("kata-agent", sandbox_id.as_deref());
     let rt = match kata_proto::runtime() {
         Ok(rt) => rt,
         Err(e) => {

@@ -295,6 +295,9 @@ impl AgentService for AgentRpc {
         let mut sb = lock(&self.0.sandbox);
         if !r.sandbox_id.is_empty() {
             sb.id = r.sandbox_id.clone();
+            // from now on on every log line (unless the kernel command line
+            // already named the sandbox)
+            kata_proto::logging::set_sandbox_id(&sb.id);
         }
         sb.created = true;
         sb.disable_seccomp = r.disable_guest_seccomp;

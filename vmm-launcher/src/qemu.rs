@@ -48,6 +48,8 @@ pub fn base_kernel_params(a: &QemuArgs) -> String {
         "console=ttyS0 panic=1 reboot=k quiet loglevel=4 rcupdate.rcu_expedited=1 \
          i8042.noaux i8042.nomux i8042.nopnp nomodeset cryptomgr.notests",
     );
+    // the agent prints the sandbox id on every log line from its first one
+    p.push_str(&format!(" agent.sandbox_id={}", a.sandbox_id));
     if a.machine_type == "microvm" && a.accelerator == Accelerator::Tcg {
         if let Some(khz) = a.tsc_khz {
             // under TCG the TSC calibration of microvm hangs without it
