@@ -1887,32 +1887,32 @@ impl ContainerCgroup {
     }
 
     fn freeze_within(&self, timeout: Duration) -> Result<(), CgroupError> {
+        self.set_frozen(true, timeout)
+    }
+
+    /// Asks for the frozen (or thawed) state and waits, bounded, until the
+    /// kernel reports it. A freeze that times out is undone.
+    fn set_frozen(&self, frozen: bool, timeout: Duration) -> Result<(), CgroupError> {
         let start = Instant::now();
         let mut delay = Duration::from_millis(1);
-        match &self.layout {
+        let (path, what): (PathBuf, String);
+        // One step: (re)request the state; whether the kernel reached it.
+        let mut step: Box<dyn FnMut() -> Result<bool, CgroupError> + '_> = match &self.layout {
             Layout::V2 { .. } => {
                 let leaf = self.leaf();
-                write_value(&leaf.join("cgroup.freeze"), "1")?;
-                loop {
-                    if self.v2_event("frozen")? == 1 {
-                        return Ok(());
-                    }
-                    if start.elapsed() >= timeout {
-                        let _ = write_value(&leaf.join("cgroup.freeze"), "0");
-                        return Err(CgroupError::Timeout {
-                            what: "cgroup.events to report frozen 1".into(),
-                            path: leaf,
-                            waited: start.elapsed(),
-                            hint: "a process may be stuck in the kernel (state D); the cgroup was thawed again",
-                        });
-                    }
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_millis(50));
-                }
+                write_value(&leaf.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+                what = format!("cgroup.events to report frozen {}", u8::from(frozen));
+                path = leaf;
+                Box::new(move || Ok(self.v2_event("frozen")? == u64::from(frozen)))
             }
             Layout::V1 { .. } => {
-                let (fc, dir) = self.v1_freezer("freeze")?;
-                let err = |action| {
+                let (fc, dir) = self.v1_freezer(if frozen { "freeze" } else { "thaw" })?;
+                what = format!(
+                    "freezer.state to become {}",
+                    if frozen { "FROZEN" } else { "THAWED" }
+                );
+                path = dir.clone();
+                let err = move |action| {
                     let path = dir.clone();
                     move |source| CgroupError::Controller {
                         action,
@@ -1920,84 +1920,48 @@ impl ContainerCgroup {
                         source,
                     }
                 };
-                loop {
+                Box::new(move || {
                     // writing FROZEN again moves on a freeze that raced with forks
-                    fc.freeze().map_err(err("freeze (write freezer.state)"))?;
-                    if matches!(
-                        fc.state().map_err(err("read freezer.state"))?,
-                        FreezerState::Frozen
-                    ) {
-                        return Ok(());
+                    if frozen {
+                        fc.freeze().map_err(err("freeze (write freezer.state)"))?;
+                    } else {
+                        fc.thaw().map_err(err("thaw (write freezer.state)"))?;
                     }
-                    if start.elapsed() >= timeout {
-                        let _ = fc.thaw();
-                        return Err(CgroupError::Timeout {
-                            what: "freezer.state to become FROZEN".into(),
-                            path: dir,
-                            waited: start.elapsed(),
-                            hint: "a process may be stuck in the kernel (state D); the cgroup was thawed again",
-                        });
-                    }
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_millis(50));
-                }
+                    let state = fc.state().map_err(err("read freezer.state"))?;
+                    Ok(matches!(
+                        (state, frozen),
+                        (FreezerState::Frozen, true) | (FreezerState::Thawed, false)
+                    ))
+                })
             }
+        };
+        loop {
+            if step()? {
+                return Ok(());
+            }
+            if start.elapsed() >= timeout {
+                drop(step);
+                let hint = if frozen {
+                    let _ = self.set_frozen(false, Duration::ZERO);
+                    "a process may be stuck in the kernel (state D); the cgroup was thawed again"
+                } else {
+                    "a parent cgroup may be frozen"
+                };
+                return Err(CgroupError::Timeout {
+                    what,
+                    path,
+                    waited: start.elapsed(),
+                    hint,
+                });
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_millis(50));
         }
     }
 
     /// Thaws the cgroup and waits (bounded) until the kernel reports it so.
     pub fn thaw(&self) -> Result<(), CgroupError> {
-        let start = Instant::now();
-        let mut delay = Duration::from_millis(1);
-        match &self.layout {
-            Layout::V2 { .. } => {
-                let leaf = self.leaf();
-                write_value(&leaf.join("cgroup.freeze"), "0")?;
-                while self.v2_event("frozen")? != 0 {
-                    if start.elapsed() >= FREEZE_TIMEOUT {
-                        return Err(CgroupError::Timeout {
-                            what: "cgroup.events to report frozen 0".into(),
-                            path: leaf,
-                            waited: start.elapsed(),
-                            hint: "a parent cgroup may be frozen",
-                        });
-                    }
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_millis(50));
-                }
-                Ok(())
-            }
-            Layout::V1 { .. } => {
-                let (fc, dir) = self.v1_freezer("thaw")?;
-                let err = |action| {
-                    let path = dir.clone();
-                    move |source| CgroupError::Controller {
-                        action,
-                        path,
-                        source,
-                    }
-                };
-                loop {
-                    fc.thaw().map_err(err("thaw (write freezer.state)"))?;
-                    if matches!(
-                        fc.state().map_err(err("read freezer.state"))?,
-                        FreezerState::Thawed
-                    ) {
-                        return Ok(());
-                    }
-                    if start.elapsed() >= FREEZE_TIMEOUT {
-                        return Err(CgroupError::Timeout {
-                            what: "freezer.state to become THAWED".into(),
-                            path: dir,
-                            waited: start.elapsed(),
-                            hint: "a parent cgroup may be frozen",
-                        });
-                    }
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_millis(50));
-                }
-            }
-        }
+        self.set_frozen(false, FREEZE_TIMEOUT)
     }
 
     /// Whether the kernel reports the cgroup frozen (v1 `freezer.state` is

@@ -128,7 +128,15 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                         what: format!("vsock port {}", ports::STDIO),
                         source,
                     })?;
-                tokio::spawn(serve_stdio_vsock(io, agent.clone()));
+                let agent2 = agent.clone();
+                tokio::spawn(async move {
+                    let io = &io;
+                    serve_stdio(
+                        || async move { io.accept().await.map(|(s, _)| Stream::Vsock(s)) },
+                        agent2,
+                    )
+                    .await
+                });
                 if let Some(p) = cfg.announce_port {
                     tokio::spawn(announce(p));
                 }
@@ -152,7 +160,15 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                         source,
                     }
                 })?;
-                tokio::spawn(serve_stdio_unix(io, agent.clone()));
+                let agent2 = agent.clone();
+                tokio::spawn(async move {
+                    let io = &io;
+                    serve_stdio(
+                        || async move { io.accept().await.map(|(s, _)| Stream::Unix(s)) },
+                        agent2,
+                    )
+                    .await
+                });
                 router
                     .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
                     .await?;
@@ -185,27 +201,17 @@ impl Drop for NotifyOnDrop {
     }
 }
 
-async fn serve_stdio_vsock(l: VsockListener, agent: Arc<Agent>) {
+/// Serves the stdio port: one task per connection.
+async fn serve_stdio<F, Fut>(mut accept: F, agent: Arc<Agent>)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Stream>>,
+{
     loop {
-        match l.accept().await {
-            Ok((s, _)) => {
+        match accept().await {
+            Ok(s) => {
                 let agent = agent.clone();
-                tokio::spawn(stdio::handle(Stream::Vsock(s), move |h| agent.stdio_of(h)));
-            }
-            Err(e) => {
-                warn!(error = %e, "stdio port accept");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn serve_stdio_unix(l: tokio::net::UnixListener, agent: Arc<Agent>) {
-    loop {
-        match l.accept().await {
-            Ok((s, _)) => {
-                let agent = agent.clone();
-                tokio::spawn(stdio::handle(Stream::Unix(s), move |h| agent.stdio_of(h)));
+                tokio::spawn(stdio::handle(s, move |h| agent.stdio_of(h)));
             }
             Err(e) => {
                 warn!(error = %e, "stdio port accept");
