@@ -130,6 +130,35 @@ impl TestVm {
     pub fn dir(&self) -> PathBuf {
         self.launcher.paths.dir.clone()
     }
+
+    /// Ends the VM the way the shim does: DestroySandbox to the agent; the
+    /// guest powers off, the launcher shuts down, and nothing is left.
+    pub async fn destroy_through_agent(
+        mut self,
+        agent: &mut kata_proto::agent::agent_service_client::AgentServiceClient<
+            tonic::transport::Channel,
+        >,
+    ) {
+        agent
+            .destroy_sandbox(kata_proto::agent::DestroySandboxRequest {})
+            .await
+            .expect("DestroySandbox");
+        let exit = tokio::time::timeout(Duration::from_secs(60), self.launcher.client.wait_vm(()))
+            .await
+            .expect("the VM exits after DestroySandbox")
+            .expect("WaitVm")
+            .into_inner();
+        assert_eq!(
+            (exit.reason.as_str(), exit.exit_code),
+            ("poweroff", 0),
+            "{exit:?}"
+        );
+        let dir = self.dir();
+        self.launcher.client.shutdown(()).await.expect("Shutdown");
+        let st = self.launcher.child.wait().await.expect("launcher exit");
+        assert!(st.success(), "launcher exit: {st}");
+        assert_nothing_left(&dir, &self.cgroup, self.created.hypervisor_pid);
+    }
 }
 
 /// Whether `pid` is alive (and not a zombie).

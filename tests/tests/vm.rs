@@ -7,9 +7,8 @@ use std::time::Duration;
 use kata_proto::agent::agent_service_client::AgentServiceClient;
 use kata_proto::agent::health_client::HealthClient;
 use kata_proto::agent::{
-    CheckRequest, CreateSandboxRequest, DestroySandboxRequest, GetOomEventRequest,
-    GuestDetailsRequest, PauseContainerRequest, ResumeContainerRequest, StatsContainerRequest,
-    TtyWinResizeRequest,
+    CheckRequest, CreateSandboxRequest, GetOomEventRequest, GuestDetailsRequest,
+    PauseContainerRequest, ResumeContainerRequest, StatsContainerRequest, TtyWinResizeRequest,
 };
 use kata_proto::dialer::{self, DialError};
 use kata_proto::launcher::StopVmRequest;
@@ -92,22 +91,7 @@ async fn agent_answers_from_the_guest_and_powers_off() {
         .into_inner();
     assert!(again.uptime_seconds >= d.uptime_seconds);
 
-    agent
-        .destroy_sandbox(DestroySandboxRequest {})
-        .await
-        .expect("DestroySandbox");
-    let exit = tokio::time::timeout(Duration::from_secs(60), vm.launcher.client.wait_vm(()))
-        .await
-        .expect("the VM exits after DestroySandbox")
-        .unwrap()
-        .into_inner();
-    assert_eq!(exit.reason, "poweroff", "{exit:?}");
-    assert_eq!(exit.exit_code, 0);
-    let dir = vm.dir();
-    vm.launcher.client.shutdown(()).await.unwrap();
-    let st = vm.launcher.child.wait().await.unwrap();
-    assert!(st.success(), "launcher exit: {st}");
-    assert_nothing_left(&dir, &vm.cgroup, vm.created.hypervisor_pid);
+    vm.destroy_through_agent(&mut agent).await;
 }
 
 async fn echo_once(vm: &TestVm, msg: &[u8]) {
@@ -312,7 +296,7 @@ async fn containers_run_in_the_guest() {
     use kata_tests::agent::*;
     use serde_json::json;
 
-    let mut vm = TestVm::boot("e2e-ctr", None).await;
+    let vm = TestVm::boot("e2e-ctr", None).await;
     let addr = vm.addr(kata_proto::paths::ports::AGENT);
     let mut c = connect(&addr).await;
     // the rootfs reaches the guest through CopyFile (no shared filesystem yet)
@@ -520,17 +504,5 @@ async fn containers_run_in_the_guest() {
     wait(&mut c, "v2", "").await;
     remove(&mut c, "v2").await.unwrap();
 
-    c.destroy_sandbox(DestroySandboxRequest {})
-        .await
-        .expect("DestroySandbox");
-    let exit = tokio::time::timeout(Duration::from_secs(60), vm.launcher.client.wait_vm(()))
-        .await
-        .expect("the VM exits after DestroySandbox")
-        .unwrap()
-        .into_inner();
-    assert_eq!(exit.reason, "poweroff", "{exit:?}");
-    let dir = vm.dir();
-    vm.launcher.client.shutdown(()).await.unwrap();
-    let _ = vm.launcher.child.wait().await;
-    assert_nothing_left(&dir, &vm.cgroup, vm.created.hypervisor_pid);
+    vm.destroy_through_agent(&mut c).await;
 }
