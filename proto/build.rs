@@ -2,7 +2,11 @@
 //! .proto files in pure Rust, so no protoc is needed on the build machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["protos/agent.proto", "protos/launcher.proto"];
+    let protos = [
+        "protos/agent.proto",
+        "protos/launcher.proto",
+        "protos/virtiofsd.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

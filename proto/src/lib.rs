@@ -26,6 +26,12 @@ pub mod launcher {
     tonic::include_proto!("kata.launcher.v1");
 }
 
+/// kata-virtiofsd's control API.
+#[allow(clippy::all, missing_docs, clippy::undocumented_unsafe_blocks)]
+pub mod virtiofsd {
+    tonic::include_proto!("kata.virtiofsd.v1");
+}
+
 /// Version of the kata-rs programs, reported by the agent and the tools.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

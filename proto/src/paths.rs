@@ -102,6 +102,22 @@ impl SandboxPaths {
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
+
+    /// kata-virtiofsd's vhost-user socket (in the hypervisor's `vm/` dir,
+    /// where the jailed QEMU can reach it).
+    pub fn virtiofsd_socket(&self) -> PathBuf {
+        self.vm_dir().join("virtiofsd.sock")
+    }
+
+    /// kata-virtiofsd's control socket (gRPC, `virtiofsd.proto`).
+    pub fn virtiofsd_control(&self) -> PathBuf {
+        self.dir.join("virtiofsd-ctl.sock")
+    }
+
+    /// The directory shared with the guest through virtio-fs.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
 }
 
 /// `<uds>_<port>`: where a guest-initiated connection to host port `port` arrives.

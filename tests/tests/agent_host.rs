@@ -859,3 +859,51 @@ async fn sandbox_storages_and_sigterm_cleanup() {
         "the storage is unmounted"
     );
 }
+
+#[tokio::test]
+async fn close_stdin_rpc_and_destroy_sandbox() {
+    let mut a = HostAgent::start().await;
+    let mut c = a.client.clone();
+    create(&mut c, "cat", &with_args(spec(&a.rootfs, &[]), &["cat"]))
+        .await
+        .unwrap();
+    let out = collect(stream(&a.addr, Which::Stdout, "cat", "").await);
+    let mut input = stream(&a.addr, Which::Stdin, "cat", "").await;
+    start(&mut c, "cat").await.unwrap();
+    input.write_all(b"before close\n").await.unwrap();
+    input.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // CloseStdin ends the input even while the stream stays open
+    c.close_stdin(CloseStdinRequest {
+        container_id: "cat".into(),
+        exec_id: String::new(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(wait(&mut c, "cat", "").await, (0, 0));
+    assert_eq!(out.await.unwrap(), b"before close\n");
+    drop(input);
+
+    // DestroySandbox ends every container and the (host-mode) agent itself
+    create(
+        &mut c,
+        "long",
+        &with_args(spec(&a.rootfs, &[]), &["sleep", "1000"]),
+    )
+    .await
+    .unwrap();
+    start(&mut c, "long").await.unwrap();
+    let pid = a.child.id();
+    c.destroy_sandbox(DestroySandboxRequest {}).await.unwrap();
+    let mut ended = false;
+    for _ in 0..300 {
+        if let Ok(Some(_)) = a.child.try_wait() {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ended, "the agent ends after DestroySandbox");
+    assert!(!cgroup_exists(&format!("kata-rs-agent-{pid}/long")));
+    assert!(!cgroup_exists(&format!("kata-rs-agent-{pid}")));
+}
