@@ -18,6 +18,8 @@ pub mod jailed {
     pub const QMP: &str = "/vm/qmp.sock";
     /// vhost-user vsock socket (our backend listens, QEMU connects).
     pub const VHOST_VSOCK: &str = "/vm/vhost-vsock.sock";
+    /// vhost-user-fs socket (kata-virtiofsd listens, QEMU connects).
+    pub const VIRTIOFS: &str = "/vm/virtiofsd.sock";
 }
 
 /// Everything that decides the command line.
@@ -39,6 +41,8 @@ pub struct QemuArgs {
     pub vhost_vsock_cid: Option<u32>,
     /// Host CPU kHz, for `tsc_early_khz` on microvm under TCG.
     pub tsc_khz: Option<u64>,
+    /// The virtio-fs tag, when a vhost-user-fs backend serves the pod.
+    pub virtiofs_tag: Option<String>,
 }
 
 /// The kernel command line the launcher always passes (before the user's).
@@ -133,6 +137,14 @@ pub fn command_line(a: &QemuArgs) -> Vec<String> {
             v.push("vhost-user-vsock-pci,id=vsock,chardev=vsockchr".into());
         }
     }
+    if let Some(tag) = &a.virtiofs_tag {
+        v.push("-chardev".into());
+        v.push(format!("socket,id=fschr,path={}", jailed::VIRTIOFS));
+        v.push("-device".into());
+        v.push(format!(
+            "vhost-user-fs-pci,id=fs0,chardev=fschr,tag={tag},queue-size=1024"
+        ));
+    }
     v
 }
 
@@ -150,6 +162,7 @@ mod tests {
             kernel_params: " agent.log=debug ".into(),
             vhost_vsock_cid: None,
             tsc_khz: Some(2_000_000),
+            virtiofs_tag: None,
         }
     }
 

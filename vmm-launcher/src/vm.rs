@@ -118,7 +118,7 @@ impl Vm {
                 "the VM was already created (one VM per launcher)".into(),
             ));
         }
-        let spec = validate(spec)?;
+        let spec = validate(spec, &self.paths)?;
         let accel = resolve_accel(spec.accelerator())?;
         let vm_dir = self.paths.vm_dir();
         let uid = if spec.jail_uid == 0 {
@@ -206,6 +206,12 @@ impl Vm {
             Some(b)
         };
 
+        if !spec.virtiofs_socket.is_empty() {
+            // the jailed hypervisor runs as `uid`: it must be able to connect
+            let fs = Path::new(&spec.virtiofs_socket);
+            nix::unistd::chown(fs, Some(uid.into()), Some(uid.into()))
+                .map_err(|e| LauncherError::Io(format!("chown {}", fs.display()), e.into()))?;
+        }
         let jail = Jail::prepare(&JailSpec {
             root: self.paths.jail_root(),
             vm_dir: vm_dir.into(),
@@ -225,6 +231,7 @@ impl Vm {
             kernel_params: spec.kernel_params.clone(),
             vhost_vsock_cid: vhost_vsock.then_some(paths::HYBRID_GUEST_CID),
             tsc_khz: host_tsc_khz(),
+            virtiofs_tag: (!spec.virtiofs_socket.is_empty()).then(|| spec.virtiofs_tag.clone()),
         });
         let console = if spec.console_log_path.is_empty() {
             self.paths.console_log()
@@ -548,7 +555,7 @@ fn is_launcher(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-fn validate(mut spec: VmSpec) -> Result<VmSpec, LauncherError> {
+fn validate(mut spec: VmSpec, paths: &SandboxPaths) -> Result<VmSpec, LauncherError> {
     let bad = |m: String| Err(LauncherError::InvalidSpec(m));
     if spec.vcpus == 0 {
         spec.vcpus = 1;
@@ -596,6 +603,38 @@ fn validate(mut spec: VmSpec) -> Result<VmSpec, LauncherError> {
     }
     if !spec.cgroup_path.is_empty() {
         cgroup::validate(&spec.cgroup_path)?;
+    }
+    if !spec.virtiofs_socket.is_empty() {
+        use std::os::unix::fs::FileTypeExt;
+        let want = paths.virtiofsd_socket();
+        if Path::new(&spec.virtiofs_socket) != want {
+            return bad(format!(
+                "virtiofs_socket = {:?}: kata-virtiofsd must listen on {} (the one place the jailed hypervisor reaches)",
+                spec.virtiofs_socket,
+                want.display()
+            ));
+        }
+        if !std::fs::metadata(&want).is_ok_and(|m| m.file_type().is_socket()) {
+            return bad(format!(
+                "virtiofs_socket = {:?}: nothing listens there; start kata-virtiofsd --socket-path {} first",
+                spec.virtiofs_socket,
+                want.display()
+            ));
+        }
+        if spec.virtiofs_tag.is_empty() {
+            spec.virtiofs_tag = "kataShared".into();
+        }
+        if spec.virtiofs_tag.len() > 36
+            || !spec
+                .virtiofs_tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad(format!(
+                "virtiofs_tag = {:?}: 1-36 characters from [A-Za-z0-9_-]",
+                spec.virtiofs_tag
+            ));
+        }
     }
     if !spec.netns_path.is_empty() && !Path::new(&spec.netns_path).exists() {
         return bad(format!("netns_path = {:?} does not exist", spec.netns_path));
@@ -774,7 +813,7 @@ mod tests {
             initrd_path: "/i".into(),
             ..Default::default()
         };
-        let v = validate(ok.clone()).unwrap();
+        let v = validate(ok.clone(), &SandboxPaths::in_dir("/nonexistent")).unwrap();
         assert_eq!(
             (v.vcpus, v.memory_mib, v.machine_type.as_str()),
             (1, 512, "q35")
@@ -822,8 +861,24 @@ mod tests {
                 },
                 "hypervisor_path",
             ),
+            (
+                VmSpec {
+                    virtiofs_socket: "/tmp/elsewhere.sock".into(),
+                    ..ok.clone()
+                },
+                "/nonexistent/vm/virtiofsd.sock",
+            ),
+            (
+                VmSpec {
+                    virtiofs_socket: "/nonexistent/vm/virtiofsd.sock".into(),
+                    ..ok.clone()
+                },
+                "nothing listens there",
+            ),
         ] {
-            let e = validate(spec).unwrap_err().to_string();
+            let e = validate(spec, &SandboxPaths::in_dir("/nonexistent"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(word), "{e}");
         }
     }
