@@ -63,12 +63,20 @@ pub struct TestVm {
     pub cgroup: String,
     /// Keeps the sandbox directory's parent alive.
     pub tmp: tempfile::TempDir,
+    /// kata-virtiofsd serving the shared directory, if asked for.
+    pub virtiofsd: Option<tokio::process::Child>,
 }
 
 impl TestVm {
     /// Boots the test image under TCG; `rdinit` picks the guest's init
     /// (`None`: the agent). Waits for the readiness announcement.
     pub async fn boot(id: &str, rdinit: Option<&str>) -> TestVm {
+        Self::boot_with(id, rdinit, None).await
+    }
+
+    /// Like [`TestVm::boot`], and with `shared` served to the guest by
+    /// kata-virtiofsd (tag `kataShared`).
+    pub async fn boot_with(id: &str, rdinit: Option<&str>, shared: Option<&Path>) -> TestVm {
         require_root();
         let guest = guest_dir();
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -83,7 +91,16 @@ impl TestVm {
         if let Some(init) = rdinit {
             params.push_str(&format!(" rdinit={init}"));
         }
+        let mut virtiofsd = None;
+        let mut virtiofs_socket = String::new();
+        if let Some(shared) = shared {
+            let sock = launcher.paths.virtiofsd_socket();
+            let (child, _) = spawn_virtiofsd(id, &sock, shared).await;
+            virtiofsd = Some(child);
+            virtiofs_socket = sock.display().to_string();
+        }
         let spec = VmSpec {
+            virtiofs_socket,
             vcpus: 1,
             memory_mib: 256,
             kernel_path: guest.join("vmlinuz").display().to_string(),
@@ -115,6 +132,7 @@ impl TestVm {
             id: id.into(),
             cgroup,
             tmp,
+            virtiofsd,
         }
     }
 
@@ -157,8 +175,51 @@ impl TestVm {
         self.launcher.client.shutdown(()).await.expect("Shutdown");
         let st = self.launcher.child.wait().await.expect("launcher exit");
         assert!(st.success(), "launcher exit: {st}");
+        if let Some(mut fs) = self.virtiofsd.take() {
+            // it ends by itself once QEMU disconnected
+            let st = tokio::time::timeout(Duration::from_secs(10), fs.wait())
+                .await
+                .expect("kata-virtiofsd exits when the VM is gone")
+                .expect("wait kata-virtiofsd");
+            assert!(st.success(), "kata-virtiofsd exit: {st}");
+        }
         assert_nothing_left(&dir, &self.cgroup, self.created.hypervisor_pid);
     }
+}
+
+/// Starts `kata-virtiofsd` serving `shared` on the vhost-user socket `sock`
+/// (the sandbox's `vm/virtiofsd.sock`) and waits for its `READY` line.
+/// Returns the process and its control socket.
+pub async fn spawn_virtiofsd(
+    id: &str,
+    sock: &Path,
+    shared: &Path,
+) -> (tokio::process::Child, PathBuf) {
+    use tokio::io::AsyncBufReadExt;
+    let dir = sock.parent().expect("socket directory");
+    std::fs::create_dir_all(dir).expect("create the vm directory");
+    let control = dir.join("virtiofsd-ctl.sock");
+    let mut child = tokio::process::Command::new(bin("kata-virtiofsd"))
+        .arg("--socket-path")
+        .arg(sock)
+        .arg("--shared-dir")
+        .arg(shared)
+        .arg("--sandbox-id")
+        .arg(id)
+        .arg("--control-socket")
+        .arg(&control)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kata-virtiofsd starts");
+    let out = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
+        Ok(Ok(Some(l))) if l.trim() == "READY" => {}
+        other => panic!("kata-virtiofsd did not say READY within 10 s: {other:?}"),
+    }
+    (child, control)
 }
 
 /// Whether `pid` is alive (and not a zombie).
