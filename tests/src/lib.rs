@@ -77,6 +77,17 @@ impl TestVm {
     /// Like [`TestVm::boot`], and with `shared` served to the guest by
     /// kata-virtiofsd (tag `kataShared`).
     pub async fn boot_with(id: &str, rdinit: Option<&str>, shared: Option<&Path>) -> TestVm {
+        let fs = shared.map(|d| FsDaemon {
+            binary: bin("kata-virtiofsd"),
+            upstream: false,
+            shared: d.to_path_buf(),
+            cache: "auto".into(),
+        });
+        Self::boot_with_fs(id, rdinit, fs).await
+    }
+
+    /// Like [`TestVm::boot`], with a virtio-fs daemon (ours or upstream's).
+    pub async fn boot_with_fs(id: &str, rdinit: Option<&str>, fs: Option<FsDaemon>) -> TestVm {
         require_root();
         let guest = guest_dir();
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -93,10 +104,9 @@ impl TestVm {
         }
         let mut virtiofsd = None;
         let mut virtiofs_socket = String::new();
-        if let Some(shared) = shared {
+        if let Some(fs) = fs {
             let sock = launcher.paths.virtiofsd_socket();
-            let (child, _) = spawn_virtiofsd(id, &sock, shared).await;
-            virtiofsd = Some(child);
+            virtiofsd = Some(fs.spawn(id, &sock).await);
             virtiofs_socket = sock.display().to_string();
         }
         let spec = VmSpec {
@@ -187,39 +197,71 @@ impl TestVm {
     }
 }
 
-/// Starts `kata-virtiofsd` serving `shared` on the vhost-user socket `sock`
-/// (the sandbox's `vm/virtiofsd.sock`) and waits for its `READY` line.
-/// Returns the process and its control socket.
-pub async fn spawn_virtiofsd(
-    id: &str,
-    sock: &Path,
-    shared: &Path,
-) -> (tokio::process::Child, PathBuf) {
-    use tokio::io::AsyncBufReadExt;
-    let dir = sock.parent().expect("socket directory");
-    std::fs::create_dir_all(dir).expect("create the vm directory");
-    let control = dir.join("virtiofsd-ctl.sock");
-    let mut child = tokio::process::Command::new(bin("kata-virtiofsd"))
-        .arg("--socket-path")
-        .arg(sock)
-        .arg("--shared-dir")
-        .arg(shared)
-        .arg("--sandbox-id")
-        .arg(id)
-        .arg("--control-socket")
-        .arg(&control)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kata-virtiofsd starts");
-    let out = child.stdout.take().expect("stdout");
-    let mut lines = tokio::io::BufReader::new(out).lines();
-    match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
-        Ok(Ok(Some(l))) if l.trim() == "READY" => {}
-        other => panic!("kata-virtiofsd did not say READY within 10 s: {other:?}"),
+/// A virtio-fs daemon for a test VM: kata-virtiofsd, or upstream virtiofsd
+/// (for the benchmarks' comparison).
+#[derive(Debug, Clone)]
+pub struct FsDaemon {
+    /// The binary.
+    pub binary: PathBuf,
+    /// Upstream virtiofsd's command line instead of ours.
+    pub upstream: bool,
+    /// The directory to serve.
+    pub shared: PathBuf,
+    /// `--cache` (none, auto, always).
+    pub cache: String,
+}
+
+impl FsDaemon {
+    /// Starts the daemon on the vhost-user socket `sock` (the sandbox's
+    /// `vm/virtiofsd.sock`) and waits until it listens.
+    pub async fn spawn(&self, id: &str, sock: &Path) -> tokio::process::Child {
+        use tokio::io::AsyncBufReadExt;
+        let dir = sock.parent().expect("socket directory");
+        std::fs::create_dir_all(dir).expect("create the vm directory");
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        if self.upstream {
+            cmd.arg(format!("--socket-path={}", sock.display()))
+                .arg(format!("--shared-dir={}", self.shared.display()))
+                .arg(format!("--cache={}", self.cache))
+                .arg("--sandbox=namespace");
+        } else {
+            cmd.arg("--socket-path")
+                .arg(sock)
+                .arg("--shared-dir")
+                .arg(&self.shared)
+                .arg("--cache")
+                .arg(&self.cache)
+                .arg("--sandbox-id")
+                .arg(id)
+                .arg("--control-socket")
+                .arg(dir.join("virtiofsd-ctl.sock"));
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} starts: {e}", self.binary.display()));
+        if self.upstream {
+            // upstream says nothing: wait for its socket
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !sock.exists() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "virtiofsd did not listen within 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        } else {
+            let out = child.stdout.take().expect("stdout");
+            let mut lines = tokio::io::BufReader::new(out).lines();
+            match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
+                Ok(Ok(Some(l))) if l.trim() == "READY" => {}
+                other => panic!("kata-virtiofsd did not say READY within 10 s: {other:?}"),
+            }
+        }
+        child
     }
-    (child, control)
 }
 
 /// Whether `pid` is alive (and not a zombie).

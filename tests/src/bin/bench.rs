@@ -18,9 +18,12 @@ use kata_tests::TestVm;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "bench/virtiofs.rs"]
+mod virtiofs;
+
 const BOOTS: usize = 5;
 
-fn pss_kib(pid: u32) -> u64 {
+pub(crate) fn pss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .unwrap_or_default()
         .lines()
@@ -149,6 +152,25 @@ async fn main() {
         "| VM stdout throughput vs the raw vsock bulk echo above | {:.2}x |",
         guest.mib_s / (64.0 / bulk)
     );
+
+    let mut runs = vec![virtiofs::vm_run("kata-virtiofsd (VM)", "bench-vfs", None).await];
+    match std::env::var_os("KATA_UPSTREAM_VIRTIOFSD") {
+        Some(up) => runs.push(
+            virtiofs::vm_run(
+                "upstream virtiofsd (VM)",
+                "bench-vfs-up",
+                Some(std::path::Path::new(&up)),
+            )
+            .await,
+        ),
+        None => eprintln!(
+            "KATA_UPSTREAM_VIRTIOFSD is not set: no upstream comparison (make bench sets it)"
+        ),
+    }
+    let (fuse, kernel) = virtiofs::host_runs().await;
+    runs.push(fuse);
+    runs.push(kernel);
+    virtiofs::print(&runs);
 }
 
 /// Container start: CreateContainer + stdio attach + StartContainer until the

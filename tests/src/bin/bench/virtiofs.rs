@@ -1,0 +1,237 @@
+//! virtio-fs figures: kata-virtiofsd against upstream virtiofsd with the same
+//! QEMU, guest kernel and workload (kata-fsbench in a container whose rootfs
+//! and /data are on the share), and the host FUSE mount against the kernel's
+//! own view of the directory (the floor).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kata_proto::agent::{CreateSandboxRequest, Storage};
+use kata_tests::agent as ka;
+use kata_tests::{FsDaemon, TestVm};
+use serde_json::{json, Value};
+
+/// What one run measured.
+pub struct Run {
+    pub label: String,
+    pub figures: Value,
+    /// daemon PSS in KiB: idle, peak under the workload
+    pub pss: Option<(u64, u64)>,
+}
+
+fn pss_kib(pid: u32) -> u64 {
+    super::pss_kib(pid)
+}
+
+/// Sizes: the (256 MiB, 10,000 files) unless the environment asks
+/// for less (`KATA_BENCH_FS_MIB`, `KATA_BENCH_FS_FILES`).
+pub fn sizes() -> (usize, usize) {
+    let get = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    (
+        get("KATA_BENCH_FS_MIB", 256),
+        get("KATA_BENCH_FS_FILES", 10_000),
+    )
+}
+
+/// A share with a busybox rootfs, kata-fsbench in it, and a data directory.
+fn prepare_share(root: &Path) -> (PathBuf, PathBuf) {
+    let shared = root.join("shared");
+    std::fs::create_dir_all(shared.join("data")).unwrap();
+    let rootfs = ka::busybox_rootfs(&shared);
+    std::fs::copy(
+        kata_tests::bin("kata-fsbench"),
+        rootfs.join("bin/kata-fsbench"),
+    )
+    .unwrap();
+    (shared, rootfs)
+}
+
+/// One VM run with `daemon` serving the share.
+pub async fn vm_run(label: &str, id: &str, upstream: Option<&Path>) -> Run {
+    let (mib, files) = sizes();
+    let tmp = tempfile::tempdir().unwrap();
+    let (shared, rootfs) = prepare_share(tmp.path());
+    let daemon = FsDaemon {
+        binary: upstream
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| kata_tests::bin("kata-virtiofsd")),
+        upstream: upstream.is_some(),
+        shared: shared.clone(),
+        cache: "auto".into(),
+    };
+    let vm = TestVm::boot_with_fs(id, None, Some(daemon)).await;
+    let pid = vm.virtiofsd.as_ref().and_then(|c| c.id()).unwrap_or(0);
+    let idle = pss_kib(pid);
+    let addr = vm.addr(kata_proto::paths::ports::AGENT);
+    let mut c = ka::connect(&addr).await;
+    let mnt = "/run/kata-agent/shared/vfs";
+    c.create_sandbox(CreateSandboxRequest {
+        sandbox_id: id.into(),
+        storages: vec![Storage {
+            driver: "virtio-fs".into(),
+            source: "kataShared".into(),
+            fstype: "virtiofs".into(),
+            mount_point: mnt.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await
+    .expect("mount the share");
+    let guest_rootfs = Path::new(mnt).join(rootfs.strip_prefix(&shared).unwrap());
+    let mut s = ka::spec(&guest_rootfs, &[]);
+    s["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/data", "type": "bind", "source": format!("{mnt}/data"), "options": ["rbind", "rw"]
+    }));
+    // drop_caches between phases: a writable /proc/sys and CAP_SYS_ADMIN
+    s["linux"]["readonlyPaths"] = json!([]);
+    for set in ["bounding", "effective", "permitted"] {
+        s["process"]["capabilities"][set]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("CAP_SYS_ADMIN"));
+    }
+    s["process"]["args"] = json!(["kata-fsbench", "/data", mib.to_string(), files.to_string()]);
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(idle));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                let p = pss_kib(pid);
+                peak.fetch_max(p, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let o = ka::run(&mut c, &addr, "fsbench", &s, None)
+        .await
+        .expect("kata-fsbench in the guest");
+    sampler.abort();
+    assert_eq!(o.status, 0, "{label}: kata-fsbench failed: {o:?}");
+    let figures: Value = serde_json::from_str(o.stdout.trim())
+        .unwrap_or_else(|e| panic!("{label}: kata-fsbench output {:?}: {e}", o.stdout));
+    vm.destroy_through_agent(&mut c).await;
+    Run {
+        label: label.into(),
+        figures,
+        pss: Some((idle, peak.load(std::sync::atomic::Ordering::Relaxed))),
+    }
+}
+
+fn fsbench_on(dir: &Path) -> Value {
+    let (mib, files) = sizes();
+    let out = std::process::Command::new(kata_tests::bin("kata-fsbench"))
+        .arg(dir)
+        .arg(mib.to_string())
+        .arg(files.to_string())
+        .output()
+        .expect("kata-fsbench");
+    assert!(
+        out.status.success(),
+        "kata-fsbench on {}: {out:?}",
+        dir.display()
+    );
+    serde_json::from_slice(&out.stdout).expect("kata-fsbench JSON")
+}
+
+/// The host FUSE mount of kata-virtiofsd against the directory itself.
+pub async fn host_runs() -> (Run, Run) {
+    use tokio::io::AsyncBufReadExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dir");
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let kernel = fsbench_on(&dir);
+    let mut child = tokio::process::Command::new(kata_tests::bin("kata-virtiofsd"))
+        .arg("--fuse-mount")
+        .arg(&mnt)
+        .arg("--shared-dir")
+        .arg(&dir)
+        .arg("--cache")
+        .arg("auto")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kata-virtiofsd --fuse-mount");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
+        Ok(Ok(Some(l))) if l.trim() == "READY" => {}
+        other => panic!("kata-virtiofsd --fuse-mount not ready: {other:?}"),
+    }
+    let pid = child.id().unwrap_or(0);
+    let idle = pss_kib(pid);
+    let mnt2 = mnt.clone();
+    let fuse = tokio::task::spawn_blocking(move || fsbench_on(&mnt2));
+    let mut peak = idle;
+    while !fuse.is_finished() {
+        peak = peak.max(pss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fuse = fuse.await.unwrap();
+    // SAFETY: kill takes integers only; the pid is our child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let _ = nix::mount::umount2(&mnt, nix::mount::MntFlags::MNT_DETACH);
+    (
+        Run {
+            label: "host FUSE mount (kata-virtiofsd --fuse-mount)".into(),
+            figures: fuse,
+            pss: Some((idle, peak)),
+        },
+        Run {
+            label: "host directory (kernel, the floor)".into(),
+            figures: kernel,
+            pss: None,
+        },
+    )
+}
+
+/// Prints the table; ratios are kata-rs / upstream.
+pub fn print(runs: &[Run]) {
+    let (mib, files) = sizes();
+    println!("\n## virtio-fs (kata-bench)\n");
+    println!(
+        "Same QEMU, kernel and guest (TCG, 1 vCPU / 256 MiB), cache=auto; workload: kata-fsbench ({mib} MiB sequential write/read, 4096 random 4 KiB reads, create+stat+unlink and readdir of {files} files) in a container whose rootfs and /data are on the share.\n"
+    );
+    println!("| daemon | seq write MiB/s | seq read MiB/s | random 4 KiB reads/s | create+stat+unlink ops/s | readdir entries/s | daemon PSS idle / peak |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in runs {
+        let f = &r.figures;
+        let pss = r
+            .pss
+            .map(|(i, p)| format!("{i} KiB / {p} KiB"))
+            .unwrap_or_else(|| "—".into());
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {pss} |",
+            r.label,
+            f["write_mib_s"],
+            f["read_mib_s"],
+            f["random_4k_iops"],
+            f["meta_ops_s"],
+            f["readdir_entries_s"]
+        );
+    }
+    if let (Some(ours), Some(up)) = (
+        runs.iter()
+            .find(|r| r.label.starts_with("kata-virtiofsd (VM)")),
+        runs.iter().find(|r| r.label.starts_with("upstream")),
+    ) {
+        let ratio = |k: &str| {
+            ours.figures[k].as_f64().unwrap_or(0.0) / up.figures[k].as_f64().unwrap_or(f64::NAN)
+        };
+        println!(
+            "| kata-virtiofsd / upstream | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x | |",
+            ratio("write_mib_s"),
+            ratio("read_mib_s"),
+            ratio("random_4k_iops"),
+            ratio("meta_ops_s"),
+            ratio("readdir_entries_s")
+        );
+    }
+}
