@@ -1,0 +1,920 @@
+//! The filesystem the daemon serves: fuse-backend-rs's passthrough filesystem
+//! behind a guard that enforces kata-virtiofsd's policy.
+//!
+//! The passthrough keeps an `O_PATH` file descriptor per inode and does every
+//! operation relative to those descriptors with `*at()` calls and `O_NOFOLLOW`;
+//! names with a `/`, and `.`/`..` outside LOOKUP, are refused, and `..` looked up
+//! in the root is the root. The inode numbers the guest sees index a table of
+//! those descriptors: a number the guest makes up is `EBADF`/`ENOENT`, never a
+//! host file. File handles (`open_by_handle_at`) are not used
+//! (`inode_file_handles = false`), so there is nothing the guest could forge.
+//!
+//! The guard adds, on top:
+//! * `--readonly`: every request that would change the tree or a file is
+//!   refused with `EROFS` (opens for writing or truncation included);
+//! * no setuid, and no setgid on non-directories, from the guest: the bits are
+//!   cleared from the mode of CREATE, MKNOD, MKDIR and SETATTR unless
+//!   `allow_setid` is set;
+//! * no device nodes from the guest: MKNOD of a character or block device is
+//!   `EPERM` unless `allow_devices` is set, except the 0:0 character device
+//!   overlayfs uses as a whiteout (it reaches no driver);
+//! * extended attributes (`--xattr`) only in the `user.` namespace: `security.`,
+//!   `trusted.` and `system.` (POSIX ACLs, ...) names are refused (`EPERM` to
+//!   set or remove, `ENODATA` to read) and left out of listings, so the guest can
+//!   neither plant file capabilities or SELinux labels on host files nor read
+//!   the host's;
+//! * the submount flag on entries that sit on another filesystem than their
+//!   parent (`--announce-submounts`);
+//! * the error marks and byte counts of [`crate::metrics`].
+
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid, ATTR_SUBMOUNT,
+};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileLock, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
+    ZeroCopyWriter,
+};
+use fuse_backend_rs::passthrough::{Config, PassthroughFs};
+
+use crate::metrics::{self, Metrics};
+
+/// What the guest may do beyond plain file access.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy {
+    /// Refuse every change (`EROFS`).
+    pub readonly: bool,
+    /// Serve extended attributes (the `user.` namespace only).
+    pub xattr: bool,
+    /// Keep setuid/setgid bits the guest asks for.
+    pub allow_setid: bool,
+    /// Let the guest create character and block devices.
+    pub allow_devices: bool,
+    /// Flag entries on another filesystem than their parent as submounts.
+    pub announce_submounts: bool,
+}
+
+/// Inode numbers the passthrough uses.
+pub type Inode = u64;
+/// File handle numbers the passthrough uses.
+pub type Handle = u64;
+
+/// The largest extended attribute value or list Linux handles (XATTR_SIZE_MAX).
+const XATTR_SIZE_MAX: usize = 65536;
+
+/// The passthrough filesystem with kata-virtiofsd's policy.
+pub struct GuardedFs {
+    inner: PassthroughFs<()>,
+    policy: Policy,
+    metrics: Arc<Metrics>,
+    /// `/proc/self/fd` (opened with the passthrough's, before any pivot).
+    proc_fd: File,
+    /// Where the root directory is, as `/proc/self/fd` links show paths.
+    root_dir: PathBuf,
+    /// The root directory, opened at INIT (after the sandbox is set up).
+    root: OnceLock<File>,
+}
+
+fn err(errno: i32) -> io::Error {
+    io::Error::from_raw_os_error(errno)
+}
+
+fn erofs<T>() -> io::Result<T> {
+    Err(err(libc::EROFS))
+}
+
+/// Whether an xattr name is in a namespace the guest may use.
+pub fn xattr_name_allowed(name: &[u8]) -> bool {
+    name.starts_with(b"user.") && name.len() > b"user.".len()
+}
+
+/// Keeps only the allowed names of a NUL-separated xattr name list.
+pub fn filter_xattr_list(list: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(list.len());
+    for name in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        if xattr_name_allowed(name) {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+    }
+    out
+}
+
+/// The mode the guest asked for, without the setuid bit and (but on
+/// directories) the setgid bit.
+pub fn strip_setid(mode: u32, is_dir: bool) -> u32 {
+    let mut m = mode & !libc::S_ISUID;
+    if !is_dir {
+        m &= !libc::S_ISGID;
+    }
+    m
+}
+
+/// Whether MKNOD of `mode`/`rdev` creates a device the policy refuses.
+pub fn mknod_refused(mode: u32, rdev: u32, allow_devices: bool) -> bool {
+    let kind = mode & libc::S_IFMT;
+    let device = kind == libc::S_IFCHR || kind == libc::S_IFBLK;
+    // 0:0 character device: overlayfs's whiteout, no driver behind it
+    let whiteout = kind == libc::S_IFCHR && rdev == 0;
+    device && !whiteout && !allow_devices
+}
+
+/// Whether OPEN `flags` would change the file.
+fn open_writes(flags: u32) -> bool {
+    let f = flags as i32;
+    f & libc::O_ACCMODE != libc::O_RDONLY || f & libc::O_TRUNC != 0
+}
+
+/// An fd to do xattr calls on.
+enum XattrTarget {
+    /// A regular file or directory, opened for reading.
+    Open(File),
+    /// A symlink, device, FIFO or socket: only namespaces we refuse apply.
+    Special,
+}
+
+impl GuardedFs {
+    /// Creates the filesystem. Opens `/proc/self/fd` (the passthrough does the
+    /// same): call it before the sandbox hides `/proc`. `cfg.root_dir` is opened
+    /// at INIT.
+    pub fn new(cfg: Config, policy: Policy, metrics: Arc<Metrics>) -> io::Result<GuardedFs> {
+        let root_dir = PathBuf::from(&cfg.root_dir);
+        let inner = PassthroughFs::<()>::new(Config {
+            // xattrs are served by the guard (the passthrough's xattr calls use
+            // absolute /proc/self/fd paths, which do not exist in the sandbox)
+            xattr: false,
+            ..cfg
+        })?;
+        let proc_fd = File::open("/proc/self/fd")?;
+        Ok(GuardedFs {
+            inner,
+            policy,
+            metrics,
+            proc_fd,
+            root_dir,
+            root: OnceLock::new(),
+        })
+    }
+
+    fn track<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if r.is_err() {
+            metrics::mark_error();
+        }
+        r
+    }
+
+    fn refuse<T>(&self, errno: i32) -> io::Result<T> {
+        self.track(Err(err(errno)))
+    }
+
+    fn st_dev(&self, ctx: &Context, inode: Inode) -> Option<u64> {
+        self.inner
+            .getattr(ctx, inode, None)
+            .ok()
+            .map(|(st, _)| st.st_dev)
+    }
+
+    fn flag_submount(&self, parent_dev: Option<u64>, entry: &mut Entry) {
+        if let Some(dev) = parent_dev {
+            if entry.inode != 0 && entry.attr.st_dev != dev {
+                entry.attr_flags |= ATTR_SUBMOUNT;
+            }
+        }
+    }
+
+    /// Opens the file behind `inode` for an xattr call. The passthrough holds an
+    /// `O_PATH` descriptor, on which xattr calls fail; its `/proc/self/fd` link
+    /// gives the path, which is resolved again inside the root (no symlinks, no
+    /// escape: `RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS`) and accepted only if it
+    /// is the same inode (device and inode number). A file renamed meanwhile
+    /// or deleted gives `ENOENT`.
+    fn xattr_target(&self, ctx: &Context, inode: Inode) -> io::Result<XattrTarget> {
+        let root = self.root.get().ok_or_else(|| err(libc::EIO))?;
+        let (want, _) = self.inner.getattr(ctx, inode, None)?;
+        let kind = want.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFREG && kind != libc::S_IFDIR {
+            return Ok(XattrTarget::Special);
+        }
+        let path = self.inner.readlinkat_proc_file(inode)?;
+        let rel = path
+            .strip_prefix(&self.root_dir)
+            .map_err(|_| err(libc::ENOENT))?;
+        let rel = if rel.as_os_str().is_empty() {
+            CString::new(".").expect("no NUL")
+        } else {
+            CString::new(rel.as_os_str().as_bytes()).map_err(|_| err(libc::ENOENT))?
+        };
+        let path_fd = openat2_beneath(root, &rel)?;
+        let mut st = std::mem::MaybeUninit::<libc::stat64>::zeroed();
+        // SAFETY: fstat64 writes into `st`, which is large enough; the fd is ours.
+        let rc = unsafe { libc::fstat64(path_fd.as_raw_fd(), st.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstat64 succeeded and filled `st`.
+        let st = unsafe { st.assume_init() };
+        if st.st_dev != want.st_dev || st.st_ino != want.st_ino {
+            return Err(err(libc::ENOENT));
+        }
+        // reopen for reading through /proc/self/fd: no path walk, same inode
+        let name = CString::new(path_fd.as_raw_fd().to_string()).expect("no NUL");
+        let mut flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY;
+        if kind == libc::S_IFDIR {
+            flags |= libc::O_DIRECTORY;
+        }
+        // SAFETY: openat with a valid dirfd and NUL-terminated name; the result
+        // is checked and owned below.
+        let fd = unsafe { libc::openat(self.proc_fd.as_raw_fd(), name.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by openat and nothing else owns it.
+        Ok(XattrTarget::Open(unsafe { File::from_raw_fd(fd) }))
+    }
+
+    fn do_getxattr(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        if !self.policy.xattr {
+            return Err(err(libc::ENOSYS));
+        }
+        if !xattr_name_allowed(name.to_bytes()) {
+            return Err(err(libc::ENODATA));
+        }
+        let XattrTarget::Open(f) = self.xattr_target(ctx, inode)? else {
+            return Err(err(libc::ENODATA));
+        };
+        let cap = (size as usize).min(XATTR_SIZE_MAX);
+        let mut buf = vec![0u8; cap];
+        // SAFETY: the kernel writes at most `cap` bytes into `buf`.
+        let n =
+            unsafe { libc::fgetxattr(f.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), cap) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if size == 0 {
+            Ok(GetxattrReply::Count(n as u32))
+        } else {
+            buf.truncate(n as usize);
+            Ok(GetxattrReply::Value(buf))
+        }
+    }
+
+    fn do_listxattr(&self, ctx: &Context, inode: Inode, size: u32) -> io::Result<ListxattrReply> {
+        if !self.policy.xattr {
+            return Err(err(libc::ENOSYS));
+        }
+        let names = match self.xattr_target(ctx, inode)? {
+            XattrTarget::Special => Vec::new(),
+            XattrTarget::Open(f) => {
+                let mut buf = vec![0u8; XATTR_SIZE_MAX];
+                // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+                let n =
+                    unsafe { libc::flistxattr(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                filter_xattr_list(&buf[..n as usize])
+            }
+        };
+        if size == 0 {
+            Ok(ListxattrReply::Count(names.len() as u32))
+        } else if names.len() > size as usize {
+            Err(err(libc::ERANGE))
+        } else {
+            Ok(ListxattrReply::Names(names))
+        }
+    }
+
+    fn do_setxattr(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        if !self.policy.xattr {
+            return Err(err(libc::ENOSYS));
+        }
+        if self.policy.readonly {
+            return erofs();
+        }
+        if !xattr_name_allowed(name.to_bytes()) {
+            return Err(err(libc::EPERM));
+        }
+        let XattrTarget::Open(f) = self.xattr_target(ctx, inode)? else {
+            return Err(err(libc::EPERM));
+        };
+        // SAFETY: name is NUL-terminated, value is a valid slice.
+        let rc = unsafe {
+            libc::fsetxattr(
+                f.as_raw_fd(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags as i32,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn do_removexattr(&self, ctx: &Context, inode: Inode, name: &CStr) -> io::Result<()> {
+        if !self.policy.xattr {
+            return Err(err(libc::ENOSYS));
+        }
+        if self.policy.readonly {
+            return erofs();
+        }
+        if !xattr_name_allowed(name.to_bytes()) {
+            return Err(err(libc::EPERM));
+        }
+        let XattrTarget::Open(f) = self.xattr_target(ctx, inode)? else {
+            return Err(err(libc::ENODATA));
+        };
+        // SAFETY: name is NUL-terminated.
+        let rc = unsafe { libc::fremovexattr(f.as_raw_fd(), name.as_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// `struct open_how` of openat2(2).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// `openat2(dir, path, O_PATH | O_NOFOLLOW)` resolved inside `dir` without
+/// following any symlink.
+fn openat2_beneath(dir: &File, path: &CStr) -> io::Result<File> {
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2 with a valid dirfd, a NUL-terminated path and an open_how
+    // of the size passed; the result is checked and owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd as i32) })
+}
+
+impl FileSystem for GuardedFs {
+    type Inode = Inode;
+    type Handle = Handle;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let mut opts = self.track(self.inner.init(capable))?;
+        if self.root.get().is_none() {
+            let root = File::open(&self.root_dir);
+            let root = self.track(root)?;
+            let _ = self.root.set(root);
+        }
+        if self.policy.announce_submounts {
+            opts |= FsOptions::SUBMOUNTS;
+        }
+        Ok(opts)
+    }
+
+    fn destroy(&self) {
+        self.inner.destroy()
+    }
+
+    fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
+        let mut e = self.track(self.inner.lookup(ctx, parent, name))?;
+        if self.policy.announce_submounts {
+            self.flag_submount(self.st_dev(ctx, parent), &mut e);
+        }
+        Ok(e)
+    }
+
+    fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
+        self.inner.forget(ctx, inode, count)
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(Inode, u64)>) {
+        self.inner.batch_forget(ctx, requests)
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Option<Handle>,
+    ) -> io::Result<(stat64, Duration)> {
+        self.track(self.inner.getattr(ctx, inode, handle))
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        mut attr: stat64,
+        handle: Option<Handle>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        if self.policy.readonly {
+            return self.refuse(libc::EROFS);
+        }
+        if valid.contains(SetattrValid::MODE) && !self.policy.allow_setid {
+            let is_dir = match attr.st_mode & libc::S_IFMT {
+                0 => {
+                    let cur = self.track(self.inner.getattr(ctx, inode, handle))?;
+                    cur.0.st_mode & libc::S_IFMT == libc::S_IFDIR
+                }
+                kind => kind == libc::S_IFDIR,
+            };
+            attr.st_mode = strip_setid(attr.st_mode, is_dir);
+        }
+        self.track(self.inner.setattr(ctx, inode, attr, handle, valid))
+    }
+
+    fn readlink(&self, ctx: &Context, inode: Inode) -> io::Result<Vec<u8>> {
+        self.track(self.inner.readlink(ctx, inode))
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: Inode,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        if self.policy.readonly {
+            return self.refuse(libc::EROFS);
+        }
+        self.track(self.inner.symlink(ctx, linkname, parent, name))
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: Inode,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        if self.policy.readonly {
+            return self.refuse(libc::EROFS);
+        }
+        if mknod_refused(mode, rdev, self.policy.allow_devices) {
+            return self.refuse(libc::EPERM);
+        }
+        let mode = if self.policy.allow_setid {
+            mode
+        } else {
+            strip_setid(mode, false)
+        };
+        self.track(self.inner.mknod(ctx, parent, name, mode, rdev, umask))
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: Inode,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        if self.policy.readonly {
+            return self.refuse(libc::EROFS);
+        }
+        let mode = if self.policy.allow_setid {
+            mode
+        } else {
+            strip_setid(mode, true)
+        };
+        self.track(self.inner.mkdir(ctx, parent, name, mode, umask))
+    }
+
+    fn unlink(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
+        if self.policy.readonly {
+            return self.refuse(libc::EROFS);
+        }
+        self.track(self.inner.unlink(ctx, parent, name))
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
+        if self.policy.readonly {
+            return self.refuse(libc::EROFS);
+        }
+        self.track(self.inner.rmdir(ctx, parent, name))
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: Inode,
+        oldname: &CStr,
+        newdir: Inode,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        if self.policy.readonly {
+            return self.refuse(libc::EROFS);
+        }
+        self.track(
+            self.inner
+                .rename(ctx, olddir, oldname, newdir, newname, flags),
+        )
+    }
+
+    fn link(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        newparent: Inode,
+        newname: &CStr,
+    ) -> io::Result<Entry> {
+        if self.policy.readonly {
+            return self.refuse(libc::EROFS);
+        }
+        self.track(self.inner.link(ctx, inode, newparent, newname))
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<Handle>, OpenOptions, Option<u32>)> {
+        if self.policy.readonly && open_writes(flags) {
+            return self.refuse(libc::EROFS);
+        }
+        self.track(self.inner.open(ctx, inode, flags, fuse_flags))
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: Inode,
+        name: &CStr,
+        mut args: CreateIn,
+    ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
+        if self.policy.readonly {
+            return self.refuse(libc::EROFS);
+        }
+        if !self.policy.allow_setid {
+            args.mode = strip_setid(args.mode, false);
+        }
+        self.track(self.inner.create(ctx, parent, name, args))
+    }
+
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        let n = self.track(
+            self.inner
+                .read(ctx, inode, handle, w, size, offset, lock_owner, flags),
+        )?;
+        self.metrics.add_read(n);
+        Ok(n)
+    }
+
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        if self.policy.readonly {
+            return self.refuse(libc::EROFS);
+        }
+        let n = self.track(self.inner.write(
+            ctx,
+            inode,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        ))?;
+        self.metrics.add_written(n);
+        Ok(n)
+    }
+
+    fn flush(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        lock_owner: u64,
+    ) -> io::Result<()> {
+        self.track(self.inner.flush(ctx, inode, handle, lock_owner))
+    }
+
+    fn fsync(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
+        self.track(self.inner.fsync(ctx, inode, datasync, handle))
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        if self.policy.readonly {
+            return self.refuse(libc::EROFS);
+        }
+        self.track(
+            self.inner
+                .fallocate(ctx, inode, handle, mode, offset, length),
+        )
+    }
+
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        flags: u32,
+        handle: Handle,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.track(
+            self.inner
+                .release(ctx, inode, flags, handle, flush, flock_release, lock_owner),
+        )
+    }
+
+    fn statfs(&self, ctx: &Context, inode: Inode) -> io::Result<statvfs64> {
+        let mut st = self.track(self.inner.statfs(ctx, inode))?;
+        if self.policy.readonly {
+            st.f_flag |= libc::ST_RDONLY;
+        }
+        Ok(st)
+    }
+
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        let r = self.do_setxattr(ctx, inode, name, value, flags);
+        self.track(r)
+    }
+
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        let r = self.do_getxattr(ctx, inode, name, size);
+        self.track(r)
+    }
+
+    fn listxattr(&self, ctx: &Context, inode: Inode, size: u32) -> io::Result<ListxattrReply> {
+        let r = self.do_listxattr(ctx, inode, size);
+        self.track(r)
+    }
+
+    fn removexattr(&self, ctx: &Context, inode: Inode, name: &CStr) -> io::Result<()> {
+        let r = self.do_removexattr(ctx, inode, name);
+        self.track(r)
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        flags: u32,
+    ) -> io::Result<(Option<Handle>, OpenOptions)> {
+        self.track(self.inner.opendir(ctx, inode, flags))
+    }
+
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.track(
+            self.inner
+                .readdir(ctx, inode, handle, size, offset, add_entry),
+        )
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        if !self.policy.announce_submounts {
+            return self.track(
+                self.inner
+                    .readdirplus(ctx, inode, handle, size, offset, add_entry),
+            );
+        }
+        let dev = self.st_dev(ctx, inode);
+        let r = self
+            .inner
+            .readdirplus(ctx, inode, handle, size, offset, &mut |d, mut e| {
+                if d.name != b"." && d.name != b".." {
+                    self.flag_submount(dev, &mut e);
+                }
+                add_entry(d, e)
+            });
+        self.track(r)
+    }
+
+    fn fsyncdir(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        datasync: bool,
+        handle: Handle,
+    ) -> io::Result<()> {
+        self.track(self.inner.fsyncdir(ctx, inode, datasync, handle))
+    }
+
+    fn releasedir(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        flags: u32,
+        handle: Handle,
+    ) -> io::Result<()> {
+        self.track(self.inner.releasedir(ctx, inode, flags, handle))
+    }
+
+    fn access(&self, ctx: &Context, inode: Inode, mask: u32) -> io::Result<()> {
+        if self.policy.readonly && mask as i32 & libc::W_OK != 0 {
+            return self.refuse(libc::EROFS);
+        }
+        self.track(self.inner.access(ctx, inode, mask))
+    }
+
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.track(self.inner.lseek(ctx, inode, handle, offset, whence))
+    }
+
+    fn getlk(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<FileLock> {
+        self.track(self.inner.getlk(ctx, inode, handle, owner, lock, flags))
+    }
+
+    fn setlk(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.track(self.inner.setlk(ctx, inode, handle, owner, lock, flags))
+    }
+
+    fn setlkw(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.track(self.inner.setlkw(ctx, inode, handle, owner, lock, flags))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xattr_namespaces() {
+        assert!(xattr_name_allowed(b"user.foo"));
+        for n in [
+            &b"security.capability"[..],
+            b"security.selinux",
+            b"trusted.overlay.opaque",
+            b"system.posix_acl_access",
+            b"system.posix_acl_default",
+            b"user.",
+            b"user",
+            b"",
+            b"USER.x",
+        ] {
+            assert!(!xattr_name_allowed(n), "{}", String::from_utf8_lossy(n));
+        }
+        let list = b"user.a\0security.selinux\0trusted.x\0user.b\0system.posix_acl_access\0";
+        assert_eq!(filter_xattr_list(list), b"user.a\0user.b\0");
+        assert_eq!(filter_xattr_list(b""), b"");
+    }
+
+    #[test]
+    fn setid_bits() {
+        assert_eq!(strip_setid(0o104755, false), 0o100755);
+        assert_eq!(strip_setid(0o102755, false), 0o100755);
+        assert_eq!(strip_setid(0o106755, false), 0o100755);
+        // setgid directories keep their group inheritance
+        assert_eq!(strip_setid(0o042775, true), 0o042775);
+        assert_eq!(strip_setid(0o046775, true), 0o042775);
+        assert_eq!(strip_setid(0o1777, false), 0o1777);
+    }
+
+    #[test]
+    fn devices() {
+        let chr = libc::S_IFCHR | 0o600;
+        let blk = libc::S_IFBLK | 0o600;
+        let makedev = |ma: u32, mi: u32| (ma << 8) | mi;
+        assert!(mknod_refused(chr, makedev(1, 3), false));
+        assert!(mknod_refused(blk, makedev(8, 0), false));
+        assert!(mknod_refused(blk, 0, false));
+        assert!(!mknod_refused(chr, 0, false), "whiteout");
+        assert!(!mknod_refused(chr, makedev(1, 3), true));
+        assert!(!mknod_refused(libc::S_IFIFO | 0o600, 0, false));
+        assert!(!mknod_refused(libc::S_IFSOCK | 0o600, 0, false));
+        assert!(!mknod_refused(libc::S_IFREG | 0o600, 0, false));
+    }
+
+    #[test]
+    fn write_opens() {
+        assert!(!open_writes(libc::O_RDONLY as u32));
+        assert!(open_writes(libc::O_WRONLY as u32));
+        assert!(open_writes(libc::O_RDWR as u32));
+        assert!(open_writes((libc::O_RDONLY | libc::O_TRUNC) as u32));
+    }
+}
