@@ -184,7 +184,7 @@ fn run(cli: Cli) -> Result<i32> {
         None => None,
     };
     let fuse = match &cli.fuse_mount {
-        Some(m) => Some(fuse_mount(m, &shared_dir, cli.readonly)?),
+        Some(m) => Some(fuse_mount(m, &shared_dir)?),
         None => None,
     };
     let prepared = Prepared {
@@ -199,7 +199,7 @@ fn run(cli: Cli) -> Result<i32> {
 
 /// Mounts a FUSE filesystem at `mountpoint` in the caller's mount namespace;
 /// returns the /dev/fuse connection.
-fn fuse_mount(mountpoint: &Path, shared_dir: &Path, readonly: bool) -> Result<(File, FuseSession)> {
+fn fuse_mount(mountpoint: &Path, shared_dir: &Path) -> Result<(File, FuseSession)> {
     let mnt = std::fs::canonicalize(mountpoint)
         .with_context(|| format!("mount point {}", mountpoint.display()))?;
     if within(&mnt, shared_dir) || within(shared_dir, &mnt) {
@@ -209,7 +209,7 @@ fn fuse_mount(mountpoint: &Path, shared_dir: &Path, readonly: bool) -> Result<(F
             shared_dir.display()
         );
     }
-    let session = FuseSession::new(&mnt, NAME, "", readonly)
+    let session = FuseSession::new(&mnt, NAME, "", false)
         .map_err(|e| anyhow::anyhow!("fuse session: {e}"))?;
     let dev = std::fs::OpenOptions::new()
         .read(true)
@@ -221,12 +221,12 @@ fn fuse_mount(mountpoint: &Path, shared_dir: &Path, readonly: bool) -> Result<(F
         dev.as_raw_fd(),
         session.bufsize()
     );
-    let mut flags = nix::mount::MsFlags::MS_NOSUID
+    // Not MS_RDONLY with --readonly: the daemon itself refuses every change, as
+    // it must for a guest (whose virtio-fs mount it does not control), and the
+    // host mount is how the tests see that refusal.
+    let flags = nix::mount::MsFlags::MS_NOSUID
         | nix::mount::MsFlags::MS_NODEV
         | nix::mount::MsFlags::MS_NOATIME;
-    if readonly {
-        flags |= nix::mount::MsFlags::MS_RDONLY;
-    }
     nix::mount::mount(
         Some(NAME),
         &mnt,

@@ -1,0 +1,587 @@
+//! kata-virtiofsd mounted on the host (`--fuse-mount`): file operations through
+//! the mount checked against the kernel's own view of the shared directory,
+//! the guest-side policy (read-only, no setuid, no devices, restricted xattr
+//! namespaces), the control endpoint, and a clean SIGTERM. Needs root
+//! (mounting FUSE, namespaces).
+//!
+//! Every daemon is started by a [`Daemon`] guard that, whatever happens,
+//! unmounts its own mount point (MNT_DETACH) and kills only the pid it started.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kata_proto::dialer::Address;
+use kata_proto::virtiofsd::virtiofsd_client::VirtiofsdClient;
+use kata_proto::virtiofsd::MetricsResponse;
+
+/// A running `kata-virtiofsd --fuse-mount` on a fresh shared dir and mount point.
+struct Daemon {
+    child: Option<Child>,
+    /// The shared directory (the kernel's view).
+    dir: PathBuf,
+    /// The FUSE mount point.
+    mnt: PathBuf,
+    /// The control socket.
+    ctl: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        kata_tests::require_root();
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("shared");
+        let mnt = tmp.path().join("mnt");
+        let ctl = tmp.path().join("ctl.sock");
+        fs::create_dir(&dir).unwrap();
+        fs::create_dir(&mnt).unwrap();
+        let mut child = Command::new(kata_tests::bin("kata-virtiofsd"))
+            .arg("--fuse-mount")
+            .arg(&mnt)
+            .arg("--shared-dir")
+            .arg(&dir)
+            .arg("--control-socket")
+            .arg(&ctl)
+            .arg("--sandbox-id")
+            .arg("fuse-test")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("kata-virtiofsd starts");
+        let out = child.stdout.take().unwrap();
+        let mut d = Daemon {
+            child: Some(child),
+            dir,
+            mnt,
+            ctl,
+            _tmp: tmp,
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) if l.trim() == "READY" => {}
+            other => {
+                let st = d.child.as_mut().unwrap().try_wait();
+                panic!("kata-virtiofsd did not say READY within 10 s: {other:?}, status {st:?}");
+            }
+        }
+        assert!(
+            mounted(&d.mnt),
+            "{} is not mounted after READY",
+            d.mnt.display()
+        );
+        d
+    }
+
+    fn m(&self, name: &str) -> PathBuf {
+        self.mnt.join(name)
+    }
+
+    fn d(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGTERM, then the exit status (within 10 s).
+    fn terminate(&mut self) -> ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                self.child = None;
+                return st;
+            }
+            assert!(Instant::now() < deadline, "no exit within 10 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    async fn client(&self) -> VirtiofsdClient<tonic::transport::Channel> {
+        let ch =
+            kata_proto::dialer::channel(&Address::Unix(self.ctl.clone()), Duration::from_secs(5))
+                .await
+                .expect("control socket");
+        VirtiofsdClient::new(ch)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // our own mount point only
+        let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Whether `p` is a mount point in this mount namespace.
+fn mounted(p: &Path) -> bool {
+    let p = p.to_string_lossy().into_owned();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+}
+
+fn errno(r: std::io::Result<impl std::fmt::Debug>) -> i32 {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e.raw_os_error().expect("an OS error"),
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// stat through the mount and on the shared dir agree.
+fn same_stat(d: &Daemon, name: &str) {
+    let a = fs::symlink_metadata(d.m(name)).unwrap();
+    let b = fs::symlink_metadata(d.d(name)).unwrap();
+    assert_eq!(a.mode(), b.mode(), "{name}: mode");
+    assert_eq!(a.size(), b.size(), "{name}: size");
+    assert_eq!(a.nlink(), b.nlink(), "{name}: nlink");
+    assert_eq!((a.uid(), a.gid()), (b.uid(), b.gid()), "{name}: owner");
+    assert_eq!(a.mtime(), b.mtime(), "{name}: mtime");
+}
+
+fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn setxattr(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid NUL-terminated strings and a valid value slice.
+    let rc = unsafe {
+        libc::lsetxattr(
+            c(p).as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn getxattr(p: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: the kernel writes at most buf.len() bytes.
+    let rc = unsafe {
+        libc::lgetxattr(
+            c(p).as_ptr(),
+            n.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(rc as usize);
+    Ok(buf)
+}
+
+fn listxattr(p: &Path) -> Vec<String> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: the kernel writes at most buf.len() bytes.
+    let rc = unsafe { libc::llistxattr(c(p).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(rc >= 0, "listxattr: {}", std::io::Error::last_os_error());
+    buf.truncate(rc as usize);
+    buf.split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+#[test]
+fn file_operations_match_the_shared_dir() {
+    let d = Daemon::start(&["--cache", "auto"]);
+
+    // create, write, read; the kernel's view has the same bytes
+    fs::write(d.m("a.txt"), b"hello virtio-fs\n").unwrap();
+    assert_eq!(fs::read(d.d("a.txt")).unwrap(), b"hello virtio-fs\n");
+    assert_eq!(fs::read(d.m("a.txt")).unwrap(), b"hello virtio-fs\n");
+    same_stat(&d, "a.txt");
+    // and a file made on the host side is seen through the mount
+    fs::write(d.d("host.txt"), b"from the host").unwrap();
+    assert_eq!(fs::read(d.m("host.txt")).unwrap(), b"from the host");
+
+    // append, overwrite in the middle, truncate
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(d.m("a.txt"))
+        .unwrap();
+    f.write_all(b"more\n").unwrap();
+    drop(f);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(d.m("a.txt"))
+        .unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(b"HELLO").unwrap();
+    f.set_len(10).unwrap();
+    drop(f);
+    assert_eq!(fs::read(d.d("a.txt")).unwrap(), b"HELLO virt");
+    same_stat(&d, "a.txt");
+
+    // mkdir, nested files, rename across directories, rmdir
+    fs::create_dir(d.m("sub")).unwrap();
+    fs::write(d.m("sub/inner"), b"x").unwrap();
+    assert!(d.d("sub/inner").is_file());
+    fs::rename(d.m("sub/inner"), d.m("moved")).unwrap();
+    assert!(!d.d("sub/inner").exists());
+    assert_eq!(fs::read(d.d("moved")).unwrap(), b"x");
+    fs::remove_dir(d.m("sub")).unwrap();
+    assert!(!d.d("sub").exists());
+    assert_eq!(errno(fs::remove_dir(d.m("nope"))), libc::ENOENT);
+    fs::create_dir(d.m("full")).unwrap();
+    fs::write(d.m("full/f"), b"").unwrap();
+    assert_eq!(errno(fs::remove_dir(d.m("full"))), libc::ENOTEMPTY);
+
+    // hard link: same inode, link count 2 on both sides
+    fs::hard_link(d.m("moved"), d.m("hard")).unwrap();
+    assert_eq!(fs::metadata(d.d("moved")).unwrap().nlink(), 2);
+    assert_eq!(
+        fs::metadata(d.d("moved")).unwrap().ino(),
+        fs::metadata(d.d("hard")).unwrap().ino()
+    );
+    same_stat(&d, "hard");
+
+    // symlink: the link text is stored as given, never resolved by the daemon
+    std::os::unix::fs::symlink("a.txt", d.m("rel-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", d.m("abs-link")).unwrap();
+    assert_eq!(fs::read_link(d.d("rel-link")).unwrap(), Path::new("a.txt"));
+    assert_eq!(
+        fs::read_link(d.m("abs-link")).unwrap(),
+        Path::new("/etc/passwd")
+    );
+    assert_eq!(fs::read(d.m("rel-link")).unwrap(), b"HELLO virt");
+    same_stat(&d, "rel-link");
+
+    // rename over an existing file (RENAME) and RENAME_NOREPLACE (RENAME2)
+    fs::write(d.m("victim"), b"old").unwrap();
+    fs::rename(d.m("hard"), d.m("victim")).unwrap();
+    assert_eq!(fs::read(d.d("victim")).unwrap(), b"x");
+    let (from, to) = (c(&d.m("victim")), c(&d.m("a.txt")));
+    // SAFETY: valid NUL-terminated paths.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    assert_eq!(rc, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EEXIST)
+    );
+
+    // readdir: the same names on both sides
+    assert_eq!(names(&d.mnt), names(&d.dir));
+
+    // chmod, chown, utimes
+    fs::set_permissions(d.m("victim"), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(d.m("victim"), Some(1234), Some(5678)).unwrap();
+    let t = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        &d.m("victim"),
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+    let st = fs::metadata(d.d("victim")).unwrap();
+    assert_eq!(st.mode() & 0o7777, 0o640);
+    assert_eq!((st.uid(), st.gid()), (1234, 5678));
+    assert_eq!(st.mtime(), 1_000_000_000);
+    same_stat(&d, "victim");
+
+    // unlink
+    fs::remove_file(d.m("victim")).unwrap();
+    fs::remove_file(d.m("abs-link")).unwrap();
+    assert!(!d.d("victim").exists());
+    assert!(fs::symlink_metadata(d.d("abs-link")).is_err());
+    assert_eq!(errno(fs::remove_file(d.m("victim"))), libc::ENOENT);
+
+    // a large sparse file: 4 GiB apparent, a few blocks on disk
+    let mut f = fs::File::create(d.m("sparse")).unwrap();
+    f.seek(SeekFrom::Start(4 << 30)).unwrap();
+    f.write_all(b"end").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let st = fs::metadata(d.d("sparse")).unwrap();
+    assert_eq!(st.size(), (4 << 30) + 3);
+    assert!(st.blocks() < 1024, "not sparse: {} blocks", st.blocks());
+    same_stat(&d, "sparse");
+    let mut f = fs::File::open(d.m("sparse")).unwrap();
+    f.seek(SeekFrom::Start((4 << 30) - 2)).unwrap();
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).unwrap();
+    assert_eq!(buf, b"\0\0end");
+    // SEEK_DATA finds the data past the hole (LSEEK)
+    let pos = nix::unistd::lseek(&f, 0, nix::unistd::Whence::SeekData).unwrap();
+    assert!(pos > 0 && pos <= 4 << 30, "SEEK_DATA = {pos}");
+
+    // a file larger than one FUSE request, byte for byte
+    let big: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i| (i % 251) as u8).collect();
+    fs::write(d.m("big"), &big).unwrap();
+    assert_eq!(fs::read(d.d("big")).unwrap(), big);
+    assert_eq!(fs::read(d.m("big")).unwrap(), big);
+
+    // statfs of the mount reports the shared dir's filesystem
+    let a = nix::sys::statvfs::statvfs(&d.mnt).unwrap();
+    let b = nix::sys::statvfs::statvfs(&d.dir).unwrap();
+    assert_eq!(a.blocks(), b.blocks());
+}
+
+#[test]
+fn guest_policy_no_setid_no_devices_user_xattrs_only() {
+    let d = Daemon::start(&["--xattr"]);
+
+    // setuid/setgid bits asked for by the client are dropped
+    fs::write(d.m("prog"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(d.m("prog"), fs::Permissions::from_mode(0o6755)).unwrap();
+    assert_eq!(fs::metadata(d.d("prog")).unwrap().mode() & 0o7777, 0o755);
+    let path = c(&d.m("created"));
+    // SAFETY: valid path; the fd is closed right away.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o4755) };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: our own fd.
+    unsafe { libc::close(fd) };
+    assert_eq!(fs::metadata(d.d("created")).unwrap().mode() & 0o7777, 0o755);
+    // a setgid directory keeps its group inheritance
+    fs::create_dir(d.m("grp")).unwrap();
+    fs::set_permissions(d.m("grp"), fs::Permissions::from_mode(0o2775)).unwrap();
+    assert_eq!(fs::metadata(d.d("grp")).unwrap().mode() & 0o7777, 0o2775);
+
+    // device nodes: refused; FIFOs and sockets are fine
+    let mknod = |name: &str, kind: nix::sys::stat::SFlag, dev: u64| {
+        nix::sys::stat::mknod(
+            &d.m(name),
+            kind,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            dev,
+        )
+    };
+    use nix::sys::stat::SFlag;
+    assert_eq!(
+        mknod("null", SFlag::S_IFCHR, nix::sys::stat::makedev(1, 3)),
+        Err(nix::errno::Errno::EPERM)
+    );
+    assert_eq!(
+        mknod("disk", SFlag::S_IFBLK, nix::sys::stat::makedev(8, 0)),
+        Err(nix::errno::Errno::EPERM)
+    );
+    assert!(!d.d("null").exists() && !d.d("disk").exists());
+    mknod("fifo", SFlag::S_IFIFO, 0).unwrap();
+    assert!(fs::symlink_metadata(d.d("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+
+    // xattrs: user.* round-trips to the host file; restricted namespaces never
+    // reach it
+    setxattr(&d.m("prog"), "user.kata", b"yes").unwrap();
+    assert_eq!(getxattr(&d.d("prog"), "user.kata").unwrap(), b"yes");
+    assert_eq!(getxattr(&d.m("prog"), "user.kata").unwrap(), b"yes");
+    assert_eq!(listxattr(&d.m("prog")), vec!["user.kata".to_string()]);
+    setxattr(&d.m("grp"), "user.dir", b"1").unwrap();
+    assert_eq!(getxattr(&d.d("grp"), "user.dir").unwrap(), b"1");
+    assert_eq!(
+        errno(setxattr(&d.m("prog"), "trusted.overlay.opaque", b"y")),
+        libc::EPERM
+    );
+    assert!(getxattr(&d.d("prog"), "trusted.overlay.opaque").is_err());
+    // set on the host side: invisible through the mount
+    setxattr(&d.d("prog"), "trusted.host", b"secret").unwrap();
+    assert_eq!(errno(getxattr(&d.m("prog"), "trusted.host")), libc::ENODATA);
+    assert_eq!(listxattr(&d.m("prog")), vec!["user.kata".to_string()]);
+    // SAFETY: valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::lremovexattr(
+            c(&d.m("prog")).as_ptr(),
+            CString::new("user.kata").unwrap().as_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(errno(getxattr(&d.d("prog"), "user.kata")), libc::ENODATA);
+}
+
+#[test]
+fn readonly_refuses_every_change() {
+    let d = Daemon::start(&["--readonly", "--sandbox", "namespace"]);
+    fs::write(d.d("file"), b"data").unwrap();
+    fs::create_dir(d.d("dir")).unwrap();
+    assert_eq!(fs::read(d.m("file")).unwrap(), b"data");
+    assert_eq!(names(&d.m("dir")), Vec::<String>::new());
+
+    assert_eq!(errno(fs::write(d.m("new"), b"x")), libc::EROFS);
+    assert_eq!(
+        errno(fs::OpenOptions::new().write(true).open(d.m("file"))),
+        libc::EROFS
+    );
+    assert_eq!(errno(fs::create_dir(d.m("d2"))), libc::EROFS);
+    assert_eq!(errno(fs::remove_file(d.m("file"))), libc::EROFS);
+    assert_eq!(errno(fs::remove_dir(d.m("dir"))), libc::EROFS);
+    assert_eq!(errno(fs::rename(d.m("file"), d.m("f2"))), libc::EROFS);
+    assert_eq!(errno(fs::hard_link(d.m("file"), d.m("f3"))), libc::EROFS);
+    assert_eq!(
+        errno(std::os::unix::fs::symlink("file", d.m("l"))),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(fs::set_permissions(
+            d.m("file"),
+            fs::Permissions::from_mode(0o777)
+        )),
+        libc::EROFS
+    );
+    // nothing changed on the host
+    assert_eq!(fs::read(d.d("file")).unwrap(), b"data");
+    assert_eq!(names(&d.dir), vec!["dir".to_string(), "file".to_string()]);
+    // the refusals came from the daemon (the host mount itself is read-write)
+    let rt = kata_proto::runtime().unwrap();
+    let m = rt.block_on(async { d.client().await.metrics(()).await.unwrap().into_inner() });
+    let refused: u64 = m.ops.iter().map(|o| o.errors).sum();
+    assert!(refused >= 5, "errors counted: {m:?}");
+    let s = rt.block_on(async { d.client().await.status(()).await.unwrap().into_inner() });
+    assert!(s.readonly);
+}
+
+fn op(m: &MetricsResponse, name: &str) -> (u64, u64) {
+    m.ops
+        .iter()
+        .find(|o| o.op == name)
+        .map(|o| {
+            assert_eq!(o.latency_counts.len(), o.latency_bounds_us.len() + 1);
+            assert_eq!(
+                o.latency_counts.iter().sum::<u64>(),
+                o.count,
+                "{name} histogram"
+            );
+            (o.count, o.errors)
+        })
+        .unwrap_or((0, 0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_socket_status_and_moving_metrics() {
+    let d = Daemon::start(&["--cache", "none"]);
+    let mut c = d.client().await;
+    let s = c.status(()).await.expect("Status").into_inner();
+    assert_eq!(s.transport, "fuse");
+    assert!(s.connected);
+    assert!(!s.readonly);
+    assert_eq!(s.cache, "none");
+    assert_eq!(s.sandbox_id, "fuse-test");
+    assert_eq!(
+        Path::new(&s.shared_dir),
+        fs::canonicalize(&d.dir).unwrap().as_path()
+    );
+    assert!(!s.version.is_empty());
+
+    let before = c.metrics(()).await.expect("Metrics").into_inner();
+    let (mnt, dir) = (d.mnt.clone(), d.dir.clone());
+    tokio::task::spawn_blocking(move || {
+        let data = vec![7u8; 256 * 1024];
+        fs::write(mnt.join("m"), &data).unwrap();
+        assert_eq!(fs::read(mnt.join("m")).unwrap(), data);
+        assert!(fs::metadata(mnt.join("missing")).is_err());
+        assert!(dir.join("m").exists());
+    })
+    .await
+    .unwrap();
+    let after = c.metrics(()).await.expect("Metrics").into_inner();
+    assert!(
+        after.bytes_written >= before.bytes_written + 256 * 1024,
+        "{after:?}"
+    );
+    assert!(
+        after.bytes_read >= before.bytes_read + 256 * 1024,
+        "{after:?}"
+    );
+    let (l0, le0) = op(&before, "LOOKUP");
+    let (l1, le1) = op(&after, "LOOKUP");
+    assert!(l1 > l0, "LOOKUP count did not move: {l0} -> {l1}");
+    assert!(
+        le1 > le0,
+        "the failed LOOKUP is not counted: {le0} -> {le1}"
+    );
+    let (w1, we1) = op(&after, "WRITE");
+    assert!(w1 >= 1 && we1 == 0, "WRITE {w1}/{we1}");
+    assert!(op(&after, "READ").0 >= 1);
+    assert!(op(&after, "CREATE").0 >= 1);
+    assert!(op(&after, "INIT").0 == 1);
+    assert_eq!(after.malformed, 0);
+    let up = c.status(()).await.unwrap().into_inner().uptime_ms;
+    assert!(up >= s.uptime_ms);
+}
+
+#[test]
+fn sigterm_unmounts_removes_the_socket_and_exits_zero() {
+    let mut d = Daemon::start(&[]);
+    fs::write(d.m("f"), b"x").unwrap();
+    assert!(d.ctl.exists());
+    let st = d.terminate();
+    assert!(st.success(), "exit status {st}");
+    assert!(!mounted(&d.mnt), "still mounted after SIGTERM");
+    assert!(!d.ctl.exists(), "control socket left behind");
+    // the data stays on the host
+    assert_eq!(fs::read(d.d("f")).unwrap(), b"x");
+}
+
+#[test]
+fn external_unmount_ends_the_daemon_cleanly() {
+    let mut d = Daemon::start(&["--sandbox", "none", "--thread-pool-size", "2"]);
+    fs::write(d.m("f"), b"x").unwrap();
+    nix::mount::umount2(&d.mnt, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    let child = d.child.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "still running after the unmount");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    d.child = None;
+    assert!(st.success(), "exit status {st}");
+    assert!(!d.ctl.exists());
+}
