@@ -54,10 +54,15 @@ async fn container_rootfs_over_virtio_fs() {
                   touch /data/suid && chmod 4755 /data/suid; echo done";
     s["process"]["args"] = json!(["sh", "-c", script]);
     // mknod needs CAP_MKNOD (in the default set)
-    let o = run(&mut c, &addr, "vfs", &s, None).await.expect("container from virtio-fs");
+    let o = run(&mut c, &addr, "vfs", &s, None)
+        .await
+        .expect("container from virtio-fs");
     assert_eq!(o.status, 0, "{o:?}");
     assert!(o.stdout.starts_with("from the host\n"), "{o:?}");
-    assert!(!o.stdout.contains("host secret"), "a symlink never reaches outside the share: {o:?}");
+    assert!(
+        !o.stdout.contains("host secret"),
+        "a symlink never reaches outside the share: {o:?}"
+    );
     assert!(o.stdout.ends_with("done\n"), "{o:?}");
     assert_eq!(
         std::fs::read_to_string(shared.join("data/out.txt")).unwrap(),
