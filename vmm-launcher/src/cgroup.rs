@@ -108,10 +108,22 @@ pub fn procs_files(rel: &str) -> Vec<PathBuf> {
 pub fn remove(dirs: &[PathBuf]) -> Vec<(PathBuf, io::Error)> {
     let mut failed = vec![];
     for d in dirs.iter().rev() {
-        match std::fs::remove_dir(d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => failed.push((d.clone(), e)),
+        // A process that has just exited may still hold its cgroup for a
+        // moment (EBUSY): retry for up to 2 s.
+        let mut tries = 0;
+        loop {
+            match std::fs::remove_dir(d) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 200 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => {
+                    failed.push((d.clone(), e));
+                    break;
+                }
+            }
         }
     }
     failed
