@@ -16,6 +16,8 @@
 mod control;
 mod device;
 mod fs;
+#[cfg(test)]
+mod malformed_tests;
 mod metrics;
 mod sandbox;
 
@@ -541,11 +543,22 @@ fn serve_fuse(
                 loop {
                     match ch.get_request() {
                         Ok(Some((reader, writer))) => {
+                            // a panic in the FUSE code drops the request, not the daemon
                             let res =
-                                server.handle_message(reader, writer.into(), None, Some(&hook));
-                            metrics.finish(res.is_err());
-                            if let Err(e) = res {
-                                tracing::debug!("bad FUSE request: {e}");
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    server.handle_message(reader, writer.into(), None, Some(&hook))
+                                }));
+                            match res {
+                                Ok(res) => {
+                                    metrics.finish(res.is_err());
+                                    if let Err(e) = res {
+                                        tracing::debug!("bad FUSE request: {e}");
+                                    }
+                                }
+                                Err(_) => {
+                                    metrics.finish(true);
+                                    tracing::warn!("a FUSE request panicked; dropped");
+                                }
                             }
                         }
                         Ok(None) => return Ok(()),
