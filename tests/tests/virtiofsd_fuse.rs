@@ -30,7 +30,7 @@ struct Daemon {
     mnt: PathBuf,
     /// The control socket.
     ctl: PathBuf,
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
 }
 
 impl Daemon {
@@ -62,7 +62,7 @@ impl Daemon {
             dir,
             mnt,
             ctl,
-            _tmp: tmp,
+            tmp,
         };
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -584,4 +584,49 @@ fn external_unmount_ends_the_daemon_cleanly() {
     d.child = None;
     assert!(st.success(), "exit status {st}");
     assert!(!d.ctl.exists());
+}
+
+#[test]
+fn requests_run_with_the_callers_uid_and_gid() {
+    let d = Daemon::start(&["--thread-pool-size", "2"]);
+    // let other users reach the mount and write into the shared dir
+    fs::set_permissions(d.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&d.dir, fs::Permissions::from_mode(0o1777)).unwrap();
+    let as_user = |uid: u32, script: &str| {
+        let out = Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "sh",
+                "-c",
+                script,
+            ])
+            .env("M", &d.mnt)
+            .output()
+            .expect("setpriv (util-linux) runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = as_user(
+        1000,
+        "echo hi > $M/mine && mkdir $M/dir && ln -s mine $M/link",
+    );
+    assert!(ok, "{err}");
+    for name in ["mine", "dir", "link"] {
+        let st = fs::symlink_metadata(d.d(name)).unwrap();
+        assert_eq!(
+            (st.uid(), st.gid()),
+            (1000, 1000),
+            "{name} owner on the host"
+        );
+    }
+    // the sticky directory protects it from another user
+    let (ok, _) = as_user(1001, "rm $M/mine");
+    assert!(!ok, "another uid removed a file in a sticky directory");
+    let (ok, _) = as_user(1001, "echo x >> $M/mine");
+    assert!(!ok, "another uid wrote to a 0644 file");
+    assert_eq!(fs::read(d.d("mine")).unwrap(), b"hi\n");
 }

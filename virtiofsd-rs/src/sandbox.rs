@@ -30,7 +30,10 @@ use anyhow::{anyhow, Context as _, Result};
 use caps::{CapSet, Capability, CapsHashSet};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 // open_tree(2) / move_mount(2) flags (linux/mount.h)
 const OPEN_TREE_CLONE: libc::c_uint = 1;
@@ -209,7 +212,6 @@ pub const ALLOWED_SYSCALLS: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_exit,
     libc::SYS_exit_group,
-    libc::SYS_prctl,
     libc::SYS_sigaltstack,
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigprocmask,
@@ -308,8 +310,18 @@ pub fn build_seccomp(mode: SeccompMode) -> Result<Option<BpfProgram>> {
         SeccompMode::Errno => SeccompAction::Errno(libc::ENOSYS as u32),
         SeccompMode::Log => SeccompAction::Log,
     };
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED_SYSCALLS.iter().map(|&n| (n, vec![])).collect();
+    // prctl only to name threads (std, tokio)
+    let prctl = [libc::PR_SET_NAME, libc::PR_GET_NAME]
+        .into_iter()
+        .map(|op| {
+            let c = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, op as u64)?;
+            SeccompRule::new(vec![c])
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("seccomp prctl rule: {e}"))?;
+    rules.insert(libc::SYS_prctl, prctl);
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| anyhow!("seccomp filter: {e}"))?;
     let prog: BpfProgram = filter
@@ -355,6 +367,7 @@ mod tests {
             libc::SYS_ioctl,
             libc::SYS_chdir,
             libc::SYS_fchdir,
+            libc::SYS_prctl,
         ] {
             assert!(!ALLOWED_SYSCALLS.contains(&forbidden), "{forbidden}");
         }
