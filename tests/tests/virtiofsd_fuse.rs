@@ -630,3 +630,92 @@ fn requests_run_with_the_callers_uid_and_gid() {
     assert!(!ok, "another uid wrote to a 0644 file");
     assert_eq!(fs::read(d.d("mine")).unwrap(), b"hi\n");
 }
+
+/// `openat2(root, path, RESOLVE_IN_ROOT)`: resolves `path` as a guest whose
+/// root is the mount would (the host kernel must not resolve the daemon's
+/// symlinks from the host's root).
+fn open_in_root(root: &fs::File, path: &str) -> std::io::Result<fs::File> {
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_IN_ROOT,
+    };
+    let p = CString::new(path).unwrap();
+    // SAFETY: valid dirfd, path and open_how of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            std::os::fd::AsRawFd::as_raw_fd(root),
+            p.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd nobody else owns.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
+}
+
+#[test]
+fn links_and_dotdot_never_leave_the_shared_dir() {
+    let d = Daemon::start(&["--xattr"]);
+    let outside = d.tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("secret"), b"host secret").unwrap();
+    setxattr(&outside.join("secret"), "user.secret", b"s").unwrap();
+    fs::write(d.d("inside"), b"inside").unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), d.d("abs")).unwrap();
+    std::os::unix::fs::symlink("../outside/secret", d.d("rel")).unwrap();
+    std::os::unix::fs::symlink(&outside, d.d("dirlink")).unwrap();
+    // a hard link made on the host side is the same inode: it is served
+    fs::hard_link(d.d("inside"), d.d("hard")).unwrap();
+
+    let root = fs::File::open(&d.mnt).unwrap();
+    let mut s = String::new();
+    open_in_root(&root, "inside")
+        .unwrap()
+        .read_to_string(&mut s)
+        .unwrap();
+    assert_eq!(s, "inside");
+    for p in [
+        "abs",
+        "rel",
+        "dirlink/secret",
+        "../outside/secret",
+        "../../outside/secret",
+        "./../outside/secret",
+    ] {
+        match open_in_root(&root, p) {
+            Ok(mut f) => {
+                let mut s = String::new();
+                let _ = f.read_to_string(&mut s);
+                assert!(!s.contains("host secret"), "{p} reached the host file");
+                panic!("{p} opened something: {s:?}");
+            }
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{p}: {e}"),
+        }
+    }
+    // the daemon hands back link texts, it never follows them
+    assert_eq!(fs::read_link(d.m("abs")).unwrap(), outside.join("secret"));
+    assert_eq!(
+        fs::read_link(d.m("rel")).unwrap(),
+        Path::new("../outside/secret")
+    );
+    assert!(fs::symlink_metadata(d.m("dirlink"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // xattrs of a symlink are the link's (none), not its target's
+    assert_eq!(errno(getxattr(&d.m("abs"), "user.secret")), libc::ENODATA);
+    assert!(listxattr(&d.m("abs")).is_empty());
+    // the outside stays untouched
+    assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host secret");
+}
