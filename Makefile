@@ -57,11 +57,12 @@ test: deps test-image lint
 	$(CARGO) test --release --locked --workspace -- --test-threads=2
 
 # Fuzzing: libFuzzer targets over the decoders of untrusted input (agent
-# requests and OCI specs; the vsock backend's packets), FUZZ_SECONDS each.
+# requests and OCI specs; the vsock backend's packets; kata-virtiofsd's FUSE
+# requests), FUZZ_SECONDS each.
 # Coverage instrumentation uses stable rustc flags only (no nightly, no
 # cargo-fuzz); libfuzzer-sys builds libFuzzer with g++.
 FUZZ_SECONDS ?= 90
-FUZZ_TARGETS := agent_request vsock_packet
+FUZZ_TARGETS := agent_request vsock_packet fuse_request
 FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
   -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
   -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks

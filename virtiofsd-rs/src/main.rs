@@ -13,13 +13,6 @@
 //! could not remove a socket outside the shared directory or unmount the
 //! host's mount point, which is why the supervisor exists.
 
-mod control;
-mod device;
-mod fs;
-#[cfg(test)]
-mod malformed_tests;
-mod metrics;
-mod sandbox;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -40,10 +33,10 @@ use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
-use crate::control::State;
-use crate::fs::{GuardedFs, Policy};
-use crate::metrics::Metrics;
-use crate::sandbox::SeccompMode;
+use kata_virtiofsd::control::State;
+use kata_virtiofsd::fs::{GuardedFs, Policy};
+use kata_virtiofsd::metrics::Metrics;
+use kata_virtiofsd::sandbox::SeccompMode;
 
 const NAME: &str = "kata-virtiofsd";
 
