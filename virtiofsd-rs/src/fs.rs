@@ -396,6 +396,20 @@ impl FileSystem for GuardedFs {
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         let mut opts = self.track(self.inner.init(capable))?;
+        // What the passthrough does not ask for but serves well: without
+        // BIG_WRITES/MAX_PAGES the kernel sends one page per WRITE (measured:
+        // 4 KiB writes, 18 MiB/s in the VM); the others let the kernel keep
+        // several requests in flight and invalidate cached data on change.
+        // (Locks stay off: the passthrough has no POSIX or flock locks.)
+        opts |= capable
+            & (FsOptions::ASYNC_READ
+                | FsOptions::PARALLEL_DIROPS
+                | FsOptions::BIG_WRITES
+                | FsOptions::MAX_PAGES
+                | FsOptions::AUTO_INVAL_DATA
+                | FsOptions::ASYNC_DIO
+                | FsOptions::HAS_IOCTL_DIR
+                | FsOptions::ATOMIC_O_TRUNC);
         if self.root.get().is_none() {
             let root = File::open(&self.root_dir);
             let root = self.track(root)?;

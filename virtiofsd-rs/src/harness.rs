@@ -74,9 +74,9 @@ impl Harness {
         let mut outbuf = vec![0u8; REPLY_MAX];
         let reader = Reader::<()>::from_fuse_buffer(FuseBuf::new(&mut inbuf)).ok()?;
         let writer = FuseDevWriter::<()>::new(self.tx.as_raw_fd(), &mut outbuf).ok()?;
-        let res = self
-            .server
-            .handle_message(reader, writer.into(), None, Some(&self.metrics.hook()));
+        let res =
+            self.server
+                .handle_message(reader, writer.into(), None, Some(&self.metrics.hook()));
         self.metrics.finish(res.is_err());
         let mut reply = vec![0u8; REPLY_MAX];
         match self.rx.read(&mut reply) {

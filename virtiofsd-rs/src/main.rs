@@ -13,7 +13,6 @@
 //! could not remove a socket outside the shared directory or unmount the
 //! host's mount point, which is why the supervisor exists.
 
-
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -33,10 +32,11 @@ use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
-use kata_virtiofsd::control::State;
+use kata_virtiofsd::control::{self, State};
+use kata_virtiofsd::device;
 use kata_virtiofsd::fs::{GuardedFs, Policy};
 use kata_virtiofsd::metrics::Metrics;
-use kata_virtiofsd::sandbox::SeccompMode;
+use kata_virtiofsd::sandbox::{self, SeccompMode};
 
 const NAME: &str = "kata-virtiofsd";
 

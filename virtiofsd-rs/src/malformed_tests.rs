@@ -3,10 +3,7 @@
 //! short headers, wrong lengths, unknown opcodes, huge sizes, random bytes.
 //! Each gets an error reply or is dropped; nothing panics; the counters say so.
 
-use fuse_backend_rs::abi::fuse_abi::{GetxattrIn, InHeader, InitIn, OutHeader, ReadIn};
-use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::passthrough::Config;
-use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader};
+use fuse_backend_rs::abi::fuse_abi::{GetxattrIn, ReadIn};
 use vm_memory::ByteValued;
 
 use crate::harness::{message, Harness};
@@ -32,7 +29,10 @@ fn malformed_requests_get_errors_never_panics() {
     assert_eq!(h.send(&message(1, 1, b"a/../f\0")), Some(-libc::EINVAL));
     assert_ne!(h.send(&message(1, 1, b"..\0")), None);
     // an inode number the daemon never gave out
-    assert_eq!(h.send(&message(3, 0xdead_beef, &[0u8; 16])), Some(-libc::EBADF));
+    assert_eq!(
+        h.send(&message(3, 0xdead_beef, &[0u8; 16])),
+        Some(-libc::EBADF)
+    );
     // READ of a handle that does not exist, with a huge size
     let read = ReadIn {
         fh: 12345,
