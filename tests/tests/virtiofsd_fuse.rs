@@ -11,7 +11,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -717,5 +717,167 @@ fn links_and_dotdot_never_leave_the_shared_dir() {
     assert_eq!(errno(getxattr(&d.m("abs"), "user.secret")), libc::ENODATA);
     assert!(listxattr(&d.m("abs")).is_empty());
     // the outside stays untouched
+    assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host secret");
+}
+
+/// A symlink to a host file swapped in for a regular file, over and over,
+/// while the mount opens that name: the daemon resolves by its own inode
+/// handles without following links, so the outside file is never read.
+#[test]
+fn a_symlink_swapped_in_during_lookups_never_leaks() {
+    let d = Daemon::start(&[]);
+    let outside = d.tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("secret"), b"host secret").unwrap();
+    fs::write(d.d("race"), b"inside").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let stop = stop.clone();
+        let dir = d.dir.clone();
+        let secret = outside.join("secret");
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = fs::remove_file(dir.join("tmp-link"));
+                let _ = std::os::unix::fs::symlink(&secret, dir.join("tmp-link"));
+                let _ = fs::rename(dir.join("tmp-link"), dir.join("race"));
+                let _ = fs::write(dir.join("tmp-file"), b"inside");
+                let _ = fs::rename(dir.join("tmp-file"), dir.join("race"));
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut opened = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        // O_NOFOLLOW: the host kernel itself must not follow a link it is
+        // shown; whatever the daemon answers must never be the host file.
+        if let Ok(mut f) = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(d.m("race"))
+        {
+            let mut s = String::new();
+            let _ = f.read_to_string(&mut s);
+            assert!(
+                !s.contains("host secret"),
+                "the swapped-in link leaked the host file"
+            );
+            opened += 1;
+        }
+        if let Ok(t) = fs::read_link(d.m("race")) {
+            // a link is shown as the link it is, never resolved by the daemon
+            assert_eq!(t, outside.join("secret"));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    assert!(
+        opened > 0 && swaps > 10,
+        "the race ran: {opened} opens, {swaps} swaps"
+    );
+    assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host secret");
+}
+
+/// Renames never cross the shared directory: from the mount, a rename to a
+/// host path outside is a cross-device rename the kernel refuses, and the
+/// daemon only ever renames between its own inodes.
+#[test]
+fn renames_across_the_boundary_are_refused() {
+    let d = Daemon::start(&[]);
+    let outside = d.tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("victim"), b"host").unwrap();
+    fs::write(d.d("mine"), b"guest").unwrap();
+    assert_eq!(
+        errno(fs::rename(d.m("mine"), outside.join("moved"))),
+        libc::EXDEV,
+        "out of the share"
+    );
+    assert_eq!(
+        errno(fs::rename(outside.join("victim"), d.m("stolen"))),
+        libc::EXDEV,
+        "into the share"
+    );
+    // a rename inside the share over a name, and across directories, works
+    fs::create_dir(d.m("sub")).unwrap();
+    fs::rename(d.m("mine"), d.m("sub/mine")).unwrap();
+    assert_eq!(fs::read(d.d("sub/mine")).unwrap(), b"guest");
+    assert!(!outside.join("moved").exists() && outside.join("victim").exists());
+    assert_eq!(fs::read(outside.join("victim")).unwrap(), b"host");
+}
+
+/// File handles: forged handles given to open_by_handle_at never reach a
+/// file outside the share (the daemon does not serve handles; the kernel's
+/// FUSE handles name node ids the daemon checks against its own table).
+#[test]
+fn forged_file_handles_reach_nothing_outside() {
+    let d = Daemon::start(&[]);
+    let outside = d.tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("secret"), b"host secret").unwrap();
+    fs::write(d.d("f"), b"inside").unwrap();
+    #[repr(C)]
+    struct Handle {
+        bytes: u32,
+        kind: i32,
+        data: [u8; 128],
+    }
+    let mut h = Handle {
+        bytes: 128,
+        kind: 0,
+        data: [0; 128],
+    };
+    let mut mount_id = 0i32;
+    let path = c(&d.m("f"));
+    // SAFETY: valid path, handle buffer of the size announced, out pointer.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            &mut h as *mut Handle,
+            &mut mount_id as *mut i32,
+            0,
+        )
+    };
+    let mnt = fs::File::open(&d.m("")).unwrap();
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut tries = 0;
+    for _ in 0..500 {
+        let mut forged = Handle {
+            bytes: if rc == 0 { h.bytes } else { 16 },
+            kind: if rc == 0 { h.kind } else { 1 },
+            data: h.data,
+        };
+        for b in forged.data.iter_mut().take(forged.bytes as usize) {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            *b = rng as u8;
+        }
+        // SAFETY: valid mount fd and handle struct; flags are plain.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_by_handle_at,
+                std::os::fd::AsRawFd::as_raw_fd(&mnt),
+                &mut forged as *mut Handle,
+                libc::O_RDONLY,
+            )
+        };
+        tries += 1;
+        if fd >= 0 {
+            // SAFETY: a new fd nobody else owns.
+            let mut f: fs::File = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) };
+            let mut s = String::new();
+            let _ = f.read_to_string(&mut s);
+            assert!(
+                !s.contains("host secret"),
+                "a forged handle reached the host file"
+            );
+        }
+    }
+    assert_eq!(tries, 500);
     assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host secret");
 }
