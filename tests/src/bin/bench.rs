@@ -49,6 +49,10 @@ async fn stop(mut vm: TestVm) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // KATA_BENCH_ONLY=virtiofs: only the virtio-fs section (for iterating)
+    if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("virtiofs") {
+        return virtiofs_section().await;
+    }
     let mut ready = vec![];
     for i in 0..BOOTS {
         let t0 = Instant::now();
@@ -153,6 +157,10 @@ async fn main() {
         guest.mib_s / (64.0 / bulk)
     );
 
+    virtiofs_section().await;
+}
+
+async fn virtiofs_section() {
     let mut runs = vec![virtiofs::vm_run("kata-virtiofsd (VM)", "bench-vfs", None).await];
     match std::env::var_os("KATA_UPSTREAM_VIRTIOFSD") {
         Some(up) => runs.push(
