@@ -71,10 +71,11 @@ fuzz: deps
 	@for t in $(FUZZ_TARGETS); do \
 	  mkdir -p target/fuzz-corpus/$$t; \
 	  echo "fuzzing $$t for $(FUZZ_SECONDS) s"; \
-	  fuzz/target/$(TARGET)/release/$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+	  rm -rf target/fuzz-tmp; mkdir -p target/fuzz-tmp; \
+	  TMPDIR=$(CURDIR)/target/fuzz-tmp fuzz/target/$(TARGET)/release/$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 	    -print_final_stats=1 -artifact_prefix=target/fuzz-corpus/$$t- \
 	    target/fuzz-corpus/$$t fuzz/seeds/$$t 2>&1 | grep -E "^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss|==|SUMMARY|Done)" ; \
-	done
+	done; rm -rf target/fuzz-tmp
 
 # Benchmarks (not timed tests): regenerates docs/bench-results.md on this machine.
 # Upstream virtiofsd, the reference kata-virtiofsd is measured against (bench only).
