@@ -842,7 +842,7 @@ fn forged_file_handles_reach_nothing_outside() {
             0,
         )
     };
-    let mnt = fs::File::open(&d.m("")).unwrap();
+    let mnt = fs::File::open(d.m("")).unwrap();
     let mut rng = 0x1234_5678_9abc_def0u64;
     let mut tries = 0;
     for _ in 0..500 {
