@@ -23,6 +23,7 @@
 //!   set or remove, `ENODATA` to read) and left out of listings, so the guest can
 //!   neither plant file capabilities or SELinux labels on host files nor read
 //!   the host's;
+//! * host files are never opened `O_DIRECT` (see [`host_open_flags`]);
 //! * the submount flag on entries that sit on another filesystem than their
 //!   parent (`--announce-submounts`);
 //! * the error marks and byte counts of [`crate::metrics`].
@@ -125,6 +126,17 @@ pub fn mknod_refused(mode: u32, rdev: u32, allow_devices: bool) -> bool {
     // 0:0 character device: overlayfs's whiteout, no driver behind it
     let whiteout = kind == libc::S_IFCHR && rdev == 0;
     device && !whiteout && !allow_devices
+}
+
+/// The open flags the host file is opened (or, by the passthrough's
+/// `F_SETFL` on READ/WRITE, reset) with: the guest's, without `O_DIRECT`.
+/// The passthrough's READ/WRITE buffers (a `/dev/fuse` message, a guest
+/// memory region) carry no alignment guarantee, so an `O_DIRECT` host fd turns
+/// a guest's perfectly aligned direct write into `EINVAL`; the guest kernel
+/// still bypasses its own page cache. Upstream virtiofsd also ignores
+/// `O_DIRECT` unless `--allow-direct-io`.
+pub fn host_open_flags(flags: u32) -> u32 {
+    flags & !(libc::O_DIRECT as u32)
 }
 
 /// Whether OPEN `flags` would change the file.
@@ -588,6 +600,7 @@ impl FileSystem for GuardedFs {
         if self.policy.readonly && open_writes(flags) {
             return self.refuse(libc::EROFS);
         }
+        let flags = host_open_flags(flags);
         self.track(self.inner.open(ctx, inode, flags, fuse_flags))
     }
 
@@ -604,6 +617,7 @@ impl FileSystem for GuardedFs {
         if !self.policy.allow_setid {
             args.mode = strip_setid(args.mode, false);
         }
+        args.flags = host_open_flags(args.flags);
         self.track(self.inner.create(ctx, parent, name, args))
     }
 
@@ -618,6 +632,7 @@ impl FileSystem for GuardedFs {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
+        let flags = host_open_flags(flags);
         let n = self.track(
             self.inner
                 .read(ctx, inode, handle, w, size, offset, lock_owner, flags),
@@ -642,6 +657,7 @@ impl FileSystem for GuardedFs {
         if self.policy.readonly {
             return self.refuse(libc::EROFS);
         }
+        let flags = host_open_flags(flags);
         let n = self.track(self.inner.write(
             ctx,
             inode,
@@ -922,6 +938,21 @@ mod tests {
         assert!(!mknod_refused(libc::S_IFIFO | 0o600, 0, false));
         assert!(!mknod_refused(libc::S_IFSOCK | 0o600, 0, false));
         assert!(!mknod_refused(libc::S_IFREG | 0o600, 0, false));
+    }
+
+    #[test]
+    fn no_direct_io_on_the_host() {
+        let d = libc::O_DIRECT as u32;
+        let rw = libc::O_RDWR as u32;
+        assert_eq!(host_open_flags(rw | d), rw);
+        assert_eq!(
+            host_open_flags(rw | d | libc::O_APPEND as u32),
+            rw | libc::O_APPEND as u32
+        );
+        assert_eq!(
+            host_open_flags(libc::O_WRONLY as u32),
+            libc::O_WRONLY as u32
+        );
     }
 
     #[test]
