@@ -424,3 +424,24 @@ pub async fn copy_tree(c: &mut Client, local: &Path, remote: &Path) -> Result<()
     }
     Ok(())
 }
+
+/// Where [`create_sandbox_with_share`] mounts the virtio-fs share in the guest.
+pub const SHARE_MOUNT: &str = "/run/kata-agent/shared/vfs";
+
+/// CreateSandbox whose one storage is the virtio-fs share (tag
+/// `kataShared`), mounted at [`SHARE_MOUNT`].
+pub async fn create_sandbox_with_share(c: &mut Client, id: &str) -> Result<(), tonic::Status> {
+    c.create_sandbox(CreateSandboxRequest {
+        sandbox_id: id.into(),
+        storages: vec![Storage {
+            driver: "virtio-fs".into(),
+            source: "kataShared".into(),
+            fstype: "virtiofs".into(),
+            mount_point: SHARE_MOUNT.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+}

@@ -5,7 +5,6 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use kata_proto::agent::{CreateSandboxRequest, Storage};
 use kata_tests::agent::*;
 use kata_tests::TestVm;
 use serde_json::json;
@@ -27,20 +26,10 @@ async fn container_rootfs_over_virtio_fs() {
     let vm = TestVm::boot_with("e2e-vfs", None, Some(&shared)).await;
     let addr = vm.addr(kata_proto::paths::ports::AGENT);
     let mut c = connect(&addr).await;
-    let mnt = "/run/kata-agent/shared/vfs";
-    c.create_sandbox(CreateSandboxRequest {
-        sandbox_id: "e2e-vfs".into(),
-        storages: vec![Storage {
-            driver: "virtio-fs".into(),
-            source: "kataShared".into(),
-            fstype: "virtiofs".into(),
-            mount_point: mnt.into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    })
-    .await
-    .expect("the guest mounts the virtio-fs share");
+    let mnt = SHARE_MOUNT;
+    create_sandbox_with_share(&mut c, "e2e-vfs")
+        .await
+        .expect("the guest mounts the virtio-fs share");
 
     // the rootfs on virtio-fs, the data directory bound in as a volume
     let rootfs = std::path::Path::new(mnt).join(rootfs_local.strip_prefix(&shared).unwrap());

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kata_proto::agent::{CreateSandboxRequest, Storage};
 use kata_tests::agent as ka;
 use kata_tests::{FsDaemon, TestVm};
 use serde_json::{json, Value};
@@ -85,20 +84,10 @@ pub async fn vm_run(label: &str, id: &str, upstream: Option<&Path>) -> Run {
     let idle = pss_kib(pid);
     let addr = vm.addr(kata_proto::paths::ports::AGENT);
     let mut c = ka::connect(&addr).await;
-    let mnt = "/run/kata-agent/shared/vfs";
-    c.create_sandbox(CreateSandboxRequest {
-        sandbox_id: id.into(),
-        storages: vec![Storage {
-            driver: "virtio-fs".into(),
-            source: "kataShared".into(),
-            fstype: "virtiofs".into(),
-            mount_point: mnt.into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    })
-    .await
-    .expect("mount the share");
+    let mnt = ka::SHARE_MOUNT;
+    ka::create_sandbox_with_share(&mut c, id)
+        .await
+        .expect("mount the share");
     let guest_rootfs = Path::new(mnt).join(rootfs.strip_prefix(&shared).unwrap());
     let mut s = ka::spec(&guest_rootfs, &[]);
     s["mounts"].as_array_mut().unwrap().push(json!({
