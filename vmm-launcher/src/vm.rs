@@ -678,9 +678,13 @@ async fn connect_qmp(path: &Path, child: &mut tokio::process::Child) -> Result<Q
             return Err(format!("QEMU exited at start ({status})"));
         }
         if path.exists() {
-            return Qmp::connect(path, QMP_TIMEOUT)
-                .await
-                .map_err(|e| e.to_string());
+            match Qmp::connect(path, QMP_TIMEOUT).await {
+                Ok(q) => return Ok(q),
+                // bound but not listening yet (bind creates the file first):
+                // refused for a moment, so try again until the deadline
+                Err(_) if Instant::now() < deadline => {}
+                Err(e) => return Err(e.to_string()),
+            }
         }
         if Instant::now() > deadline {
             return Err(format!(
