@@ -32,6 +32,14 @@ pub mod virtiofsd {
     tonic::include_proto!("kata.virtiofsd.v1");
 }
 
+/// A one-thread runtime (I/O and time) for a side endpoint of a data-plane
+/// daemon, e.g. kata-virtiofsd's control socket: its own thread, no workers.
+pub fn runtime_current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 /// Version of the kata-rs programs, reported by the agent and the tools.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -60,7 +60,7 @@ impl Virtiofsd for Service {
 /// Serves the endpoint on `listener` (bound, non-blocking) from a new thread
 /// with its own runtime. Runs until the process exits.
 pub fn spawn(listener: StdUnixListener, state: Arc<State>) -> anyhow::Result<()> {
-    let rt = kata_proto::runtime()?;
+    let rt = kata_proto::runtime_current_thread()?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
