@@ -35,6 +35,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::SignalKind;
 use tokio::sync::Notify;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_HOST};
 use tracing::{info, warn};
 
@@ -128,15 +129,10 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                         what: format!("vsock port {}", ports::STDIO),
                         source,
                     })?;
-                let agent2 = agent.clone();
-                tokio::spawn(async move {
-                    let io = &io;
-                    serve_stdio(
-                        || async move { io.accept().await.map(|(s, _)| Stream::Vsock(s)) },
-                        agent2,
-                    )
-                    .await
-                });
+                tokio::spawn(serve_stdio(
+                    io.incoming().map(|r| r.map(Stream::Vsock)),
+                    agent.clone(),
+                ));
                 if let Some(p) = cfg.announce_port {
                     tokio::spawn(announce(p));
                 }
@@ -160,15 +156,10 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                         source,
                     }
                 })?;
-                let agent2 = agent.clone();
-                tokio::spawn(async move {
-                    let io = &io;
-                    serve_stdio(
-                        || async move { io.accept().await.map(|(s, _)| Stream::Unix(s)) },
-                        agent2,
-                    )
-                    .await
-                });
+                tokio::spawn(serve_stdio(
+                    UnixListenerStream::new(io).map(|r| r.map(Stream::Unix)),
+                    agent.clone(),
+                ));
                 router
                     .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
                     .await?;
@@ -202,13 +193,12 @@ impl Drop for NotifyOnDrop {
 }
 
 /// Serves the stdio port: one task per connection.
-async fn serve_stdio<F, Fut>(mut accept: F, agent: Arc<Agent>)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<Stream>>,
-{
-    loop {
-        match accept().await {
+async fn serve_stdio(
+    mut incoming: impl tokio_stream::Stream<Item = std::io::Result<Stream>> + Unpin,
+    agent: Arc<Agent>,
+) {
+    while let Some(conn) = incoming.next().await {
+        match conn {
             Ok(s) => {
                 let agent = agent.clone();
                 tokio::spawn(stdio::handle(s, move |h| agent.stdio_of(h)));
