@@ -445,3 +445,53 @@ pub async fn create_sandbox_with_share(c: &mut Client, id: &str) -> Result<(), t
     .await
     .map(|_| ())
 }
+
+/// Runs an exec that forks ten long sleeps in container `id` (whose pids
+/// limit is `limit`), checks the cgroup never holds more than `limit`
+/// processes and that the forks beyond it failed, then SIGKILLs everything in
+/// the container and reaps the exec. The container's own process is left for
+/// the caller to wait for.
+pub async fn assert_pids_limit_holds(c: &mut Client, addr: &Address, id: &str, limit: u64) {
+    exec(
+        c,
+        id,
+        "fork",
+        &process(
+            &[
+                "sh",
+                "-c",
+                "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 30 & done; wait",
+            ],
+            false,
+        ),
+    )
+    .await
+    .expect("exec the forker");
+    let err = collect(stream(addr, Which::Stderr, id, "fork").await);
+    let _out = collect(stream(addr, Which::Stdout, id, "fork").await);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let current = c
+        .stats_container(StatsContainerRequest {
+            container_id: id.into(),
+        })
+        .await
+        .expect("StatsContainer")
+        .into_inner()
+        .cgroup_stats
+        .and_then(|s| s.pids_stats)
+        .expect("pids stats")
+        .current;
+    assert!(
+        current <= limit,
+        "the pids limit {limit} holds: {current} processes"
+    );
+    signal(c, id, "", libc::SIGKILL, true)
+        .await
+        .expect("SIGKILL all");
+    wait(c, id, "fork").await;
+    let text = String::from_utf8_lossy(&err.await.unwrap()).into_owned();
+    assert!(
+        text.contains("fork"),
+        "forks beyond the pids limit fail: {text:?}"
+    );
+}

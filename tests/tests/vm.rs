@@ -476,31 +476,7 @@ async fn containers_run_in_the_guest() {
         cpu2 > cpu1,
         "cpu usage moves in the guest: {cpu1} then {cpu2}"
     );
-    exec(
-        &mut c,
-        "v2",
-        "fork",
-        &process(
-            &[
-                "sh",
-                "-c",
-                "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 30 & done; wait",
-            ],
-            false,
-        ),
-    )
-    .await
-    .unwrap();
-    let err = collect(stream(&addr, Which::Stderr, "v2", "fork").await);
-    let _out = collect(stream(&addr, Which::Stdout, "v2", "fork").await);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert!(
-        stats(&c).await.pids_stats.unwrap().current <= 8,
-        "the pids limit holds in the guest"
-    );
-    signal(&mut c, "v2", "", libc::SIGKILL, true).await.unwrap();
-    wait(&mut c, "v2", "fork").await;
-    assert!(String::from_utf8_lossy(&err.await.unwrap()).contains("fork"));
+    assert_pids_limit_holds(&mut c, &addr, "v2", 8).await;
     wait(&mut c, "v2", "").await;
     remove(&mut c, "v2").await.unwrap();
 
