@@ -51,3 +51,21 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
 }
+
+/// Waits until a helper process prints `READY` as its first stdout line (how
+/// kata-vmm-launcher and kata-virtiofsd say they serve); an error if it says
+/// something else, closes stdout or is silent for `timeout`.
+pub async fn wait_ready_line<R>(out: R, timeout: std::time::Duration) -> Result<(), String>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    match tokio::time::timeout(timeout, lines.next_line()).await {
+        Ok(Ok(Some(l))) if l.trim() == "READY" => Ok(()),
+        Ok(Ok(Some(l))) => Err(format!("printed {l:?} instead of READY")),
+        Ok(Ok(None)) => Err("exited before it was ready".into()),
+        Ok(Err(e)) => Err(format!("reading its stdout: {e}")),
+        Err(_) => Err(format!("not ready within {timeout:?}")),
+    }
+}

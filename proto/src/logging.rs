@@ -52,6 +52,15 @@ fn filter(default_level: &str) -> EnvFilter {
 /// Installs the global subscriber. `sandbox_id` is printed on every line (it can
 /// also be set later, once, with [`set_sandbox_id`]). Calling it twice is harmless.
 pub fn init(component: &'static str, sandbox_id: Option<&str>) {
+    init_with_writer(component, sandbox_id, std::io::stderr);
+}
+
+/// Like [`init`], writing to `writer` instead of stderr (the shim writes to the
+/// log FIFO containerd reads).
+pub fn init_with_writer<W>(component: &'static str, sandbox_id: Option<&str>, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     if let Some(id) = sandbox_id {
         set_sandbox_id(id);
     }
@@ -61,12 +70,12 @@ pub fn init(component: &'static str, sandbox_id: Option<&str>) {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter("info"))
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .try_init()
     } else {
         tracing_subscriber::fmt()
             .with_env_filter(filter("info"))
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .event_format(WithSandbox {
                 component,
                 inner: Format::default().with_ansi(false),

@@ -1,0 +1,172 @@
+//! A process's stdio: containerd's FIFOs joined to the agent's per-process
+//! streams (one raw connection per stream on the stdio port).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kata_proto::dialer::Address;
+use kata_proto::stdio::{attach, Which};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+/// The FIFO paths containerd gave for one process (empty: none).
+#[derive(Debug, Clone, Default)]
+pub struct Paths {
+    /// stdin FIFO.
+    pub stdin: String,
+    /// stdout FIFO.
+    pub stdout: String,
+    /// stderr FIFO (unused with a terminal).
+    pub stderr: String,
+    /// A terminal: one output stream.
+    pub terminal: bool,
+}
+
+/// The copy tasks of one process.
+#[derive(Debug, Default)]
+pub struct Copies {
+    outputs: Vec<JoinHandle<()>>,
+    stdin: Option<JoinHandle<()>>,
+    stdin_path: Option<PathBuf>,
+}
+
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+const BUF: usize = 128 * 1024;
+
+/// Attaches the outputs (before the process starts, so no byte is lost).
+pub async fn attach_outputs(
+    agent: &Address,
+    cid: &str,
+    exec_id: &str,
+    p: &Paths,
+) -> Result<Copies> {
+    let mut copies = Copies::default();
+    let mut outs = vec![(Which::Stdout, p.stdout.clone())];
+    if !p.terminal {
+        outs.push((Which::Stderr, p.stderr.clone()));
+    }
+    for (which, path) in outs {
+        let stream = attach(agent, which, cid, exec_id, ATTACH_TIMEOUT)
+            .await
+            .with_context(|| format!("attaching {} of {cid}", which.as_str()))?;
+        let fifo = if path.is_empty() {
+            None
+        } else {
+            // read+write: never blocks on a missing reader, never EPIPE
+            Some(
+                tokio::net::unix::pipe::OpenOptions::new()
+                    .read_write(true)
+                    .open_sender(&path)
+                    .with_context(|| format!("opening the {} FIFO {path}", which.as_str()))?,
+            )
+        };
+        copies.outputs.push(tokio::spawn(copy_out(stream, fifo)));
+    }
+    Ok(copies)
+}
+
+async fn copy_out(
+    mut from: kata_proto::dialer::Stream,
+    mut to: Option<tokio::net::unix::pipe::Sender>,
+) {
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(w) = to.as_mut() {
+            if let Err(e) = w.write_all(&buf[..n]).await {
+                debug!("output FIFO: {e}; discarding the rest");
+                to = None;
+            }
+        }
+    }
+}
+
+/// Attaches stdin: containerd's FIFO to the agent, closing the process's
+/// stdin when the writer closes.
+pub async fn attach_stdin(
+    copies: &mut Copies,
+    agent: &Address,
+    cid: &str,
+    exec_id: &str,
+    p: &Paths,
+) -> Result<()> {
+    if p.stdin.is_empty() {
+        return Ok(());
+    }
+    let mut stream = attach(agent, Which::Stdin, cid, exec_id, ATTACH_TIMEOUT)
+        .await
+        .with_context(|| format!("attaching STDIN of {cid}"))?;
+    let path = PathBuf::from(&p.stdin);
+    copies.stdin_path = Some(path.clone());
+    copies.stdin = Some(tokio::spawn(async move {
+        // a blocking open waits for containerd's writer; an early read-only
+        // non-blocking open would read EOF before the writer came
+        let file = match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
+            Ok(Ok(f)) => f,
+            _ => return,
+        };
+        let Ok(mut fifo) = tokio::net::unix::pipe::Receiver::from_file(file) else {
+            return;
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match fifo.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if stream.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = stream.shutdown().await;
+    }));
+    Ok(())
+}
+
+impl Copies {
+    /// Waits (bounded) until the outputs delivered their last byte, then
+    /// ends the stdin copy.
+    pub async fn finish(&mut self, timeout: Duration) {
+        let outs = std::mem::take(&mut self.outputs);
+        let _ = tokio::time::timeout(timeout, futures_join_all(outs)).await;
+        self.close_stdin();
+    }
+
+    /// Stops copying stdin (and unblocks a FIFO open still waiting for a writer).
+    pub fn close_stdin(&mut self) {
+        if let Some(h) = self.stdin.take() {
+            if !h.is_finished() {
+                // a waiting open(O_RDONLY) returns once a writer appears
+                if let Some(p) = &self.stdin_path {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let _ = std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(p);
+                }
+                h.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        self.close_stdin();
+        for h in &self.outputs {
+            h.abort();
+        }
+    }
+}
+
+async fn futures_join_all(hs: Vec<JoinHandle<()>>) {
+    for h in hs {
+        let _ = h.await;
+    }
+}

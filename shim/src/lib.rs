@@ -1,0 +1,17 @@
+//! containerd-shim-kata-v2: containerd's shim v2 task API over one pod VM.
+//!
+//! containerd starts the binary once per pod (`start`); the serving process
+//! owns the pod: it starts kata-virtiofsd and kata-vmm-launcher from the
+//! sandbox directory (`/run/kata/<sandbox id>/`), talks to the agent in the
+//! guest, joins containerd's FIFOs to the agent's stdio streams and
+//! publishes the task events. `delete` cleans a pod whose shim died.
+
+pub mod error;
+pub mod io;
+pub mod mounts;
+pub mod options;
+pub mod pod;
+pub mod service;
+pub mod shim;
+pub mod spec;
+pub mod stats;

@@ -1,0 +1,464 @@
+//! One pod: its sandbox directory, kata-virtiofsd, kata-vmm-launcher (and its
+//! VM), the agent connection, and a teardown that always runs to the end.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use kata_proto::agent::agent_service_client::AgentServiceClient;
+use kata_proto::agent::{CreateSandboxRequest, DestroySandboxRequest, Storage};
+use kata_proto::config::Config;
+use kata_proto::dialer::Address;
+use kata_proto::launcher::launcher_client::LauncherClient;
+use kata_proto::launcher::{Accelerator, CreateVmRequest, StartVmRequest, StopVmRequest, VmSpec};
+use kata_proto::paths::{ports, SandboxPaths};
+use kata_vmm_launcher::client::LauncherProcess;
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::mounts;
+use crate::spec::GUEST_SHARE;
+
+/// The agent client type.
+pub type Agent = AgentServiceClient<Channel>;
+
+/// What the shim keeps on disk so that `shim delete` can clean a pod whose
+/// shim was SIGKILLed.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct PodState {
+    /// The pod.
+    pub sandbox_id: String,
+    /// The shim serving it.
+    pub shim_pid: u32,
+    /// kata-virtiofsd's pid and start time (to tell a reused pid).
+    pub virtiofsd_pid: u32,
+    /// Its start time (clock ticks since boot).
+    pub virtiofsd_start: u64,
+}
+
+impl PodState {
+    fn file(paths: &SandboxPaths) -> PathBuf {
+        paths.dir.join("shim.json")
+    }
+
+    fn save(&self, paths: &SandboxPaths) -> Result<()> {
+        let tmp = paths.dir.join(".shim.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(self)?)?;
+        std::fs::rename(tmp, Self::file(paths))?;
+        Ok(())
+    }
+
+    /// Reads the state of the pod in `paths`.
+    pub fn load(paths: &SandboxPaths) -> Option<PodState> {
+        serde_json::from_slice(&std::fs::read(Self::file(paths)).ok()?).ok()
+    }
+}
+
+/// VM size of a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// MiB of RAM.
+    pub memory_mib: u64,
+}
+
+/// A running pod.
+pub struct Pod {
+    /// The pod (sandbox) id.
+    pub id: String,
+    /// Its directory.
+    pub paths: SandboxPaths,
+    /// The configuration it was created with (annotations applied).
+    pub config: Config,
+    /// The agent.
+    pub agent: Agent,
+    /// The agent's address (stdio streams use it).
+    pub agent_addr: Address,
+    /// The hypervisor's pid (what containerd sees as the task's pid).
+    pub hypervisor_pid: u32,
+    launcher: LauncherClient<Channel>,
+    children: Mutex<Children>,
+    /// Host-side time of the critical path of CreateVm+StartVm etc.
+    pub timings: Timings,
+}
+
+struct Children {
+    launcher: Option<Child>,
+    virtiofsd: Option<Child>,
+}
+
+/// Where pod start time went.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Timings {
+    /// Directory, mounts, kata-virtiofsd and launcher up, CreateVm.
+    pub host_prepare: Duration,
+    /// StartVm until the agent announced itself (guest boot).
+    pub guest_boot: Duration,
+    /// Agent connection and CreateSandbox.
+    pub sandbox: Duration,
+}
+
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+async fn spawn_virtiofsd(cfg: &Config, id: &str, paths: &SandboxPaths) -> Result<Child> {
+    let q = &cfg.hypervisor.qemu;
+    let bin = q.virtio_fs_daemon_path().map_err(|e| anyhow!(e))?;
+    std::fs::create_dir_all(paths.vm_dir())?;
+    let mut cmd = Command::new(&bin);
+    cmd.arg("--socket-path")
+        .arg(paths.virtiofsd_socket())
+        .arg("--shared-dir")
+        .arg(paths.shared_dir())
+        .arg("--cache")
+        .arg(q.virtiofsd_cache_mode())
+        .arg("--sandbox-id")
+        .arg(id)
+        .arg("--control-socket")
+        .arg(paths.virtiofsd_control())
+        .args(&q.virtio_fs_extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
+    die_with_parent(&mut cmd);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let out = child.stdout.take().context("kata-virtiofsd stdout")?;
+    if let Err(e) = kata_proto::wait_ready_line(out, Duration::from_secs(10)).await {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(anyhow!("{}: {e}", bin.display()));
+    }
+    Ok(child)
+}
+
+fn accelerator(name: &str) -> Accelerator {
+    match name {
+        "kvm" => Accelerator::Kvm,
+        "tcg" => Accelerator::Tcg,
+        _ => Accelerator::Auto,
+    }
+}
+
+impl Pod {
+    /// Brings a pod up: directory, shared mount, kata-virtiofsd, the launcher,
+    /// the VM, the agent, CreateSandbox. On failure everything made so far is
+    /// removed before the error returns.
+    pub async fn create(id: &str, cfg: Config, size: Size, hostname: &str) -> Result<Pod> {
+        let paths = SandboxPaths::new(id);
+        if paths.dir.exists() {
+            // a pod of that id left by a dead shim: clean it first
+            warn!("{} exists: cleaning what a previous shim left", paths.dir.display());
+            cleanup_dead(&paths).await;
+        }
+        let mut children = Children {
+            launcher: None,
+            virtiofsd: None,
+        };
+        match Self::bring_up(id, &paths, &cfg, size, hostname, &mut children).await {
+            Ok((agent, agent_addr, hypervisor_pid, launcher, timings)) => Ok(Pod {
+                id: id.into(),
+                paths,
+                config: cfg,
+                agent,
+                agent_addr,
+                hypervisor_pid,
+                launcher,
+                children: Mutex::new(children),
+                timings,
+            }),
+            Err(e) => {
+                warn!("pod creation failed, removing what was made: {e:#}");
+                teardown_children(&paths, &mut children, None).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn bring_up(
+        id: &str,
+        paths: &SandboxPaths,
+        cfg: &Config,
+        size: Size,
+        hostname: &str,
+        children: &mut Children,
+    ) -> Result<(Agent, Address, u32, LauncherClient<Channel>, Timings)> {
+        let t0 = Instant::now();
+        let q = &cfg.hypervisor.qemu;
+        std::fs::create_dir_all(&paths.dir)
+            .with_context(|| format!("creating {}", paths.dir.display()))?;
+        let mut state = PodState {
+            sandbox_id: id.into(),
+            shim_pid: std::process::id(),
+            ..Default::default()
+        };
+        state.save(paths)?;
+        let shared = q.shared_fs == kata_proto::config::SharedFs::VirtioFs;
+        let mut virtiofs_socket = String::new();
+        if shared {
+            mounts::make_shared_mountpoint(&paths.shared_dir())?;
+            let child = spawn_virtiofsd(cfg, id, paths).await?;
+            state.virtiofsd_pid = child.id().unwrap_or(0);
+            state.virtiofsd_start =
+                kata_vmm_launcher::vm::start_time(state.virtiofsd_pid).unwrap_or(0);
+            state.save(paths)?;
+            children.virtiofsd = Some(child);
+            virtiofs_socket = paths.virtiofsd_socket().display().to_string();
+        }
+        let launcher_bin = q.launcher_path().map_err(|e| anyhow!(e))?;
+        let lp = LauncherProcess::spawn(&launcher_bin, id, &paths.dir, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("starting {}", launcher_bin.display()))?;
+        let LauncherProcess {
+            child, mut client, ..
+        } = lp;
+        children.launcher = Some(child);
+
+        let mut params = q.kernel_params.clone();
+        if cfg.agent.kata.enable_debug {
+            params.push_str(" agent.log=debug");
+        }
+        if cfg.agent.kata.debug_console_enabled {
+            params.push_str(" agent.debug_console");
+        }
+        let spec = VmSpec {
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            kernel_path: q.kernel.display().to_string(),
+            initrd_path: q.initrd.display().to_string(),
+            kernel_params: params.trim().to_string(),
+            accelerator: accelerator(&q.accelerator) as i32,
+            cgroup_path: format!("kata_{id}"),
+            hypervisor_path: q.path.display().to_string(),
+            machine_type: q.machine_type.clone(),
+            virtiofs_socket,
+            ..Default::default()
+        };
+        let created = client
+            .create_vm(CreateVmRequest {
+                sandbox_id: id.into(),
+                spec: Some(spec),
+            })
+            .await
+            .map_err(|s| anyhow!("creating the VM: {}", s.message()))?
+            .into_inner();
+        let host_prepare = t0.elapsed();
+        let t1 = Instant::now();
+        client
+            .start_vm(StartVmRequest {
+                agent_ready_timeout_seconds: cfg.agent.kata.dial_timeout.max(1) as u32,
+            })
+            .await
+            .map_err(|s| anyhow!("starting the VM: {}", s.message()))?;
+        let guest_boot = t1.elapsed();
+        let t2 = Instant::now();
+        let agent_addr = Address::Hybrid {
+            path: created.vsock_uds_path.clone().into(),
+            port: ports::AGENT,
+        };
+        let ch = kata_proto::dialer::channel(&agent_addr, Duration::from_secs(10))
+            .await
+            .context("connecting to the agent")?;
+        let mut agent = AgentServiceClient::new(ch);
+        let mut storages = Vec::new();
+        if shared {
+            storages.push(Storage {
+                driver: "virtio-fs".into(),
+                source: "kataShared".into(),
+                fstype: "virtiofs".into(),
+                mount_point: GUEST_SHARE.into(),
+                ..Default::default()
+            });
+        }
+        agent
+            .create_sandbox(CreateSandboxRequest {
+                hostname: hostname.into(),
+                storages,
+                sandbox_id: id.into(),
+                disable_guest_seccomp: cfg.runtime.disable_guest_seccomp,
+                kernel_modules: cfg.agent.kata.kernel_modules.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| anyhow!("CreateSandbox in the guest: {}", s.message()))?;
+        let timings = Timings {
+            host_prepare,
+            guest_boot,
+            sandbox: t2.elapsed(),
+        };
+        info!(
+            hypervisor_pid = created.hypervisor_pid,
+            host_ms = host_prepare.as_millis() as u64,
+            boot_ms = guest_boot.as_millis() as u64,
+            sandbox_ms = timings.sandbox.as_millis() as u64,
+            "pod is up"
+        );
+        Ok((agent, agent_addr, created.hypervisor_pid, client, timings))
+    }
+
+    /// The agent client (cheap clone).
+    pub fn agent(&self) -> Agent {
+        self.agent.clone()
+    }
+
+    /// The host directory of container `cid` in the share.
+    pub fn container_dir(&self, cid: &str) -> PathBuf {
+        self.paths.shared_dir().join(cid)
+    }
+
+    /// Resolves when the VM ended (poweroff, crash, kill) or the launcher or
+    /// kata-virtiofsd died: whatever makes the pod unusable.
+    pub async fn failed(&self) -> String {
+        let mut launcher = self.launcher.clone();
+        let vm = async move {
+            match launcher.wait_vm(()).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    format!("the VM exited ({}, code {})", r.reason, r.exit_code)
+                }
+                Err(s) => format!("the launcher is gone ({})", s.message()),
+            }
+        };
+        let fs = async {
+            loop {
+                {
+                    let mut c = self.children.lock().await;
+                    match c.virtiofsd.as_mut().map(|v| v.try_wait()) {
+                        Some(Ok(Some(st))) => return format!("kata-virtiofsd exited ({st})"),
+                        None => return std::future::pending().await,
+                        _ => {}
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::select! {
+            m = vm => m,
+            m = fs => m,
+        }
+    }
+
+    /// Stops the VM (through the agent if it answers) and every helper, and
+    /// removes the sandbox directory, its mounts and cgroups.
+    pub async fn destroy(&self) {
+        let mut agent = self.agent();
+        let graceful = tokio::time::timeout(
+            Duration::from_secs(5),
+            agent.destroy_sandbox(DestroySandboxRequest {}),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        let mut launcher = self.launcher.clone();
+        if graceful {
+            let _ = tokio::time::timeout(Duration::from_secs(10), launcher.wait_vm(())).await;
+        }
+        let mut c = self.children.lock().await;
+        teardown_children(&self.paths, &mut c, Some(launcher)).await;
+        info!("pod removed");
+    }
+}
+
+async fn teardown_children(
+    paths: &SandboxPaths,
+    c: &mut Children,
+    launcher: Option<LauncherClient<Channel>>,
+) {
+    if let Some(mut l) = launcher {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            l.stop_vm(StopVmRequest {
+                timeout_seconds: 2,
+            }),
+        )
+        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), l.shutdown(())).await;
+    }
+    if let Some(mut child) = c.launcher.take() {
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_err()
+        {
+            warn!("the launcher did not exit: killing it");
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+    // the launcher removes its own things; after a kill, what it left
+    if let Err(e) = kata_vmm_launcher::vm::cleanup(paths) {
+        warn!("launcher cleanup: {e}");
+    }
+    if let Some(mut child) = c.virtiofsd.take() {
+        // it exits by itself once QEMU disconnected
+        if tokio::time::timeout(Duration::from_secs(3), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+    remove_dir(paths);
+}
+
+fn remove_dir(paths: &SandboxPaths) {
+    if let Err(e) = mounts::unmount_and_remove(&paths.shared_dir()) {
+        warn!("{e:#}");
+    }
+    let _ = std::fs::remove_file(PodState::file(paths));
+    kata_vmm_launcher::vm::remove_sandbox_files(paths);
+    if paths.dir.exists() {
+        if let Err(e) = mounts::unmount_and_remove(&paths.dir) {
+            warn!("{e:#}");
+        }
+    }
+}
+
+fn kill_if_same(pid: u32, start: u64) {
+    if pid == 0 || kata_vmm_launcher::vm::start_time(pid) != Some(start) {
+        return;
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    for _ in 0..100 {
+        if kata_vmm_launcher::vm::start_time(pid) != Some(start) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Cleans a pod whose shim is dead: its launcher, hypervisor, kata-virtiofsd,
+/// mounts, cgroups and directory.
+pub async fn cleanup_dead(paths: &SandboxPaths) {
+    if let Some(st) = kata_vmm_launcher::vm::State::load(paths) {
+        if let Some(start) = kata_vmm_launcher::vm::start_time(st.launcher_pid) {
+            if st.launcher_pid != std::process::id() {
+                kill_if_same(st.launcher_pid, start);
+            }
+        }
+    }
+    if let Err(e) = kata_vmm_launcher::vm::cleanup(paths) {
+        warn!("launcher cleanup: {e}");
+    }
+    if let Some(st) = PodState::load(paths) {
+        kill_if_same(st.virtiofsd_pid, st.virtiofsd_start);
+    }
+    remove_dir(paths);
+}
