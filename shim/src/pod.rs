@@ -89,6 +89,7 @@ pub struct Pod {
 
 struct Children {
     launcher: Option<Child>,
+    launcher_client: Option<LauncherClient<Channel>>,
     virtiofsd: Option<Child>,
 }
 
@@ -168,6 +169,7 @@ impl Pod {
         }
         let mut children = Children {
             launcher: None,
+            launcher_client: None,
             virtiofsd: None,
         };
         match Self::bring_up(id, &paths, &cfg, size, hostname, &mut children).await {
@@ -184,7 +186,7 @@ impl Pod {
             }),
             Err(e) => {
                 warn!("pod creation failed, removing what was made: {e:#}");
-                teardown_children(&paths, &mut children, None).await;
+                teardown_children(&paths, &mut children).await;
                 Err(e)
             }
         }
@@ -228,6 +230,7 @@ impl Pod {
             child, mut client, ..
         } = lp;
         children.launcher = Some(child);
+        children.launcher_client = Some(client.clone());
 
         let mut params = q.kernel_params.clone();
         if cfg.agent.kata.enable_debug {
@@ -363,22 +366,18 @@ impl Pod {
         )
         .await
         .is_ok_and(|r| r.is_ok());
-        let mut launcher = self.launcher.clone();
         if graceful {
+            let mut launcher = self.launcher.clone();
             let _ = tokio::time::timeout(Duration::from_secs(10), launcher.wait_vm(())).await;
         }
         let mut c = self.children.lock().await;
-        teardown_children(&self.paths, &mut c, Some(launcher)).await;
+        teardown_children(&self.paths, &mut c).await;
         info!("pod removed");
     }
 }
 
-async fn teardown_children(
-    paths: &SandboxPaths,
-    c: &mut Children,
-    launcher: Option<LauncherClient<Channel>>,
-) {
-    if let Some(mut l) = launcher {
+async fn teardown_children(paths: &SandboxPaths, c: &mut Children) {
+    if let Some(mut l) = c.launcher_client.take() {
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
             l.stop_vm(StopVmRequest {
