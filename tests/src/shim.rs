@@ -1,0 +1,133 @@
+//! Helpers of the shim's end-to-end tests: a kata-rs configuration for the
+//! test guest, and the checks that a pod left nothing on the host.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The runtime name of the shim.
+pub const RUNTIME: &str = "io.containerd.kata.v2";
+
+/// Writes a kata-rs configuration for the test guest image (TCG, the
+/// binaries of this build) to `path`, with `extra` TOML appended to the
+/// `[hypervisor.qemu]` section (`extra_sections` after everything).
+pub fn write_config(path: &Path, qemu_extra: &str, extra_sections: &str) -> PathBuf {
+    let guest = crate::guest_dir();
+    let text = format!(
+        "[hypervisor.qemu]\n\
+         kernel = \"{}\"\n\
+         initrd = \"{}\"\n\
+         accelerator = \"tcg\"\n\
+         default_memory = 256\n\
+         launcher = \"{}\"\n\
+         virtio_fs_daemon = \"{}\"\n\
+         {qemu_extra}\n\
+         [agent.kata]\n\
+         dial_timeout = 90\n\
+         {extra_sections}\n",
+        guest.join("vmlinuz").display(),
+        guest.join("initrd.img").display(),
+        crate::bin("kata-vmm-launcher").display(),
+        crate::bin("kata-virtiofsd").display(),
+    );
+    std::fs::write(path, text).expect("write the kata-rs configuration");
+    path.to_path_buf()
+}
+
+/// The guest kernel release of the test image (`kver` of its manifest).
+pub fn guest_kernel() -> String {
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(crate::guest_dir().join("manifest.json")).expect("read the manifest"),
+    )
+    .expect("parse the manifest");
+    m["kver"].as_str().expect("kver").to_string()
+}
+
+/// The host processes that belong to pod `id`: its launcher and
+/// kata-virtiofsd (by their `--sandbox-id`), its shim and hypervisor (by the
+/// sandbox directory in their command line or the launcher's state file).
+pub fn pod_processes(id: &str) -> Vec<(u32, String)> {
+    let dir = kata_proto::paths::SandboxPaths::new(id);
+    let needle_id = format!("--sandbox-id\0{id}\0");
+    let needle_dir = format!("{}/", dir.dir.display());
+    let needle_shim = format!("-id\0{id}\0");
+    let mut hv = None;
+    if let Some(st) = kata_vmm_launcher::vm::State::load(&dir) {
+        hv = Some(st.hypervisor_pid);
+    }
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).into_owned();
+        let shim = cmd.starts_with("containerd-shim-kata-v2\0") || cmd.contains("/containerd-shim-kata-v2\0");
+        if (cmd.contains(&needle_id)
+            || cmd.contains(&needle_dir)
+            || hv == Some(pid)
+            || (shim && cmd.contains(&needle_shim)))
+            && crate::alive(pid)
+        {
+            found.push((pid, cmd.replace('\0', " ")));
+        }
+    }
+    found
+}
+
+/// Waits (up to `timeout`) until nothing of pod `id` is left on the host: no
+/// process, no sandbox directory, no mount below it, no cgroup; panics
+/// naming what is left.
+pub fn assert_pod_gone(id: &str, timeout: Duration) {
+    let dir = kata_proto::paths::SandboxPaths::new(id).dir;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut left = Vec::new();
+        for (pid, cmd) in pod_processes(id) {
+            left.push(format!("process {pid}: {cmd}"));
+        }
+        if dir.exists() {
+            left.push(format!("directory {}", dir.display()));
+        }
+        for m in crate::containerd::mounts_under(&dir) {
+            left.push(format!("mount {}", m.display()));
+        }
+        for h in kata_vmm_launcher::cgroup::hierarchies() {
+            let p = h.join(format!("kata_{id}"));
+            if p.exists() {
+                left.push(format!("cgroup {}", p.display()));
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("pod {id} left behind:\n  {}", left.join("\n  "));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls `ctr task ls` until task `id` has `status` (e.g. "STOPPED").
+pub fn wait_task_status(
+    c: &crate::containerd::Containerd,
+    id: &str,
+    status: &str,
+    timeout: Duration,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ls = c.ctr_ok(&["task", "ls"]);
+        if ls
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(id) && l.contains(status))
+        {
+            return ls;
+        }
+        if Instant::now() > deadline {
+            panic!("task {id} did not become {status} within {timeout:?}:\n{ls}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

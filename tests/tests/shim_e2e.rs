@@ -1,0 +1,241 @@
+//! End to end: real containerd 1.6 and ctr start containerd-shim-kata-v2,
+//! which runs every container in a VM (QEMU under TCG, the test guest image).
+//! Needs root, containerd and QEMU (`make test` installs them).
+
+use std::time::Duration;
+
+use kata_tests::containerd::Containerd;
+use kata_tests::shim::{assert_pod_gone, guest_kernel, pod_processes, wait_task_status, write_config, RUNTIME};
+
+const GONE: Duration = Duration::from_secs(20);
+
+fn setup(qemu_extra: &str) -> (Containerd, String, tempfile::TempDir) {
+    kata_tests::require_root();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(&tmp.path().join("configuration.toml"), qemu_extra, "");
+    let c = Containerd::builder().kata_config(&cfg).start();
+    let image = c.import_busybox();
+    (c, image, tmp)
+}
+
+fn run<'a>(image: &'a str, id: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["run", "--rm", "--runtime", RUNTIME, image, id];
+    v.extend_from_slice(args);
+    v
+}
+
+fn status(o: &std::process::Output) -> Option<i32> {
+    o.status.code()
+}
+
+#[test]
+fn run_prints_the_guest_kernel_propagates_exit_codes_and_stdin() {
+    let (c, image, _tmp) = setup("");
+    let out = c.ctr_ok(&run(&image, "k1", &["uname", "-r"]));
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(out.trim(), guest_kernel(), "the container ran in the guest");
+    assert_ne!(out.trim(), host.trim(), "not the host's kernel");
+    assert_pod_gone("k1", GONE);
+
+    let o = c.ctr(&run(&image, "k2", &["sh", "-c", "echo out; echo err >&2; exit 3"]));
+    assert_eq!(status(&o), Some(3), "exit code: {o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "out");
+    assert_eq!(String::from_utf8_lossy(&o.stderr).trim(), "err");
+    assert_pod_gone("k2", GONE);
+
+    let o = c.ctr_input(&run(&image, "k3", &["cat"]), Some(b"hi from stdin\n"));
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hi from stdin\n");
+    assert_pod_gone("k3", GONE);
+}
+
+#[test]
+fn a_detached_task_execs_lists_pauses_reports_metrics_and_dies_by_signal() {
+    let (c, image, _tmp) = setup("");
+    let id = "d1";
+    c.ctr_ok(&["run", "-d", "--runtime", RUNTIME, &image, id, "sh", "-c", "trap 'exit 42' TERM; while true; do sleep 1; done"]);
+    wait_task_status(&c, id, "RUNNING", Duration::from_secs(30));
+    // one VM: one launcher, one kata-virtiofsd, one hypervisor
+    let procs = pod_processes(id);
+    assert!(procs.len() >= 3, "{procs:?}");
+
+    let out = c.ctr_ok(&["task", "exec", "--exec-id", "e1", id, "sh", "-c", "echo exec-ok; cat /proc/1/cmdline | tr '\\0' ' '"]);
+    assert!(out.starts_with("exec-ok\n"), "{out}");
+    assert!(out.contains("trap"), "the exec sees the container's pid 1: {out}");
+    let o = c.ctr(&["task", "exec", "--exec-id", "e2", id, "sh", "-c", "exit 7"]);
+    assert_eq!(status(&o), Some(7), "{o:?}");
+
+    let ps = c.ctr_ok(&["task", "ps", id]);
+    assert!(ps.lines().count() >= 2, "ctr task ps lists the guest processes: {ps}");
+
+    let m = c.ctr_ok(&["task", "metrics", id]);
+    assert!(m.contains("memory.usage_in_bytes") || m.contains("memory"), "{m}");
+    let usage = m
+        .lines()
+        .find(|l| l.starts_with("memory.usage_in_bytes"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(usage > 0, "memory usage reported: {m}");
+
+    c.ctr_ok(&["task", "pause", id]);
+    wait_task_status(&c, id, "PAUSED", Duration::from_secs(10));
+    c.ctr_ok(&["task", "resume", id]);
+    wait_task_status(&c, id, "RUNNING", Duration::from_secs(10));
+
+    // a tty: ctr needs one of its own, `script` gives it a pty
+    let out = std::process::Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "ctr -a {} -n {} task exec -t --exec-id t1 {id} sh -c 'tty; stty size'",
+            c.address().display(),
+            c.namespace()
+        ))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("/dev/pts/"), "a terminal in the guest: {text:?}");
+
+    c.ctr_ok(&["task", "kill", "-s", "SIGTERM", id]);
+    let ls = wait_task_status(&c, id, "STOPPED", Duration::from_secs(30));
+    assert!(ls.contains(id));
+    let o = c.ctr_ok(&["task", "delete", id]);
+    let _ = o;
+    c.ctr_ok(&["container", "delete", id]);
+    assert_pod_gone(id, GONE);
+}
+
+#[test]
+fn two_containers_of_one_pod_share_one_vm() {
+    let (c, image, _tmp) = setup("");
+    let pod = "pod1";
+    let sandbox_ann = ["--annotation", "io.kubernetes.cri.container-type=sandbox", "--annotation", "io.kubernetes.cri.sandbox-id=pod1"];
+    let member_ann = ["--annotation", "io.kubernetes.cri.container-type=container", "--annotation", "io.kubernetes.cri.sandbox-id=pod1"];
+    let mut a = vec!["run", "-d", "--runtime", RUNTIME];
+    a.extend_from_slice(&sandbox_ann);
+    a.extend_from_slice(&[&image, pod, "sleep", "1000"]);
+    c.ctr_ok(&a);
+    let mut b = vec!["run", "-d", "--runtime", RUNTIME];
+    b.extend_from_slice(&member_ann);
+    b.extend_from_slice(&[&image, "app1", "sleep", "1000"]);
+    c.ctr_ok(&b);
+    wait_task_status(&c, "app1", "RUNNING", Duration::from_secs(30));
+
+    let boot = |id: &str, e: &str| c.ctr_ok(&["task", "exec", "--exec-id", e, id, "cat", "/proc/sys/kernel/random/boot_id"]);
+    assert_eq!(boot(pod, "b1"), boot("app1", "b2"), "both containers run in one guest kernel");
+    let launchers: Vec<_> = pod_processes(pod)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("kata-vmm-launcher"))
+        .collect();
+    assert_eq!(launchers.len(), 1, "one VM for the pod: {launchers:?}");
+    assert!(!kata_proto::paths::SandboxPaths::new("app1").dir.exists(), "no second sandbox");
+
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "app1"]);
+    wait_task_status(&c, "app1", "STOPPED", Duration::from_secs(30));
+    c.ctr_ok(&["task", "delete", "app1"]);
+    c.ctr_ok(&["container", "delete", "app1"]);
+    // the pod lives on without its member
+    c.ctr_ok(&["task", "exec", "--exec-id", "b3", pod, "true"]);
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", pod]);
+    wait_task_status(&c, pod, "STOPPED", Duration::from_secs(30));
+    c.ctr_ok(&["task", "delete", pod]);
+    c.ctr_ok(&["container", "delete", pod]);
+    assert_pod_gone(pod, GONE);
+}
+
+#[test]
+fn bind_mounts_reach_the_guest_and_read_only_stays_read_only() {
+    let (c, image, tmp) = setup("");
+    let ro = tmp.path().join("ro");
+    let rw = tmp.path().join("rw");
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::write(ro.join("f"), "from the host\n").unwrap();
+    let ro_m = format!("type=bind,src={},dst=/ro,options=rbind:ro", ro.display());
+    let rw_m = format!("type=bind,src={},dst=/rw,options=rbind:rw", rw.display());
+    let o = c.ctr(&[
+        "run", "--rm", "--runtime", RUNTIME, "--mount", &ro_m, "--mount", &rw_m, &image, "m1", "sh", "-c",
+        "cat /ro/f; echo guest > /rw/out; if echo x > /ro/new; then echo WROTE; fi; echo x > /ro/f || echo refused",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("from the host"), "{o:?}");
+    assert!(out.contains("refused") && !out.contains("WROTE"), "{o:?}");
+    assert!(!ro.join("new").exists(), "a file appeared in the read-only volume");
+    assert_eq!(std::fs::read_to_string(ro.join("f")).unwrap(), "from the host\n");
+    assert_eq!(std::fs::read_to_string(rw.join("out")).unwrap(), "guest\n");
+    assert_pod_gone("m1", GONE);
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_leaves_nothing() {
+    let (c, image, tmp) = setup("");
+    let bad_type = tmp.path().join("bad-type.toml");
+    std::fs::write(&bad_type, "[hypervisor.qemu]\ndefault_memory = \"big\"\n").unwrap();
+    let no_kernel = write_config(&tmp.path().join("no-kernel.toml"), "", "");
+    let text = std::fs::read_to_string(&no_kernel).unwrap();
+    let no_kernel_text = text.replacen("vmlinuz\"", "vmlinuz-missing\"", 1);
+    std::fs::write(&no_kernel, no_kernel_text).unwrap();
+
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        ("b1", vec!["--runtime-config-path".into(), bad_type.display().to_string()], "default_memory"),
+        ("b2", vec!["--runtime-config-path".into(), no_kernel.display().to_string()], "vmlinuz-missing"),
+        (
+            "b3",
+            vec!["--annotation".into(), "io.katacontainers.config.hypervisor.default_memory=1024".into()],
+            "not allowed",
+        ),
+    ];
+    for (id, extra, want) in cases {
+        let mut a: Vec<&str> = vec!["run", "--rm", "--runtime", RUNTIME];
+        a.extend(extra.iter().map(String::as_str));
+        a.extend_from_slice(&[&image, id, "true"]);
+        let o = c.ctr(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{id} should fail: {o:?}");
+        assert!(err.contains(want), "{id}: the error names {want:?}: {err}");
+        let _ = c.ctr(&["container", "delete", id]);
+        assert_pod_gone(id, GONE);
+    }
+
+    // an entrypoint that does not exist: the guest says so
+    let o = c.ctr(&run(&image, "b4", &["/no/such/program"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{o:?}");
+    assert!(err.contains("/no/such/program"), "{err}");
+    let _ = c.ctr(&["container", "delete", "b4"]);
+    assert_pod_gone("b4", GONE);
+}
+
+/// Kills one of the pod's host processes while a container runs: containerd
+/// sees the task exit and delete leaves nothing.
+fn crash(c: &Containerd, image: &str, id: &str, victim: &str) {
+    c.ctr_ok(&["run", "-d", "--runtime", RUNTIME, image, id, "sleep", "1000"]);
+    wait_task_status(c, id, "RUNNING", Duration::from_secs(30));
+    let pid = match victim {
+        "qemu" => kata_vmm_launcher::vm::State::load(&kata_proto::paths::SandboxPaths::new(id))
+            .expect("launcher state")
+            .hypervisor_pid,
+        name => pod_processes(id)
+            .into_iter()
+            .find(|(_, cmd)| cmd.split(' ').next().is_some_and(|a| a.ends_with(name)))
+            .unwrap_or_else(|| panic!("no {name} for {id}: {:?}", pod_processes(id)))
+            .0,
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
+        .expect("SIGKILL");
+    wait_task_status(c, id, "STOPPED", Duration::from_secs(30));
+    let _ = c.ctr(&["task", "delete", id]);
+    c.ctr_ok(&["container", "delete", id]);
+    assert_pod_gone(id, GONE);
+}
+
+#[test]
+fn a_killed_shim_qemu_or_virtiofsd_ends_the_task_and_delete_cleans_up() {
+    let (c, image, _tmp) = setup("");
+    crash(&c, &image, "x-qemu", "qemu");
+    crash(&c, &image, "x-fs", "kata-virtiofsd");
+    crash(&c, &image, "x-shim", "containerd-shim-kata-v2");
+}
