@@ -9,12 +9,12 @@ BIN := $(CURDIR)/target/$(TARGET)/release
 GUEST_DIR := $(CURDIR)/target/guest
 TEST_GUEST_DIR := $(CURDIR)/target/guest-test
 # Debian packages the build, the image and the tests need.
-APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++
+APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++ containerd
 export KATA_TEST_BIN_DIR := $(BIN)
 export KATA_TEST_GUEST_DIR := $(TEST_GUEST_DIR)
 export KATA_GUEST_DIR := $(GUEST_DIR)
 
-.PHONY: all deps build image test-image run test unit lint bench fuzz clean
+.PHONY: all deps build image test-image run boot test unit lint bench fuzz clean
 
 all: build
 
@@ -44,7 +44,13 @@ test-image: deps build
 	$(BIN)/kata-ctl image build --output $(TEST_GUEST_DIR) --agent $(BIN)/kata-agent \
 	  --extra $(BIN)/kata-test-guest
 
+# One container end to end: a private containerd, the busybox image built
+# locally, `ctr run --runtime io.containerd.kata.v2 ... uname -a` (scripts/run.sh).
 run: image
+	KATA_BIN_DIR=$(BIN) scripts/run.sh
+
+# One bare VM under kata-vmm-launcher (no containerd, no shim): the guest's details.
+boot: image
 	$(BIN)/kata-ctl boot --guest-dir $(GUEST_DIR) --launcher $(BIN)/kata-vmm-launcher
 
 lint:

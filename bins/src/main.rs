@@ -4,6 +4,7 @@ mod agent;
 mod boot;
 mod check;
 mod image;
+mod oci_image;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +45,19 @@ enum Command {
     /// Talks to an agent directly (Kata's agent-ctl): any AgentService or
     /// Health RPC with a JSON request, or one stdio stream of a process.
     Agent(agent::AgentArgs),
+    /// Writes a busybox container image as an OCI image layout tar, for
+    /// `ctr image import` (no registry needed).
+    OciImage {
+        /// The tar to write.
+        #[arg(long)]
+        output: PathBuf,
+        /// The image name (`org.opencontainers.image.ref.name`).
+        #[arg(long, default_value = oci_image::DEFAULT_NAME)]
+        name: String,
+        /// A static busybox (Debian's busybox-static).
+        #[arg(long, default_value = image::DEFAULT_BUSYBOX)]
+        busybox: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,6 +117,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => agent::run(args),
+        Command::OciImage {
+            output,
+            name,
+            busybox,
+        } => {
+            let r = oci_image::build(&oci_image::Options {
+                output: output.clone(),
+                name: name.clone(),
+                busybox,
+            })?;
+            eprintln!(
+                "wrote {} ({} bytes): {name} {} with {} applets; import with `ctr image import {}`",
+                output.display(),
+                r.size,
+                r.manifest_digest,
+                r.applets,
+                output.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check {
             verbose,
             no_network_checks: _,

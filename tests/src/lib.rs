@@ -6,6 +6,8 @@
 //! failure that says what to do, never a silent skip.
 
 pub mod agent;
+pub mod containerd;
+pub mod shim;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
