@@ -255,6 +255,8 @@ fn create(req: &ChildRequest, rootfs: &Path, sync: &mut UnixStream) -> R<()> {
         }
     }
     process_limits(&req.process)?;
+    // A missing program is a create-time error, as with runc.
+    check_program(&req.process)?;
     // Set up: wait for StartContainer.
     send(sync, &ChildMsg::Ready).map_err(|e| internal(format!("reporting ready: {e}")))?;
     let mut b = [0u8; 1];
@@ -772,6 +774,29 @@ fn lookup_path(cmd: &str, env: &[String]) -> R<PathBuf> {
         "NotFound",
         format!("executable file {cmd:?} not found in $PATH ({path})"),
     ))
+}
+
+/// Fails with NotFound if the process's program is not in the rootfs (an
+/// absolute path that does not exist, or a name not found in its PATH).
+fn check_program(p: &oci_spec::runtime::Process) -> R<()> {
+    let args = p.args().clone().unwrap_or_default();
+    let Some(cmd) = args.first() else {
+        return Ok(());
+    };
+    if cmd.starts_with('/') {
+        return match std::fs::metadata(cmd) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(fail(
+                "NotFound",
+                format!("executable file {cmd:?} in the container: {e}"),
+            )),
+        };
+    }
+    if cmd.contains('/') {
+        // relative to the working directory, which is entered at start
+        return Ok(());
+    }
+    lookup_path(cmd, &p.env().clone().unwrap_or_default()).map(|_| ())
 }
 
 fn home_of(uid: u32) -> Option<String> {

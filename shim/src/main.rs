@@ -60,4 +60,6 @@ fn main() {
         RUNTIME,
         Some(config),
     ));
+    // a stdin copy may still wait in a blocking FIFO open: do not wait for it
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
 }

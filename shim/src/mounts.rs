@@ -12,14 +12,8 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 /// Makes `dir` a mount point of its own with shared propagation.
 pub fn make_shared_mountpoint(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    mount(
-        Some(dir),
-        dir,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .with_context(|| format!("bind-mounting {} onto itself", dir.display()))?;
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .with_context(|| format!("bind-mounting {} onto itself", dir.display()))?;
     mount(
         None::<&str>,
         dir,
@@ -57,12 +51,18 @@ pub fn bind(source: &Path, target: &Path, readonly: bool, staging: &Path) -> Res
     make_point(target)?;
     let rec = MsFlags::MS_BIND | MsFlags::MS_REC;
     if !readonly {
-        return mount(Some(source), target, None::<&str>, rec, None::<&str>)
-            .with_context(|| format!("bind-mounting {} at {}", source.display(), target.display()));
+        return mount(Some(source), target, None::<&str>, rec, None::<&str>).with_context(|| {
+            format!("bind-mounting {} at {}", source.display(), target.display())
+        });
     }
     make_point(staging)?;
-    mount(Some(source), staging, None::<&str>, rec, None::<&str>)
-        .with_context(|| format!("bind-mounting {} at {}", source.display(), staging.display()))?;
+    mount(Some(source), staging, None::<&str>, rec, None::<&str>).with_context(|| {
+        format!(
+            "bind-mounting {} at {}",
+            source.display(),
+            staging.display()
+        )
+    })?;
     let res = mount(
         None::<&str>,
         staging,
@@ -81,8 +81,14 @@ pub fn bind(source: &Path, target: &Path, readonly: bool, staging: &Path) -> Res
     })
     .with_context(|| format!("making {} read-only", staging.display()))
     .and_then(|_| {
-        mount(Some(staging), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .with_context(|| format!("bind-mounting {} at {}", source.display(), target.display()))
+        mount(
+            Some(staging),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .with_context(|| format!("bind-mounting {} at {}", source.display(), target.display()))
     });
     let _ = umount2(staging, MntFlags::MNT_DETACH);
     let _ = if meta.is_dir() {
@@ -103,7 +109,13 @@ pub fn mount_rootfs(m: &containerd_shim::protos::types::mount::Mount, target: &P
         &m.options,
         target,
     )
-    .map_err(|e| anyhow::anyhow!("mounting the {} rootfs at {}: {e}", m.type_, target.display()))
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "mounting the {} rootfs at {}: {e}",
+            m.type_,
+            target.display()
+        )
+    })
 }
 
 /// The mount points at or below `dir`, deepest first.

@@ -164,7 +164,10 @@ impl Pod {
         let paths = SandboxPaths::new(id);
         if paths.dir.exists() {
             // a pod of that id left by a dead shim: clean it first
-            warn!("{} exists: cleaning what a previous shim left", paths.dir.display());
+            warn!(
+                "{} exists: cleaning what a previous shim left",
+                paths.dir.display()
+            );
             cleanup_dead(&paths).await;
         }
         let mut children = Children {
@@ -356,6 +359,16 @@ impl Pod {
         }
     }
 
+    /// Stops the VM at once (the pod failed).
+    pub async fn stop_vm(&self) {
+        let mut l = self.launcher.clone();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            l.stop_vm(StopVmRequest { timeout_seconds: 1 }),
+        )
+        .await;
+    }
+
     /// Stops the VM (through the agent if it answers) and every helper, and
     /// removes the sandbox directory, its mounts and cgroups.
     pub async fn destroy(&self) {
@@ -380,9 +393,7 @@ async fn teardown_children(paths: &SandboxPaths, c: &mut Children) {
     if let Some(mut l) = c.launcher_client.take() {
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
-            l.stop_vm(StopVmRequest {
-                timeout_seconds: 2,
-            }),
+            l.stop_vm(StopVmRequest { timeout_seconds: 2 }),
         )
         .await;
         let _ = tokio::time::timeout(Duration::from_secs(5), l.shutdown(())).await;

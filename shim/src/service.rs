@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use containerd_shim::api;
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
-    TaskPaused, TaskResumed, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -245,6 +245,8 @@ impl Service {
                 return;
             }
             warn!("pod failed: {why}");
+            // what is left of the VM is of no use: stop it now, Delete cleans
+            pod.stop_vm().await;
             let all: Vec<Arc<Ctr>> = svc
                 .0
                 .containers
@@ -311,8 +313,8 @@ impl Service {
             },
             &hostname,
         )
-            .await
-            .map_err(|e| err(Code::UNKNOWN, format!("creating the pod VM: {e:#}")))?;
+        .await
+        .map_err(|e| err(Code::UNKNOWN, format!("creating the pod VM: {e:#}")))?;
         Ok(Arc::new(pod))
     }
 
@@ -370,8 +372,7 @@ impl Service {
                 .await
                 .map_err(from_status)?;
             let attach = async {
-                let mut copies =
-                    stdio::attach_outputs(&pod.agent_addr, cid, "", &init.io).await?;
+                let mut copies = stdio::attach_outputs(&pod.agent_addr, cid, "", &init.io).await?;
                 stdio::attach_stdin(&mut copies, &pod.agent_addr, cid, "", &init.io).await?;
                 anyhow::Ok(copies)
             };
@@ -437,7 +438,10 @@ impl Task for Service {
         kata_proto::paths::validate_sandbox_id(&cid)
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("container id: {e}")))?;
         if self.container(&cid).is_ok() {
-            return Err(err(Code::ALREADY_EXISTS, format!("container {cid} already exists")));
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("container {cid} already exists"),
+            ));
         }
         let spec = load_spec(&req.bundle)?;
         let role = ocispec::role(&spec);
@@ -465,7 +469,10 @@ impl Task for Service {
                 if pod.id != sandbox_id {
                     return Err(err(
                         Code::NOT_FOUND,
-                        format!("pod {sandbox_id} is not served by this shim (it serves {})", pod.id),
+                        format!(
+                            "pod {sandbox_id} is not served by this shim (it serves {})",
+                            pod.id
+                        ),
                     ));
                 }
                 pod
@@ -544,12 +551,16 @@ impl Task for Service {
         }
         let mut agent = pod.agent();
         if req.exec_id.is_empty() {
-            agent
+            if let Err(s) = agent
                 .start_container(pb::StartContainerRequest {
                     container_id: req.id.clone(),
                 })
                 .await
-                .map_err(from_status)?;
+            {
+                // its init is gone: the task is stopped, Delete works
+                self.exited(&p, 255, pod.hypervisor_pid).await;
+                return Err(from_status(s));
+            }
         } else {
             agent
                 .exec_process(pb::ExecProcessRequest {
@@ -634,7 +645,10 @@ impl Task for Service {
             if p.state() == PState::Running {
                 return Err(err(
                     Code::FAILED_PRECONDITION,
-                    format!("exec {} of {} still runs: kill it first", req.exec_id, req.id),
+                    format!(
+                        "exec {} of {} still runs: kill it first",
+                        req.exec_id, req.id
+                    ),
                 ));
             }
             c.execs
@@ -895,7 +909,10 @@ impl Task for Service {
                     format!("exec {} already exists in {}", req.exec_id, req.id),
                 ));
             }
-            execs.insert(req.exec_id.clone(), Proc::new(&req.id, &req.exec_id, io, json));
+            execs.insert(
+                req.exec_id.clone(),
+                Proc::new(&req.id, &req.exec_id, io, json),
+            );
         }
         self.publish(
             topics::TASK_EXEC_ADDED_EVENT_TOPIC,

@@ -90,7 +90,11 @@ pub fn guest_container_dir(id: &str) -> PathBuf {
 /// `<share>/<id>/rootfs`, bind sources at `<share>/<id>/mounts/<n>`.
 pub fn to_guest(mut spec: Spec, id: &str) -> Result<GuestSpec, String> {
     let dir = guest_container_dir(id);
-    let readonly_root = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
+    let readonly_root = spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false);
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(dir.join("rootfs"));
     root.set_readonly(Some(readonly_root));
@@ -99,7 +103,13 @@ pub fn to_guest(mut spec: Spec, id: &str) -> Result<GuestSpec, String> {
     let mut mounts = Vec::new();
     let mut dropped = Vec::new();
     let mut out = Vec::new();
-    for (n, m) in spec.mounts().clone().unwrap_or_default().into_iter().enumerate() {
+    for (n, m) in spec
+        .mounts()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
         if !is_bind(&m) {
             out.push(m);
             continue;
@@ -231,7 +241,14 @@ mod tests {
         );
         assert_eq!(g.dropped.len(), 1, "{:?}", g.dropped);
         assert!(g.spec.hooks().is_none());
-        let ns = g.spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let ns = g
+            .spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .clone()
+            .unwrap();
         assert_eq!(ns.len(), 2);
         assert!(ns.iter().all(|n| n.path().is_none()));
     }

@@ -63,7 +63,8 @@ pub fn pod_processes(id: &str) -> Vec<(u32, String)> {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd).into_owned();
-        let shim = cmd.starts_with("containerd-shim-kata-v2\0") || cmd.contains("/containerd-shim-kata-v2\0");
+        let shim = cmd.starts_with("containerd-shim-kata-v2\0")
+            || cmd.contains("/containerd-shim-kata-v2\0");
         if (cmd.contains(&needle_id)
             || cmd.contains(&needle_dir)
             || hv == Some(pid)
@@ -129,5 +130,26 @@ pub fn wait_task_status(
             panic!("task {id} did not become {status} within {timeout:?}:\n{ls}");
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Polls `ctr task ls` until task `id` no longer runs: stopped, or gone (what
+/// containerd does with the task of a shim that died).
+pub fn wait_task_ended(c: &crate::containerd::Containerd, id: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ls = c.ctr_ok(&["task", "ls"]);
+        let line = ls
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .map(str::to_string);
+        match line {
+            None => return,
+            Some(l) if l.contains("STOPPED") => return,
+            Some(l) if Instant::now() > deadline => {
+                panic!("task {id} still runs after {timeout:?}: {l}")
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
     }
 }

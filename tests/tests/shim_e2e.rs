@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use kata_tests::containerd::Containerd;
-use kata_tests::shim::{assert_pod_gone, guest_kernel, pod_processes, wait_task_status, write_config, RUNTIME};
+use kata_tests::shim::{
+    assert_pod_gone, guest_kernel, pod_processes, wait_task_ended, wait_task_status, write_config,
+    RUNTIME,
+};
 
 const GONE: Duration = Duration::from_secs(20);
 
@@ -37,7 +40,11 @@ fn run_prints_the_guest_kernel_propagates_exit_codes_and_stdin() {
     assert_ne!(out.trim(), host.trim(), "not the host's kernel");
     assert_pod_gone("k1", GONE);
 
-    let o = c.ctr(&run(&image, "k2", &["sh", "-c", "echo out; echo err >&2; exit 3"]));
+    let o = c.ctr(&run(
+        &image,
+        "k2",
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+    ));
     assert_eq!(status(&o), Some(3), "exit code: {o:?}");
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "out");
     assert_eq!(String::from_utf8_lossy(&o.stderr).trim(), "err");
@@ -53,23 +60,51 @@ fn run_prints_the_guest_kernel_propagates_exit_codes_and_stdin() {
 fn a_detached_task_execs_lists_pauses_reports_metrics_and_dies_by_signal() {
     let (c, image, _tmp) = setup("");
     let id = "d1";
-    c.ctr_ok(&["run", "-d", "--runtime", RUNTIME, &image, id, "sh", "-c", "trap 'exit 42' TERM; while true; do sleep 1; done"]);
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        &image,
+        id,
+        "sh",
+        "-c",
+        "trap 'exit 42' TERM; while true; do sleep 1; done",
+    ]);
     wait_task_status(&c, id, "RUNNING", Duration::from_secs(30));
     // one VM: one launcher, one kata-virtiofsd, one hypervisor
     let procs = pod_processes(id);
     assert!(procs.len() >= 3, "{procs:?}");
 
-    let out = c.ctr_ok(&["task", "exec", "--exec-id", "e1", id, "sh", "-c", "echo exec-ok; cat /proc/1/cmdline | tr '\\0' ' '"]);
+    let out = c.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        id,
+        "sh",
+        "-c",
+        "echo exec-ok; cat /proc/1/cmdline | tr '\\0' ' '",
+    ]);
     assert!(out.starts_with("exec-ok\n"), "{out}");
-    assert!(out.contains("trap"), "the exec sees the container's pid 1: {out}");
+    assert!(
+        out.contains("trap"),
+        "the exec sees the container's pid 1: {out}"
+    );
     let o = c.ctr(&["task", "exec", "--exec-id", "e2", id, "sh", "-c", "exit 7"]);
     assert_eq!(status(&o), Some(7), "{o:?}");
 
     let ps = c.ctr_ok(&["task", "ps", id]);
-    assert!(ps.lines().count() >= 2, "ctr task ps lists the guest processes: {ps}");
+    assert!(
+        ps.lines().count() >= 2,
+        "ctr task ps lists the guest processes: {ps}"
+    );
 
     let m = c.ctr_ok(&["task", "metrics", id]);
-    assert!(m.contains("memory.usage_in_bytes") || m.contains("memory"), "{m}");
+    assert!(
+        m.contains("memory.usage_in_bytes") || m.contains("memory"),
+        "{m}"
+    );
     let usage = m
         .lines()
         .find(|l| l.starts_with("memory.usage_in_bytes"))
@@ -87,7 +122,7 @@ fn a_detached_task_execs_lists_pauses_reports_metrics_and_dies_by_signal() {
     let out = std::process::Command::new("script")
         .args(["-qec"])
         .arg(format!(
-            "ctr -a {} -n {} task exec -t --exec-id t1 {id} sh -c 'tty; stty size'",
+            "stty rows 24 cols 80; ctr -a {} -n {} task exec -t --exec-id t1 {id} sh -c 'stty size; ls -l /proc/self/fd/0'",
             c.address().display(),
             c.namespace()
         ))
@@ -97,7 +132,14 @@ fn a_detached_task_execs_lists_pauses_reports_metrics_and_dies_by_signal() {
         .expect("run script");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
-    assert!(text.contains("/dev/pts/"), "a terminal in the guest: {text:?}");
+    assert!(
+        text.contains("24 80"),
+        "a terminal of the caller's size in the guest: {text:?}"
+    );
+    assert!(
+        text.contains("/dev/pts/"),
+        "a terminal in the guest: {text:?}"
+    );
 
     c.ctr_ok(&["task", "kill", "-s", "SIGTERM", id]);
     let ls = wait_task_status(&c, id, "STOPPED", Duration::from_secs(30));
@@ -112,8 +154,18 @@ fn a_detached_task_execs_lists_pauses_reports_metrics_and_dies_by_signal() {
 fn two_containers_of_one_pod_share_one_vm() {
     let (c, image, _tmp) = setup("");
     let pod = "pod1";
-    let sandbox_ann = ["--annotation", "io.kubernetes.cri.container-type=sandbox", "--annotation", "io.kubernetes.cri.sandbox-id=pod1"];
-    let member_ann = ["--annotation", "io.kubernetes.cri.container-type=container", "--annotation", "io.kubernetes.cri.sandbox-id=pod1"];
+    let sandbox_ann = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod1",
+    ];
+    let member_ann = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod1",
+    ];
     let mut a = vec!["run", "-d", "--runtime", RUNTIME];
     a.extend_from_slice(&sandbox_ann);
     a.extend_from_slice(&[&image, pod, "sleep", "1000"]);
@@ -124,14 +176,31 @@ fn two_containers_of_one_pod_share_one_vm() {
     c.ctr_ok(&b);
     wait_task_status(&c, "app1", "RUNNING", Duration::from_secs(30));
 
-    let boot = |id: &str, e: &str| c.ctr_ok(&["task", "exec", "--exec-id", e, id, "cat", "/proc/sys/kernel/random/boot_id"]);
-    assert_eq!(boot(pod, "b1"), boot("app1", "b2"), "both containers run in one guest kernel");
+    let boot = |id: &str, e: &str| {
+        c.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            e,
+            id,
+            "cat",
+            "/proc/sys/kernel/random/boot_id",
+        ])
+    };
+    assert_eq!(
+        boot(pod, "b1"),
+        boot("app1", "b2"),
+        "both containers run in one guest kernel"
+    );
     let launchers: Vec<_> = pod_processes(pod)
         .into_iter()
         .filter(|(_, cmd)| cmd.contains("kata-vmm-launcher"))
         .collect();
     assert_eq!(launchers.len(), 1, "one VM for the pod: {launchers:?}");
-    assert!(!kata_proto::paths::SandboxPaths::new("app1").dir.exists(), "no second sandbox");
+    assert!(
+        !kata_proto::paths::SandboxPaths::new("app1").dir.exists(),
+        "no second sandbox"
+    );
 
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "app1"]);
     wait_task_status(&c, "app1", "STOPPED", Duration::from_secs(30));
@@ -163,8 +232,14 @@ fn bind_mounts_reach_the_guest_and_read_only_stays_read_only() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("from the host"), "{o:?}");
     assert!(out.contains("refused") && !out.contains("WROTE"), "{o:?}");
-    assert!(!ro.join("new").exists(), "a file appeared in the read-only volume");
-    assert_eq!(std::fs::read_to_string(ro.join("f")).unwrap(), "from the host\n");
+    assert!(
+        !ro.join("new").exists(),
+        "a file appeared in the read-only volume"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ro.join("f")).unwrap(),
+        "from the host\n"
+    );
     assert_eq!(std::fs::read_to_string(rw.join("out")).unwrap(), "guest\n");
     assert_pod_gone("m1", GONE);
 }
@@ -180,11 +255,28 @@ fn bad_input_is_a_clear_error_and_leaves_nothing() {
     std::fs::write(&no_kernel, no_kernel_text).unwrap();
 
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
-        ("b1", vec!["--runtime-config-path".into(), bad_type.display().to_string()], "default_memory"),
-        ("b2", vec!["--runtime-config-path".into(), no_kernel.display().to_string()], "vmlinuz-missing"),
+        (
+            "b1",
+            vec![
+                "--runtime-config-path".into(),
+                bad_type.display().to_string(),
+            ],
+            "default_memory",
+        ),
+        (
+            "b2",
+            vec![
+                "--runtime-config-path".into(),
+                no_kernel.display().to_string(),
+            ],
+            "vmlinuz-missing",
+        ),
         (
             "b3",
-            vec!["--annotation".into(), "io.katacontainers.config.hypervisor.default_memory=1024".into()],
+            vec![
+                "--annotation".into(),
+                "io.katacontainers.config.hypervisor.default_memory=1024".into(),
+            ],
             "not allowed",
         ),
     ];
@@ -212,21 +304,37 @@ fn bad_input_is_a_clear_error_and_leaves_nothing() {
 /// Kills one of the pod's host processes while a container runs: containerd
 /// sees the task exit and delete leaves nothing.
 fn crash(c: &Containerd, image: &str, id: &str, victim: &str) {
-    c.ctr_ok(&["run", "-d", "--runtime", RUNTIME, image, id, "sleep", "1000"]);
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        image,
+        id,
+        "sleep",
+        "1000",
+    ]);
     wait_task_status(c, id, "RUNNING", Duration::from_secs(30));
     let pid = match victim {
-        "qemu" => kata_vmm_launcher::vm::State::load(&kata_proto::paths::SandboxPaths::new(id))
-            .expect("launcher state")
-            .hypervisor_pid,
-        name => pod_processes(id)
-            .into_iter()
-            .find(|(_, cmd)| cmd.split(' ').next().is_some_and(|a| a.ends_with(name)))
-            .unwrap_or_else(|| panic!("no {name} for {id}: {:?}", pod_processes(id)))
-            .0,
+        "qemu" => {
+            kata_vmm_launcher::vm::State::load(&kata_proto::paths::SandboxPaths::new(id))
+                .expect("launcher state")
+                .hypervisor_pid
+        }
+        name => {
+            pod_processes(id)
+                .into_iter()
+                .find(|(_, cmd)| cmd.split(' ').next().is_some_and(|a| a.ends_with(name)))
+                .unwrap_or_else(|| panic!("no {name} for {id}: {:?}", pod_processes(id)))
+                .0
+        }
     };
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
-        .expect("SIGKILL");
-    wait_task_status(c, id, "STOPPED", Duration::from_secs(30));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL");
+    wait_task_ended(c, id, Duration::from_secs(30));
     let _ = c.ctr(&["task", "delete", id]);
     c.ctr_ok(&["container", "delete", id]);
     assert_pod_gone(id, GONE);
