@@ -26,7 +26,7 @@ pub fn metrics(r: &StatsContainerResponse) -> Metrics {
     if let Some(cg) = &r.cgroup_stats {
         if let Some(cpu) = &cg.cpu_stats {
             let u = cpu.cpu_usage.clone().unwrap_or_default();
-            let t = cpu.throttling_data.clone().unwrap_or_default();
+            let t = cpu.throttling_data.unwrap_or_default();
             m.cpu = MessageField::some(CPUStat {
                 usage: MessageField::some(CPUUsage {
                     total: u.total_usage,
