@@ -347,3 +347,180 @@ fn a_killed_shim_qemu_or_virtiofsd_ends_the_task_and_delete_cleans_up() {
     crash(&c, &image, "x-fs", "kata-virtiofsd");
     crash(&c, &image, "x-shim", "containerd-shim-kata-v2");
 }
+
+/// `ctr events` in the background, stopped (by PID) when dropped.
+struct Events {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Events {
+    fn start(c: &Containerd) -> Events {
+        use std::io::BufRead;
+        let mut cmd = c.ctr_command(c.namespace());
+        cmd.arg("events")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().expect("ctr events");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let o2 = out.clone();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut g = o2.lock().unwrap();
+                g.push_str(&l);
+                g.push('\n');
+            }
+        });
+        // ctr subscribes before it prints anything: give it a moment
+        std::thread::sleep(Duration::from_millis(300));
+        Events { child, out }
+    }
+
+    /// Waits until every topic was seen for `id`; returns the log.
+    fn wait_for(&self, id: &str, topics: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.out.lock().unwrap().clone();
+            let missing: Vec<_> = topics
+                .iter()
+                .filter(|t| !log.lines().any(|l| l.contains(*t) && l.contains(id)))
+                .collect();
+            if missing.is_empty() {
+                return log;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "events {missing:?} of {id} never came:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn vm_size_follows_limits_and_allowed_annotations_and_events_reach_containerd() {
+    let (c, image, tmp) = setup("enable_annotations = [\"default_memory\"]\ndefault_maxvcpus = 4\n");
+    let ev = Events::start(&c);
+    // memory = default_memory (256) + the limit (128); vCPUs = 1 + ceil(1.5)
+    let o = c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "134217728",
+        "--cpus",
+        "1.5",
+        &image,
+        "s1",
+        "sh",
+        "-c",
+        "grep MemTotal /proc/meminfo; nproc",
+    ]);
+    let mut lines = o.lines();
+    let kib: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("MemTotal: {o}"));
+    assert!(
+        (300 * 1024..=384 * 1024).contains(&kib),
+        "a 384 MiB guest: {o}"
+    );
+    assert_eq!(lines.next(), Some("3"), "1 + 2 vCPUs: {o}");
+    ev.wait_for(
+        "s1",
+        &[
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete",
+        ],
+    );
+    assert_pod_gone("s1", GONE);
+
+    // an annotation that enable_annotations allows
+    let o = c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.katacontainers.config.hypervisor.default_memory=512",
+        &image,
+        "s2",
+        "grep",
+        "MemTotal",
+        "/proc/meminfo",
+    ]);
+    let kib: u64 = o
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (420 * 1024..=512 * 1024).contains(&kib),
+        "a 512 MiB guest: {o}"
+    );
+    assert_pod_gone("s2", GONE);
+
+    // OOM in the guest: exit 137 and a TaskOOM event
+    let o = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "16777216",
+        &image,
+        "s3",
+        "sh",
+        "-c",
+        "head -c 100000000 /dev/zero | tail -c 60000000 > /dev/null",
+    ]);
+    assert_eq!(o.status.code(), Some(137), "OOM-killed: {o:?}");
+    ev.wait_for("s3", &["/tasks/oom", "/tasks/exit"]);
+    assert_pod_gone("s3", GONE);
+
+    // exec and pause events
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        &image,
+        "s4",
+        "sleep",
+        "1000",
+    ]);
+    wait_task_status(&c, "s4", "RUNNING", Duration::from_secs(30));
+    c.ctr_ok(&["task", "exec", "--exec-id", "x", "s4", "true"]);
+    c.ctr_ok(&["task", "pause", "s4"]);
+    c.ctr_ok(&["task", "resume", "s4"]);
+    ev.wait_for(
+        "s4",
+        &[
+            "/tasks/exec-added",
+            "/tasks/exec-started",
+            "/tasks/paused",
+            "/tasks/resumed",
+        ],
+    );
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "s4"]);
+    wait_task_status(&c, "s4", "STOPPED", Duration::from_secs(30));
+    c.ctr_ok(&["task", "delete", "s4"]);
+    c.ctr_ok(&["container", "delete", "s4"]);
+    assert_pod_gone("s4", GONE);
+    drop(tmp);
+}
