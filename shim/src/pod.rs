@@ -98,6 +98,10 @@ struct Children {
 pub struct Timings {
     /// Directory, mounts, kata-virtiofsd and launcher up, CreateVm.
     pub host_prepare: Duration,
+    /// Of which: until kata-virtiofsd and the launcher both served.
+    pub helpers: Duration,
+    /// Of which: the hypervisor's own start (spawn until QMP answered).
+    pub hypervisor_start: Duration,
     /// StartVm until the agent announced itself (guest boot).
     pub guest_boot: Duration,
     /// Agent connection and CreateSandbox.
@@ -215,25 +219,44 @@ impl Pod {
         state.save(paths)?;
         let shared = q.shared_fs == kata_proto::config::SharedFs::VirtioFs;
         let mut virtiofs_socket = String::new();
-        if shared {
-            mounts::make_shared_mountpoint(&paths.shared_dir())?;
-            let child = spawn_virtiofsd(cfg, id, paths).await?;
-            state.virtiofsd_pid = child.id().unwrap_or(0);
-            state.virtiofsd_start =
-                kata_vmm_launcher::vm::start_time(state.virtiofsd_pid).unwrap_or(0);
-            state.save(paths)?;
-            children.virtiofsd = Some(child);
-            virtiofs_socket = paths.virtiofsd_socket().display().to_string();
-        }
         let launcher_bin = q.launcher_path().map_err(|e| anyhow!(e))?;
-        let lp = LauncherProcess::spawn(&launcher_bin, id, &paths.dir, Duration::from_secs(10))
-            .await
-            .with_context(|| format!("starting {}", launcher_bin.display()))?;
+        // kata-virtiofsd and the launcher start side by side
+        let fs = async {
+            if !shared {
+                return anyhow::Ok(None);
+            }
+            mounts::make_shared_mountpoint(&paths.shared_dir())?;
+            Ok(Some(spawn_virtiofsd(cfg, id, paths).await?))
+        };
+        let launcher = async {
+            LauncherProcess::spawn(&launcher_bin, id, &paths.dir, Duration::from_secs(10))
+                .await
+                .with_context(|| format!("starting {}", launcher_bin.display()))
+        };
+        let (fs, launcher) = tokio::join!(fs, launcher);
+        // whatever started is kept in `children`, for the teardown
+        let fs_err = match fs {
+            Ok(Some(child)) => {
+                state.virtiofsd_pid = child.id().unwrap_or(0);
+                state.virtiofsd_start =
+                    kata_vmm_launcher::vm::start_time(state.virtiofsd_pid).unwrap_or(0);
+                children.virtiofsd = Some(child);
+                state.save(paths)?;
+                virtiofs_socket = paths.virtiofsd_socket().display().to_string();
+                None
+            }
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
         let LauncherProcess {
             child, mut client, ..
-        } = lp;
+        } = launcher?;
         children.launcher = Some(child);
         children.launcher_client = Some(client.clone());
+        if let Some(e) = fs_err {
+            return Err(e);
+        }
+        let helpers = t0.elapsed();
 
         let mut params = q.kernel_params.clone();
         if cfg.agent.kata.enable_debug {
@@ -264,6 +287,7 @@ impl Pod {
             .map_err(|s| anyhow!("creating the VM: {}", s.message()))?
             .into_inner();
         let host_prepare = t0.elapsed();
+        let hypervisor_start = Duration::from_micros(created.hypervisor_start_us);
         let t1 = Instant::now();
         client
             .start_vm(StartVmRequest {
@@ -304,12 +328,16 @@ impl Pod {
             .map_err(|s| anyhow!("CreateSandbox in the guest: {}", s.message()))?;
         let timings = Timings {
             host_prepare,
+            helpers,
+            hypervisor_start,
             guest_boot,
             sandbox: t2.elapsed(),
         };
         info!(
             hypervisor_pid = created.hypervisor_pid,
             host_ms = host_prepare.as_millis() as u64,
+            helpers_ms = helpers.as_millis() as u64,
+            qemu_ms = hypervisor_start.as_millis() as u64,
             boot_ms = guest_boot.as_millis() as u64,
             sandbox_ms = timings.sandbox.as_millis() as u64,
             "pod is up"

@@ -78,6 +78,7 @@ struct Running {
     vsock_uds: PathBuf,
     paused: bool,
     started: bool,
+    hypervisor_start: Duration,
 }
 
 /// The launcher's one VM.
@@ -111,7 +112,12 @@ impl Vm {
     }
 
     /// Prepares the jailed, paused hypervisor with the vsock backend listening.
-    pub async fn create(&self, spec: VmSpec) -> Result<(u32, PathBuf, Accelerator), LauncherError> {
+    /// Creates the VM, paused; returns the hypervisor's pid, the hybrid vsock
+    /// socket, the accelerator and how long the hypervisor took to start.
+    pub async fn create(
+        &self,
+        spec: VmSpec,
+    ) -> Result<(u32, PathBuf, Accelerator, Duration), LauncherError> {
         let mut inner = self.inner.lock().await;
         if inner.is_some() || self.exit.borrow().is_some() {
             return Err(LauncherError::State(
@@ -130,7 +136,7 @@ impl Vm {
         let result = self.spawn(&spec, accel, &vm_dir, uid, &mut cgroups).await;
         match result {
             Ok(r) => {
-                let out = (r.pid, r.vsock_uds.clone(), accel);
+                let out = (r.pid, r.vsock_uds.clone(), accel, r.hypervisor_start);
                 *inner = Some(r);
                 Ok(out)
             }
@@ -259,6 +265,7 @@ impl Vm {
             cmd.pre_exec(move || jail.enter());
         }
         debug!(?args, "starting {}", spec.hypervisor_path);
+        let t_spawn = Instant::now();
         let mut child = cmd
             .spawn()
             .map_err(|e| LauncherError::Spawn(spec.hypervisor_path.clone(), e))?;
@@ -282,6 +289,7 @@ impl Vm {
                 )));
             }
         };
+        let hypervisor_start = t_spawn.elapsed();
         info!(pid, ?accel, "hypervisor created (paused)");
         tokio::spawn(watch_ready(ready_listener, self.ready.clone()));
         tokio::spawn(watch_exit(
@@ -298,6 +306,7 @@ impl Vm {
             vsock_uds,
             paused: true,
             started: false,
+            hypervisor_start,
         })
     }
 

@@ -18,6 +18,8 @@ use kata_tests::TestVm;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "bench/pod.rs"]
+mod pod;
 #[path = "bench/virtiofs.rs"]
 mod virtiofs;
 
@@ -32,7 +34,7 @@ pub(crate) fn pss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
@@ -52,6 +54,10 @@ async fn main() {
     // KATA_BENCH_ONLY=virtiofs: only the virtio-fs section (for iterating)
     if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("virtiofs") {
         return virtiofs_section().await;
+    }
+    // KATA_BENCH_ONLY=pod: only the containerd pod section
+    if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("pod") {
+        return pod_section().await;
     }
     let mut ready = vec![];
     for i in 0..BOOTS {
@@ -157,7 +163,14 @@ async fn main() {
         guest.mib_s / (64.0 / bulk)
     );
 
+    pod_section().await;
     virtiofs_section().await;
+}
+
+async fn pod_section() {
+    tokio::task::spawn_blocking(pod::pod_section)
+        .await
+        .expect("the pod section");
 }
 
 async fn virtiofs_section() {

@@ -1,0 +1,312 @@
+//! Pods through containerd (`ctr run --runtime io.containerd.kata.v2`): start
+//! time to the first output byte split into host and guest parts, per-pod host
+//! memory against runc's shim, parallel starts and stdout throughput.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kata_tests::containerd::Containerd;
+use kata_tests::shim::{pod_processes, wait_task_status, write_config, RUNTIME};
+
+use super::{pct, pss_kib};
+
+const RUNS: usize = 5;
+const PARALLEL: usize = 10;
+
+/// Starts `ctr run` and returns the time to its first stdout byte and to its
+/// exit, and everything it printed.
+fn timed_run(c: &Containerd, args: &[&str]) -> (f64, f64, Vec<u8>) {
+    let mut cmd = c.ctr_command(c.namespace());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().expect("ctr run");
+    let mut out = child.stdout.take().unwrap();
+    let mut first = None;
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = out.read(&mut buf).expect("read ctr stdout");
+        if n == 0 {
+            break;
+        }
+        first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+        all.extend_from_slice(&buf[..n]);
+    }
+    let st = child.wait().expect("wait ctr");
+    let total = t0.elapsed().as_secs_f64();
+    if !st.success() {
+        let mut e = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut e);
+        panic!("ctr {} failed: {st} {e}", args.join(" "));
+    }
+    (first.unwrap_or(total), total, all)
+}
+
+/// The shim's own figures for pod `id` from containerd's log ("pod is up").
+fn shim_timings(c: &Containerd, id: &str) -> Option<[f64; 5]> {
+    let log = std::fs::read_to_string(c.log_path()).ok()?;
+    let line = log
+        .lines()
+        .find(|l| l.contains(&format!("sandbox={id} ")) && l.contains("pod is up"))?;
+    let field = |k: &str| -> Option<f64> {
+        let v = line.split(&format!("{k}=")).nth(1)?;
+        v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    Some([
+        field("host_ms")?,
+        field("helpers_ms")?,
+        field("qemu_ms")?,
+        field("boot_ms")?,
+        field("sandbox_ms")?,
+    ])
+}
+
+fn pss_of(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| pss_kib(*p)).sum()
+}
+
+/// The section of the report.
+pub fn pod_section() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(&tmp.path().join("configuration.toml"), "", "");
+    let c = Containerd::builder().kata_config(&cfg).start();
+    let image = c.import_busybox();
+
+    // one pod at a time
+    let mut first = vec![];
+    let mut host = vec![];
+    let mut helpers = vec![];
+    let mut qemu = vec![];
+    let mut boot = vec![];
+    let mut sandbox = vec![];
+    for i in 0..RUNS {
+        let id = format!("bench-start-{i}");
+        let (f, _, out) = timed_run(
+            &c,
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                &image,
+                &id,
+                "echo",
+                "hi",
+            ],
+        );
+        assert_eq!(out, b"hi\n");
+        first.push(f);
+        if let Some([h, hp, q, b, s]) = shim_timings(&c, &id) {
+            host.push(h / 1e3);
+            helpers.push(hp / 1e3);
+            qemu.push(q / 1e3);
+            boot.push(b / 1e3);
+            sandbox.push(s / 1e3);
+        }
+    }
+    let mut runc = vec![];
+    for i in 0..RUNS {
+        let id = format!("bench-runc-{i}");
+        let (f, _, _) = timed_run(&c, &["run", "--rm", &image, &id, "echo", "hi"]);
+        runc.push(f);
+    }
+    for v in [
+        &mut first,
+        &mut host,
+        &mut helpers,
+        &mut qemu,
+        &mut boot,
+        &mut sandbox,
+        &mut runc,
+    ] {
+        v.sort_by(f64::total_cmp);
+    }
+    let med = |v: &[f64]| if v.is_empty() { f64::NAN } else { pct(v, 0.5) };
+    let rest = med(&first) - med(&host) - med(&boot) - med(&sandbox);
+
+    // memory of one idle pod: every host process of ours, QEMU excluded
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        &image,
+        "bench-mem",
+        "sleep",
+        "1000",
+    ]);
+    wait_task_status(&c, "bench-mem", "RUNNING", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    let procs = pod_processes("bench-mem");
+    let mut by_name: Vec<(String, u64)> = Vec::new();
+    for (pid, cmd) in &procs {
+        let exe = cmd.split(' ').next().unwrap_or("");
+        let name = exe.rsplit('/').next().unwrap_or(exe).to_string();
+        if name.starts_with("qemu-system") {
+            continue;
+        }
+        let kib = pss_of(&[*pid]);
+        match by_name.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, k)) => *k += kib,
+            None => by_name.push((name, kib)),
+        }
+    }
+    let ours: u64 = by_name.iter().map(|(_, k)| k).sum();
+    let qemu_pid = procs
+        .iter()
+        .find(|(_, cmd)| cmd.contains("qemu-system"))
+        .map(|(p, _)| *p)
+        .unwrap_or(0);
+    let qemu_kib = pss_kib(qemu_pid);
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "bench-mem"]);
+    wait_task_status(&c, "bench-mem", "STOPPED", Duration::from_secs(30));
+    c.ctr_ok(&["task", "delete", "bench-mem"]);
+    c.ctr_ok(&["container", "delete", "bench-mem"]);
+
+    // runc's shim for the same container
+    c.ctr_ok(&["run", "-d", &image, "bench-runc-mem", "sleep", "1000"]);
+    wait_task_status(&c, "bench-runc-mem", "RUNNING", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    let runc_shim = runc_shim_pid("bench-runc-mem");
+    let runc_kib = runc_shim.map(pss_kib).unwrap_or(0);
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "bench-runc-mem"]);
+    wait_task_status(&c, "bench-runc-mem", "STOPPED", Duration::from_secs(30));
+    c.ctr_ok(&["task", "delete", "bench-runc-mem"]);
+    c.ctr_ok(&["container", "delete", "bench-runc-mem"]);
+
+    // stdout through the shim: 256 MiB
+    let (first_byte, total, out) = timed_run(
+        &c,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            &image,
+            "bench-dd",
+            "dd",
+            "if=/dev/zero",
+            "bs=1M",
+            "count=256",
+        ],
+    );
+    assert_eq!(out.len(), 256 << 20, "every byte of stdout arrived");
+    let dd_mib_s = 256.0 / (total - first_byte);
+
+    // PARALLEL pods at once
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..PARALLEL)
+        .map(|i| {
+            let addr = c.address().to_path_buf();
+            let ns = c.namespace().to_string();
+            let image = image.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let out = Command::new("ctr")
+                    .arg("-a")
+                    .arg(&addr)
+                    .args(["-n", &ns, "run", "--rm", "--runtime", RUNTIME, &image])
+                    .arg(format!("bench-par-{i}"))
+                    .args(["echo", "hi"])
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("ctr run");
+                (
+                    out.status.success() && out.stdout == b"hi\n",
+                    t.elapsed().as_secs_f64(),
+                )
+            })
+        })
+        .collect();
+    let results: Vec<(bool, f64)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let wall = t0.elapsed().as_secs_f64();
+    let ok = results.iter().filter(|(ok, _)| *ok).count();
+    let mut par: Vec<f64> = results.iter().map(|(_, t)| *t).collect();
+    par.sort_by(f64::total_cmp);
+
+    println!("\n## Pods through containerd (kata-bench)\n");
+    println!(
+        "containerd 1.6 + ctr, `ctr run --rm --runtime {RUNTIME}` of the busybox image, test guest (TCG, 1 vCPU, 256 MiB). Times are medians of {RUNS}.\n"
+    );
+    println!("| figure | value |\n|---|---|");
+    println!(
+        "| `ctr run` to the first output byte | median {:.2} s (min {:.2}, max {:.2}) |",
+        med(&first),
+        first[0],
+        first[first.len() - 1]
+    );
+    println!(
+        "| … host side on the critical path: sandbox dir, kata-virtiofsd and launcher up, CreateVm | {:.0} ms |",
+        med(&host) * 1e3
+    );
+    println!(
+        "| … … of which kata-virtiofsd and the launcher up (side by side) | {:.0} ms |",
+        med(&helpers) * 1e3
+    );
+    println!(
+        "| … … of which QEMU's own start (spawn until QMP answered) | {:.0} ms |",
+        med(&qemu) * 1e3
+    );
+    println!(
+        "| … … kata-rs's own host-side work (host side minus QEMU's start) | {:.0} ms |",
+        (med(&host) - med(&qemu)) * 1e3
+    );
+    println!(
+        "| … guest boot: StartVm until the agent announced itself | {:.2} s |",
+        med(&boot)
+    );
+    println!(
+        "| … agent connection and CreateSandbox (guest mounts the share) | {:.0} ms |",
+        med(&sandbox) * 1e3
+    );
+    println!(
+        "| … the rest: ctr, containerd, shim start, CreateContainer/Start in the guest, output | {:.0} ms |",
+        rest * 1e3
+    );
+    println!(
+        "| runc (`io.containerd.runc.v2`), same command, for scale | median {:.3} s |",
+        med(&runc)
+    );
+    for (name, kib) in &by_name {
+        println!(
+            "| PSS of {name} (one idle pod) | {:.1} MiB |",
+            *kib as f64 / 1024.0
+        );
+    }
+    println!(
+        "| PSS of all kata-rs host processes of one pod (QEMU excluded) | {:.1} MiB |",
+        ours as f64 / 1024.0
+    );
+    println!(
+        "| PSS of QEMU (for scale, not ours) | {:.1} MiB |",
+        qemu_kib as f64 / 1024.0
+    );
+    println!(
+        "| PSS of containerd-shim-runc-v2 for a runc container (lower bound users know) | {:.1} MiB |",
+        runc_kib as f64 / 1024.0
+    );
+    println!(
+        "| stdout through the shim (`dd` 256 MiB to ctr, first byte to last) | {dd_mib_s:.1} MiB/s |"
+    );
+    println!(
+        "| {PARALLEL} pods started at once | {ok}/{PARALLEL} succeeded; to exit: p50 {:.2} s, max {:.2} s (wall {:.2} s) vs one alone {:.2} s |",
+        pct(&par, 0.5),
+        par[par.len() - 1],
+        wall,
+        med(&first)
+    );
+}
+
+fn runc_shim_pid(id: &str) -> Option<u32> {
+    let needle = format!("-id\0{id}\0");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd);
+        (cmd.contains("containerd-shim-runc-v2") && cmd.contains(&needle)).then_some(pid)
+    })
+}
