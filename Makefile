@@ -1,5 +1,5 @@
-# kata-rs: `make run` (build, guest image, boot a VM, print the guest's details)
-# and `make test` (every test; installs what a fresh Debian 12 lacks).
+# kata-rs: `make run` (build, guest image, a private containerd runs a container
+# in a VM) and `make test` (every test; installs what a fresh Debian 12 lacks).
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -14,7 +14,7 @@ export KATA_TEST_BIN_DIR := $(BIN)
 export KATA_TEST_GUEST_DIR := $(TEST_GUEST_DIR)
 export KATA_GUEST_DIR := $(GUEST_DIR)
 
-.PHONY: all deps build image test-image run boot test unit lint bench fuzz clean
+.PHONY: all deps build image test-image run boot install test unit lint bench fuzz clean
 
 all: build
 
@@ -48,6 +48,20 @@ test-image: deps build
 # locally, `ctr run --runtime io.containerd.kata.v2 ... uname -a` (scripts/run.sh).
 run: image
 	KATA_BIN_DIR=$(BIN) scripts/run.sh
+
+# Installs kata-rs for a containerd the user already runs: the binaries on
+# PATH (containerd finds containerd-shim-kata-v2 there), the guest image where
+# the default configuration looks for it, and that configuration as the
+# packaged default (an /etc/kata-containers/configuration.toml overrides it).
+PREFIX ?= /usr/local
+DESTDIR ?=
+install: image
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/usr/share/kata-rs/guest $(DESTDIR)/usr/share/defaults/kata-containers
+	install -m 0755 $(BIN)/containerd-shim-kata-v2 $(BIN)/kata-vmm-launcher $(BIN)/kata-virtiofsd \
+	  $(BIN)/kata-ctl $(DESTDIR)$(PREFIX)/bin/
+	install -m 0644 $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)/manifest.json \
+	  $(DESTDIR)/usr/share/kata-rs/guest/
+	install -m 0644 config/configuration.toml $(DESTDIR)/usr/share/defaults/kata-containers/configuration.toml
 
 # One bare VM under kata-vmm-launcher (no containerd, no shim): the guest's details.
 boot: image
