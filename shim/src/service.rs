@@ -399,6 +399,41 @@ impl Service {
         res
     }
 
+    /// Pause or Resume: the container's freezer in the guest, and the event.
+    async fn set_paused(&self, id: &str, pause: bool) -> TtrpcResult<api::Empty> {
+        let c = self.container(id)?;
+        let mut agent = self.pod().await?.agent();
+        let container_id = id.to_string();
+        let (topic, ev): (&str, Box<dyn MessageDyn>) = if pause {
+            agent
+                .pause_container(pb::PauseContainerRequest {
+                    container_id: container_id.clone(),
+                })
+                .await
+                .map_err(from_status)?;
+            let ev = TaskPaused {
+                container_id,
+                ..Default::default()
+            };
+            (topics::TASK_PAUSED_EVENT_TOPIC, Box::new(ev))
+        } else {
+            agent
+                .resume_container(pb::ResumeContainerRequest {
+                    container_id: container_id.clone(),
+                })
+                .await
+                .map_err(from_status)?;
+            let ev = TaskResumed {
+                container_id,
+                ..Default::default()
+            };
+            (topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev))
+        };
+        c.paused.store(pause, Ordering::SeqCst);
+        self.publish(topic, ev).await;
+        Ok(api::Empty::default())
+    }
+
     async fn destroy_pod(&self) {
         self.0.destroying.store(true, Ordering::SeqCst);
         let pod = self.0.pod.lock().await.take();
@@ -786,24 +821,7 @@ impl Task for Service {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        let c = self.container(&req.id)?;
-        let mut agent = self.pod().await?.agent();
-        agent
-            .pause_container(pb::PauseContainerRequest {
-                container_id: req.id.clone(),
-            })
-            .await
-            .map_err(from_status)?;
-        c.paused.store(true, Ordering::SeqCst);
-        self.publish(
-            topics::TASK_PAUSED_EVENT_TOPIC,
-            Box::new(TaskPaused {
-                container_id: req.id.clone(),
-                ..Default::default()
-            }),
-        )
-        .await;
-        Ok(api::Empty::default())
+        self.set_paused(&req.id, true).await
     }
 
     async fn resume(
@@ -811,24 +829,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::ResumeRequest,
     ) -> TtrpcResult<api::Empty> {
-        let c = self.container(&req.id)?;
-        let mut agent = self.pod().await?.agent();
-        agent
-            .resume_container(pb::ResumeContainerRequest {
-                container_id: req.id.clone(),
-            })
-            .await
-            .map_err(from_status)?;
-        c.paused.store(false, Ordering::SeqCst);
-        self.publish(
-            topics::TASK_RESUMED_EVENT_TOPIC,
-            Box::new(TaskResumed {
-                container_id: req.id.clone(),
-                ..Default::default()
-            }),
-        )
-        .await;
-        Ok(api::Empty::default())
+        self.set_paused(&req.id, false).await
     }
 
     async fn checkpoint(

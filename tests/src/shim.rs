@@ -153,3 +153,19 @@ pub fn wait_task_ended(c: &crate::containerd::Containerd, id: &str, timeout: Dur
         }
     }
 }
+
+/// `ctr run -d --runtime kata IMAGE ID ARGS...`, then waits until it runs.
+pub fn run_detached(c: &crate::containerd::Containerd, image: &str, id: &str, args: &[&str]) {
+    let mut a = vec!["run", "-d", "--runtime", RUNTIME, image, id];
+    a.extend_from_slice(args);
+    c.ctr_ok(&a);
+    wait_task_status(c, id, "RUNNING", Duration::from_secs(60));
+}
+
+/// SIGKILLs task `id`, waits until it stopped, deletes task and container.
+pub fn kill_and_delete(c: &crate::containerd::Containerd, id: &str) {
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+    wait_task_status(c, id, "STOPPED", Duration::from_secs(30));
+    c.ctr_ok(&["task", "delete", id]);
+    c.ctr_ok(&["container", "delete", id]);
+}

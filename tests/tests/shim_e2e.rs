@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use kata_tests::containerd::Containerd;
 use kata_tests::shim::{
-    assert_pod_gone, guest_kernel, pod_processes, wait_task_ended, wait_task_status, write_config,
-    RUNTIME,
+    assert_pod_gone, guest_kernel, kill_and_delete, pod_processes, run_detached, wait_task_ended,
+    wait_task_status, write_config, RUNTIME,
 };
 
 const GONE: Duration = Duration::from_secs(20);
@@ -25,6 +25,25 @@ fn run<'a>(image: &'a str, id: &'a str, args: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["run", "--rm", "--runtime", RUNTIME, image, id];
     v.extend_from_slice(args);
     v
+}
+
+/// Runs `ctr ... <ctr_args>` in a pty of `rows`x`cols` (ctr -t needs a
+/// terminal of its own; `script` gives it one); returns what it printed.
+fn in_pty(c: &Containerd, rows: u32, cols: u32, ctr_args: &str) -> String {
+    let out = std::process::Command::new("script")
+        .arg("-qec")
+        .arg(format!(
+            "stty rows {rows} cols {cols}; ctr -a {} -n {} {ctr_args}",
+            c.address().display(),
+            c.namespace()
+        ))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script (bsdutils)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "ctr {ctr_args} in a pty: {out:?}");
+    text
 }
 
 fn status(o: &std::process::Output) -> Option<i32> {
@@ -50,6 +69,17 @@ fn run_prints_the_guest_kernel_propagates_exit_codes_and_stdin() {
     assert_eq!(String::from_utf8_lossy(&o.stderr).trim(), "err");
     assert_pod_gone("k2", GONE);
 
+    // ctr run -t: the container's terminal has the caller's size
+    let text = in_pty(
+        &c,
+        30,
+        100,
+        &format!("run -t --rm --runtime {RUNTIME} {image} k4 sh -c 'stty size; tty'"),
+    );
+    assert!(text.contains("30 100"), "{text:?}");
+    assert!(text.contains("/dev/console"), "{text:?}");
+    assert_pod_gone("k4", GONE);
+
     let o = c.ctr_input(&run(&image, "k3", &["cat"]), Some(b"hi from stdin\n"));
     assert!(o.status.success(), "{o:?}");
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hi from stdin\n");
@@ -60,18 +90,16 @@ fn run_prints_the_guest_kernel_propagates_exit_codes_and_stdin() {
 fn a_detached_task_execs_lists_pauses_reports_metrics_and_dies_by_signal() {
     let (c, image, _tmp) = setup("");
     let id = "d1";
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
+    run_detached(
+        &c,
         &image,
         id,
-        "sh",
-        "-c",
-        "trap 'exit 42' TERM; while true; do sleep 1; done",
-    ]);
-    wait_task_status(&c, id, "RUNNING", Duration::from_secs(30));
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; while true; do sleep 1; done",
+        ],
+    );
     // one VM: one launcher, one kata-virtiofsd, one hypervisor
     let procs = pod_processes(id);
     assert!(procs.len() >= 3, "{procs:?}");
@@ -118,20 +146,12 @@ fn a_detached_task_execs_lists_pauses_reports_metrics_and_dies_by_signal() {
     c.ctr_ok(&["task", "resume", id]);
     wait_task_status(&c, id, "RUNNING", Duration::from_secs(10));
 
-    // a tty: ctr needs one of its own, `script` gives it a pty
-    let out = std::process::Command::new("script")
-        .args(["-qec"])
-        .arg(format!(
-            "stty rows 24 cols 80; ctr -a {} -n {} task exec -t --exec-id t1 {id} sh -c 'stty size; ls -l /proc/self/fd/0'",
-            c.address().display(),
-            c.namespace()
-        ))
-        .arg("/dev/null")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run script");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{out:?}");
+    let text = in_pty(
+        &c,
+        24,
+        80,
+        &format!("task exec -t --exec-id t1 {id} sh -c 'stty size; ls -l /proc/self/fd/0'"),
+    );
     assert!(
         text.contains("24 80"),
         "a terminal of the caller's size in the guest: {text:?}"
@@ -144,8 +164,7 @@ fn a_detached_task_execs_lists_pauses_reports_metrics_and_dies_by_signal() {
     c.ctr_ok(&["task", "kill", "-s", "SIGTERM", id]);
     let ls = wait_task_status(&c, id, "STOPPED", Duration::from_secs(30));
     assert!(ls.contains(id));
-    let o = c.ctr_ok(&["task", "delete", id]);
-    let _ = o;
+    c.ctr_ok(&["task", "delete", id]);
     c.ctr_ok(&["container", "delete", id]);
     assert_pod_gone(id, GONE);
 }
@@ -202,16 +221,10 @@ fn two_containers_of_one_pod_share_one_vm() {
         "no second sandbox"
     );
 
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "app1"]);
-    wait_task_status(&c, "app1", "STOPPED", Duration::from_secs(30));
-    c.ctr_ok(&["task", "delete", "app1"]);
-    c.ctr_ok(&["container", "delete", "app1"]);
+    kill_and_delete(&c, "app1");
     // the pod lives on without its member
     c.ctr_ok(&["task", "exec", "--exec-id", "b3", pod, "true"]);
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", pod]);
-    wait_task_status(&c, pod, "STOPPED", Duration::from_secs(30));
-    c.ctr_ok(&["task", "delete", pod]);
-    c.ctr_ok(&["container", "delete", pod]);
+    kill_and_delete(&c, pod);
     assert_pod_gone(pod, GONE);
 }
 
@@ -304,17 +317,7 @@ fn bad_input_is_a_clear_error_and_leaves_nothing() {
 /// Kills one of the pod's host processes while a container runs: containerd
 /// sees the task exit and delete leaves nothing.
 fn crash(c: &Containerd, image: &str, id: &str, victim: &str) {
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        image,
-        id,
-        "sleep",
-        "1000",
-    ]);
-    wait_task_status(c, id, "RUNNING", Duration::from_secs(30));
+    run_detached(c, image, id, &["sleep", "1000"]);
     let pid = match victim {
         "qemu" => {
             kata_vmm_launcher::vm::State::load(&kata_proto::paths::SandboxPaths::new(id))
@@ -410,7 +413,8 @@ impl Drop for Events {
 
 #[test]
 fn vm_size_follows_limits_and_allowed_annotations_and_events_reach_containerd() {
-    let (c, image, tmp) = setup("enable_annotations = [\"default_memory\"]\ndefault_maxvcpus = 4\n");
+    let (c, image, tmp) =
+        setup("enable_annotations = [\"default_memory\"]\ndefault_maxvcpus = 4\n");
     let ev = Events::start(&c);
     // memory = default_memory (256) + the limit (128); vCPUs = 1 + ceil(1.5)
     let o = c.ctr_ok(&[
@@ -494,17 +498,7 @@ fn vm_size_follows_limits_and_allowed_annotations_and_events_reach_containerd() 
     assert_pod_gone("s3", GONE);
 
     // exec and pause events
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        &image,
-        "s4",
-        "sleep",
-        "1000",
-    ]);
-    wait_task_status(&c, "s4", "RUNNING", Duration::from_secs(30));
+    run_detached(&c, &image, "s4", &["sleep", "1000"]);
     c.ctr_ok(&["task", "exec", "--exec-id", "x", "s4", "true"]);
     c.ctr_ok(&["task", "pause", "s4"]);
     c.ctr_ok(&["task", "resume", "s4"]);
@@ -517,10 +511,7 @@ fn vm_size_follows_limits_and_allowed_annotations_and_events_reach_containerd() 
             "/tasks/resumed",
         ],
     );
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "s4"]);
-    wait_task_status(&c, "s4", "STOPPED", Duration::from_secs(30));
-    c.ctr_ok(&["task", "delete", "s4"]);
-    c.ctr_ok(&["container", "delete", "s4"]);
+    kill_and_delete(&c, "s4");
     assert_pod_gone("s4", GONE);
     drop(tmp);
 }

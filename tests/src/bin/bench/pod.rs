@@ -7,7 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kata_tests::containerd::Containerd;
-use kata_tests::shim::{pod_processes, wait_task_status, write_config, RUNTIME};
+use kata_tests::shim::{
+    kill_and_delete, pod_processes, run_detached, wait_task_status, write_config, RUNTIME,
+};
 
 use super::{pct, pss_kib};
 
@@ -129,17 +131,7 @@ pub fn pod_section() {
     let rest = med(&first) - med(&host) - med(&boot) - med(&sandbox);
 
     // memory of one idle pod: every host process of ours, QEMU excluded
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        &image,
-        "bench-mem",
-        "sleep",
-        "1000",
-    ]);
-    wait_task_status(&c, "bench-mem", "RUNNING", Duration::from_secs(60));
+    run_detached(&c, &image, "bench-mem", &["sleep", "1000"]);
     std::thread::sleep(Duration::from_secs(2));
     let procs = pod_processes("bench-mem");
     let mut by_name: Vec<(String, u64)> = Vec::new();
@@ -162,10 +154,7 @@ pub fn pod_section() {
         .map(|(p, _)| *p)
         .unwrap_or(0);
     let qemu_kib = pss_kib(qemu_pid);
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "bench-mem"]);
-    wait_task_status(&c, "bench-mem", "STOPPED", Duration::from_secs(30));
-    c.ctr_ok(&["task", "delete", "bench-mem"]);
-    c.ctr_ok(&["container", "delete", "bench-mem"]);
+    kill_and_delete(&c, "bench-mem");
 
     // runc's shim for the same container
     c.ctr_ok(&["run", "-d", &image, "bench-runc-mem", "sleep", "1000"]);
@@ -173,10 +162,7 @@ pub fn pod_section() {
     std::thread::sleep(Duration::from_secs(1));
     let runc_shim = runc_shim_pid("bench-runc-mem");
     let runc_kib = runc_shim.map(pss_kib).unwrap_or(0);
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "bench-runc-mem"]);
-    wait_task_status(&c, "bench-runc-mem", "STOPPED", Duration::from_secs(30));
-    c.ctr_ok(&["task", "delete", "bench-runc-mem"]);
-    c.ctr_ok(&["container", "delete", "bench-runc-mem"]);
+    kill_and_delete(&c, "bench-runc-mem");
 
     // stdout through the shim: 256 MiB
     let (first_byte, total, out) = timed_run(
