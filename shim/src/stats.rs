@@ -124,3 +124,57 @@ pub fn to_any(r: &StatsContainerResponse) -> Result<Any, String> {
         ..Default::default()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kata_proto::agent::{
+        CgroupStats, CpuStats, CpuUsage, MemoryStats, NetworkStats, PidsStats,
+    };
+
+    #[test]
+    fn agent_stats_become_containerd_metrics() {
+        let r = StatsContainerResponse {
+            cgroup_stats: Some(CgroupStats {
+                cpu_stats: Some(CpuStats {
+                    cpu_usage: Some(CpuUsage {
+                        total_usage: 42,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                memory_stats: Some(MemoryStats {
+                    usage: Some(MemoryData {
+                        usage: 1 << 20,
+                        limit: 1 << 30,
+                        ..Default::default()
+                    }),
+                    stats: [("anon".to_string(), 7u64)].into_iter().collect(),
+                    ..Default::default()
+                }),
+                pids_stats: Some(PidsStats {
+                    current: 3,
+                    limit: 10,
+                }),
+                ..Default::default()
+            }),
+            network_stats: vec![NetworkStats {
+                name: "eth0".into(),
+                rx_bytes: 5,
+                ..Default::default()
+            }],
+        };
+        let any = to_any(&r).unwrap();
+        assert_eq!(any.type_url, "io.containerd.cgroups.v1.Metrics");
+        let m = Metrics::parse_from_bytes(&any.value).unwrap();
+        assert_eq!(m.cpu.usage.total, 42);
+        assert_eq!(m.memory.usage.usage, 1 << 20);
+        assert_eq!(m.memory.usage.limit, 1 << 30);
+        assert_eq!(m.memory.rss, 7);
+        assert_eq!((m.pids.current, m.pids.limit), (3, 10));
+        assert_eq!(m.network[0].name, "eth0");
+        assert_eq!(m.network[0].rx_bytes, 5);
+        // an empty answer (a hostile or broken guest) still converts
+        assert!(to_any(&StatsContainerResponse::default()).is_ok());
+    }
+}
