@@ -13,7 +13,7 @@ use kata_proto::dialer::Address;
 use kata_proto::launcher::launcher_client::LauncherClient;
 use kata_proto::launcher::{Accelerator, CreateVmRequest, StartVmRequest, StopVmRequest, VmSpec};
 use kata_proto::paths::{ports, SandboxPaths};
-use kata_vmm_launcher::client::LauncherProcess;
+use kata_vmm_launcher::client::{die_with_parent, LauncherProcess};
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
@@ -106,18 +106,6 @@ pub struct Timings {
     pub guest_boot: Duration,
     /// Agent connection and CreateSandbox.
     pub sandbox: Duration,
-}
-
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 async fn spawn_virtiofsd(cfg: &Config, id: &str, paths: &SandboxPaths) -> Result<Child> {

@@ -217,7 +217,6 @@ impl FsDaemon {
     /// Starts the daemon on the vhost-user socket `sock` (the sandbox's
     /// `vm/virtiofsd.sock`) and waits until it listens.
     pub async fn spawn(&self, id: &str, sock: &Path) -> tokio::process::Child {
-        use tokio::io::AsyncBufReadExt;
         let dir = sock.parent().expect("socket directory");
         std::fs::create_dir_all(dir).expect("create the vm directory");
         let mut cmd = tokio::process::Command::new(&self.binary);
@@ -256,10 +255,8 @@ impl FsDaemon {
             }
         } else {
             let out = child.stdout.take().expect("stdout");
-            let mut lines = tokio::io::BufReader::new(out).lines();
-            match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
-                Ok(Ok(Some(l))) if l.trim() == "READY" => {}
-                other => panic!("kata-virtiofsd did not say READY within 10 s: {other:?}"),
+            if let Err(e) = kata_proto::wait_ready_line(out, Duration::from_secs(10)).await {
+                panic!("kata-virtiofsd was not ready: {e}");
             }
         }
         child

@@ -8,7 +8,6 @@ use std::time::Duration;
 use kata_proto::dialer::Address;
 use kata_proto::launcher::launcher_client::LauncherClient;
 use kata_proto::paths::SandboxPaths;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// A running `kata-vmm-launcher` process and a client to it.
@@ -46,6 +45,21 @@ pub enum ClientError {
     Connect(#[from] tonic::transport::Error),
 }
 
+/// Makes the child get SIGKILL when the thread that spawned it dies: a helper
+/// never outlives its owner (the shim, kata-ctl, a test). Spawn from a thread
+/// that lives as long as the owner (a tokio worker does).
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 impl LauncherProcess {
     /// Starts `binary` for `sandbox_id` with its sandbox directory in `dir`,
     /// waits until it serves, connects.
@@ -55,7 +69,9 @@ impl LauncherProcess {
         dir: &Path,
         timeout: Duration,
     ) -> Result<LauncherProcess, ClientError> {
-        let mut child = Command::new(binary)
+        let mut cmd = Command::new(binary);
+        die_with_parent(&mut cmd);
+        let mut child = cmd
             .arg("--sandbox-id")
             .arg(sandbox_id)
             .arg("--sandbox-dir")
@@ -74,14 +90,10 @@ impl LauncherProcess {
             timeout,
         };
         let stdout = child.stdout.take().ok_or_else(not_ready)?;
-        let mut lines = BufReader::new(stdout).lines();
-        match tokio::time::timeout(timeout, lines.next_line()).await {
-            Ok(Ok(Some(l))) if l.trim() == "READY" => {}
-            _ => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                return Err(not_ready());
-            }
+        if kata_proto::wait_ready_line(stdout, timeout).await.is_err() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(not_ready());
         }
         let paths = SandboxPaths::in_dir(dir);
         let ch =
