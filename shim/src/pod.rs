@@ -303,16 +303,18 @@ impl Pod {
                 ..Default::default()
             });
         }
-        agent
-            .create_sandbox(CreateSandboxRequest {
-                hostname: hostname.into(),
-                storages,
-                sandbox_id: id.into(),
-                disable_guest_seccomp: cfg.runtime.disable_guest_seccomp,
-                kernel_modules: cfg.agent.kata.kernel_modules.clone(),
-                ..Default::default()
-            })
+        let create = agent.create_sandbox(CreateSandboxRequest {
+            hostname: hostname.into(),
+            storages,
+            sandbox_id: id.into(),
+            disable_guest_seccomp: cfg.runtime.disable_guest_seccomp,
+            kernel_modules: cfg.agent.kata.kernel_modules.clone(),
+            ..Default::default()
+        });
+        let limit = Duration::from_secs(cfg.agent.kata.dial_timeout.max(1));
+        tokio::time::timeout(limit, create)
             .await
+            .map_err(|_| anyhow!("CreateSandbox in the guest: no answer within {limit:?}"))?
             .map_err(|s| anyhow!("CreateSandbox in the guest: {}", s.message()))?;
         let timings = Timings {
             host_prepare,

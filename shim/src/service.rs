@@ -369,8 +369,8 @@ impl Service {
                     oci_spec_json: json,
                     ..Default::default()
                 })
-                .await
-                .map_err(from_status)?;
+                .bounded()
+                .await?;
             let attach = async {
                 let mut copies = stdio::attach_outputs(&pod.agent_addr, cid, "", &init.io).await?;
                 stdio::attach_stdin(&mut copies, &pod.agent_addr, cid, "", &init.io).await?;
@@ -409,8 +409,8 @@ impl Service {
                 .pause_container(pb::PauseContainerRequest {
                     container_id: container_id.clone(),
                 })
-                .await
-                .map_err(from_status)?;
+                .bounded()
+                .await?;
             let ev = TaskPaused {
                 container_id,
                 ..Default::default()
@@ -421,8 +421,8 @@ impl Service {
                 .resume_container(pb::ResumeContainerRequest {
                     container_id: container_id.clone(),
                 })
-                .await
-                .map_err(from_status)?;
+                .bounded()
+                .await?;
             let ev = TaskResumed {
                 container_id,
                 ..Default::default()
@@ -439,6 +439,31 @@ impl Service {
         let pod = self.0.pod.lock().await.take();
         if let Some(pod) = pod {
             pod.destroy().await;
+        }
+    }
+}
+
+/// How long the shim waits for the agent to answer a call (WaitProcess and
+/// GetOOMEvent excepted: they wait for events): a guest that hangs or stalls
+/// makes the call fail, never the shim hang.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An agent call bounded by [`AGENT_TIMEOUT`], its error as a ttrpc error.
+trait Bounded<T> {
+    async fn bounded(self) -> Result<tonic::Response<T>, containerd_shim::protos::ttrpc::Error>;
+}
+
+impl<F, T> Bounded<T> for F
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    async fn bounded(self) -> Result<tonic::Response<T>, containerd_shim::protos::ttrpc::Error> {
+        match tokio::time::timeout(AGENT_TIMEOUT, self).await {
+            Ok(r) => r.map_err(from_status),
+            Err(_) => Err(err(
+                Code::DEADLINE_EXCEEDED,
+                format!("the guest agent did not answer within {AGENT_TIMEOUT:?}"),
+            )),
         }
     }
 }
@@ -586,15 +611,16 @@ impl Task for Service {
         }
         let mut agent = pod.agent();
         if req.exec_id.is_empty() {
-            if let Err(s) = agent
+            if let Err(e) = agent
                 .start_container(pb::StartContainerRequest {
                     container_id: req.id.clone(),
                 })
+                .bounded()
                 .await
             {
                 // its init is gone: the task is stopped, Delete works
                 self.exited(&p, 255, pod.hypervisor_pid).await;
-                return Err(from_status(s));
+                return Err(e);
             }
         } else {
             agent
@@ -607,8 +633,8 @@ impl Task for Service {
                     }),
                     ..Default::default()
                 })
-                .await
-                .map_err(from_status)?;
+                .bounded()
+                .await?;
             let attach = async {
                 let mut copies =
                     stdio::attach_outputs(&pod.agent_addr, &req.id, &req.exec_id, &p.io).await?;
@@ -804,8 +830,8 @@ impl Task for Service {
                 format: "json".into(),
                 args: vec![],
             })
-            .await
-            .map_err(from_status)?
+            .bounded()
+            .await?
             .into_inner();
         Ok(api::PidsResponse {
             processes: r
@@ -871,8 +897,8 @@ impl Task for Service {
                 signal: req.signal,
                 all: req.all,
             })
-            .await
-            .map_err(from_status)?;
+            .bounded()
+            .await?;
         Ok(api::Empty::default())
     }
 
@@ -941,8 +967,8 @@ impl Task for Service {
                 row: req.height,
                 column: req.width,
             })
-            .await
-            .map_err(from_status)?;
+            .bounded()
+            .await?;
         Ok(api::Empty::default())
     }
 
@@ -985,8 +1011,8 @@ impl Task for Service {
                     oci_resources_json: json,
                 }),
             })
-            .await
-            .map_err(from_status)?;
+            .bounded()
+            .await?;
         Ok(api::Empty::default())
     }
 
@@ -1023,8 +1049,8 @@ impl Task for Service {
             .stats_container(pb::StatsContainerRequest {
                 container_id: req.id.clone(),
             })
-            .await
-            .map_err(from_status)?
+            .bounded()
+            .await?
             .into_inner();
         let any = crate::stats::to_any(&r).map_err(|e| err(Code::INTERNAL, e))?;
         Ok(api::StatsResponse {
