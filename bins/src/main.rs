@@ -3,6 +3,7 @@
 mod agent;
 mod boot;
 mod check;
+mod env;
 mod image;
 mod oci_image;
 
@@ -35,6 +36,13 @@ enum Command {
         /// checks (there is no release check to skip).
         #[arg(long)]
         no_network_checks: bool,
+        /// Configuration file (default: $KATA_CONF_FILE, then the standard paths).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Prints the configuration a pod created now would get (which file,
+    /// every key with its effective value, the helper binaries), as TOML.
+    Env {
         /// Configuration file (default: $KATA_CONF_FILE, then the standard paths).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -117,6 +125,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => agent::run(args),
+        Command::Env { config } => {
+            print!("{}", env::render(config.as_deref())?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::OciImage {
             output,
             name,

@@ -86,3 +86,36 @@ fn image_build_is_reproducible_and_fast_when_up_to_date() {
     let again = build(&a);
     assert!(again.contains("up to date"), "{again}");
 }
+
+#[test]
+fn env_prints_the_effective_configuration_and_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[hypervisor.qemu]\ndefault_memory = 333\n").unwrap();
+    let out = Command::new(bin("kata-ctl"))
+        .args(["env", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: toml::Value = toml::from_str(&text).expect("env prints TOML");
+    assert_eq!(v["meta"]["source"].as_str(), Some(cfg.to_str().unwrap()));
+    assert_eq!(
+        v["configuration"]["hypervisor"]["qemu"]["default_memory"].as_integer(),
+        Some(333)
+    );
+    // a bad file: an error naming it, nothing on stdout
+    std::fs::write(&cfg, "[hypervisor.qemu]\ndefault_memory = \"x\"\n").unwrap();
+    let out = Command::new(bin("kata-ctl"))
+        .args(["env", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("default_memory") && err.contains("c.toml"),
+        "{err}"
+    );
+}
