@@ -675,11 +675,12 @@ async fn bad_input_is_refused_and_leaves_nothing() {
         Code::InvalidArgument,
         "/no/such/source",
     );
-    // a program that does not exist fails at start, with NotFound
+    // a program that does not exist fails at create (as runc), with NotFound,
+    // by absolute path and by name
     let s = with_args(good.clone(), &["/bin/nope"]);
-    create(&mut c, "b9", &s).await.unwrap();
-    refused(start(&mut c, "b9").await, Code::NotFound, "/bin/nope");
-    remove(&mut c, "b9").await.unwrap();
+    refused(create(&mut c, "b9", &s).await, Code::NotFound, "/bin/nope");
+    let s = with_args(good.clone(), &["nope-in-path"]);
+    refused(create(&mut c, "b9", &s).await, Code::NotFound, "nope-in-path");
 
     // duplicate ids
     create(&mut c, "dup", &good).await.unwrap();
