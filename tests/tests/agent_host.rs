@@ -680,7 +680,11 @@ async fn bad_input_is_refused_and_leaves_nothing() {
     let s = with_args(good.clone(), &["/bin/nope"]);
     refused(create(&mut c, "b9", &s).await, Code::NotFound, "/bin/nope");
     let s = with_args(good.clone(), &["nope-in-path"]);
-    refused(create(&mut c, "b9", &s).await, Code::NotFound, "nope-in-path");
+    refused(
+        create(&mut c, "b9", &s).await,
+        Code::NotFound,
+        "nope-in-path",
+    );
 
     // duplicate ids
     create(&mut c, "dup", &good).await.unwrap();
