@@ -430,6 +430,9 @@ impl FileSystem for GuardedFs {
         if self.policy.announce_submounts {
             opts |= FsOptions::SUBMOUNTS;
         }
+        // the passthrough offers per-file DAX to any kernel that can do it;
+        // there is no DAX window (no mapping requests are served)
+        opts.remove(FsOptions::PERFILE_DAX);
         Ok(opts)
     }
 

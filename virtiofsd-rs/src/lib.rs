@@ -8,6 +8,9 @@ pub mod device;
 pub mod fs;
 pub mod harness;
 #[cfg(test)]
+mod lookup_tests;
+#[cfg(test)]
 mod malformed_tests;
 pub mod metrics;
+pub mod residency;
 pub mod sandbox;

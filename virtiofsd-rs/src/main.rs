@@ -36,6 +36,7 @@ use kata_virtiofsd::control::{self, State};
 use kata_virtiofsd::device;
 use kata_virtiofsd::fs::{GuardedFs, Policy};
 use kata_virtiofsd::metrics::Metrics;
+use kata_virtiofsd::residency;
 use kata_virtiofsd::sandbox::{self, SeccompMode};
 
 const NAME: &str = "kata-virtiofsd";
@@ -131,6 +132,9 @@ struct Prepared {
     vhost: Option<UnixListener>,
     control: Option<UnixListener>,
     fuse: Option<(File, FuseSession)>,
+    /// The read-only part of the binary's image (found while `/proc` is
+    /// there), unmapped once start-up is over: see [`residency`].
+    image: Option<std::ops::Range<usize>>,
 }
 
 fn main() {
@@ -188,6 +192,7 @@ fn run(cli: Cli) -> Result<i32> {
         vhost,
         control,
         fuse,
+        image: residency::image_range(),
     };
     supervise(prepared)
 }
@@ -281,6 +286,7 @@ fn supervise(p: Prepared) -> Result<i32> {
                 vhost,
                 control,
                 fuse,
+                image,
                 ..
             } = p;
             // the server holds these now; the supervisor must not keep a
@@ -301,6 +307,10 @@ fn supervise(p: Prepared) -> Result<i32> {
                     .collect(),
                 mountpoint,
             };
+            // from here on the supervisor only waits
+            if let Some(r) = &image {
+                residency::drop_image_pages(r);
+            }
             Ok(wait_server(child, ready_rd, &signals, cleanup))
         }
     }
@@ -476,10 +486,15 @@ fn server(p: Prepared, ready: OwnedFd, parent: Pid) -> Result<()> {
         vhost,
         control,
         fuse,
+        image,
         ..
     } = p;
     if let Some(c) = control {
         control::spawn(c, state.clone())?;
+    }
+    // start-up is over: keep mapped only the code that serving uses
+    if let Some(r) = &image {
+        residency::drop_image_pages(r);
     }
     let threads = cli.thread_pool_size.min(MAX_THREADS);
     let mut ready = File::from(ready);
