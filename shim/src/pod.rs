@@ -456,29 +456,17 @@ fn remove_dir(paths: &SandboxPaths) {
     }
 }
 
-fn kill_if_same(pid: u32, start: u64) {
-    if pid == 0 || kata_vmm_launcher::vm::start_time(pid) != Some(start) {
-        return;
-    }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    for _ in 0..100 {
-        if kata_vmm_launcher::vm::start_time(pid) != Some(start) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Cleans a pod whose shim is dead: its launcher, hypervisor, kata-virtiofsd,
 /// mounts, cgroups and directory.
 pub async fn cleanup_dead(paths: &SandboxPaths) {
+    use kata_vmm_launcher::vm::{is_launcher, kill_if_same, start_time};
     if let Some(st) = kata_vmm_launcher::vm::State::load(paths) {
-        if let Some(start) = kata_vmm_launcher::vm::start_time(st.launcher_pid) {
-            if st.launcher_pid != std::process::id() {
-                kill_if_same(st.launcher_pid, start);
+        // the state file records no start time of the launcher: a live pid
+        // is ours only if it still runs kata-vmm-launcher
+        let pid = st.launcher_pid;
+        if pid != std::process::id() && is_launcher(pid) {
+            if let Some(start) = start_time(pid) {
+                kill_if_same(pid, start);
             }
         }
     }

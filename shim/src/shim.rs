@@ -1,6 +1,5 @@
 //! The shim's process lifecycle (containerd's `start`, `delete` and serve).
 
-use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -64,7 +63,6 @@ impl Shim for KataShim {
             }
         }
         let _ = std::fs::remove_file(SANDBOX_FILE);
-        let _ = Path::new("address");
         Ok(DeleteResponse {
             pid: 0,
             exit_status: 128 + 9,

@@ -541,14 +541,7 @@ pub fn cleanup(p: &SandboxPaths) -> Result<(), LauncherError> {
                 pid = st.hypervisor_pid,
                 "killing the hypervisor of a dead launcher"
             );
-            let pid = nix::unistd::Pid::from_raw(st.hypervisor_pid as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            for _ in 0..100 {
-                if start_time(st.hypervisor_pid) != Some(st.hypervisor_start) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            kill_if_same(st.hypervisor_pid, st.hypervisor_start);
         }
         for (d, e) in cgroup::remove(&st.cgroups) {
             warn!("cannot remove cgroup {}: {e}", d.display());
@@ -558,7 +551,27 @@ pub fn cleanup(p: &SandboxPaths) -> Result<(), LauncherError> {
     Ok(())
 }
 
-fn is_launcher(pid: u32) -> bool {
+/// SIGKILLs `pid` if it is still the process that started at `start` (clock
+/// ticks since boot; a reused pid is left alone), and waits up to 2 s for it
+/// to be gone.
+pub fn kill_if_same(pid: u32, start: u64) {
+    if pid == 0 || start_time(pid) != Some(start) {
+        return;
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    for _ in 0..100 {
+        if start_time(pid) != Some(start) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `pid` runs kata-vmm-launcher (its command line names it).
+pub fn is_launcher(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains("kata-vmm-launcher"))
         .unwrap_or(false)
