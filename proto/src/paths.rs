@@ -114,7 +114,14 @@ impl SandboxPaths {
         self.dir.join("virtiofsd-ctl.sock")
     }
 
-    /// The directory shared with the guest through virtio-fs.
+    /// The host-only tree where the shim mounts container rootfs and volumes
+    /// (`shared_dir` is its read-only view for the guest).
+    pub fn host_mounts_dir(&self) -> PathBuf {
+        self.dir.join("mounts")
+    }
+
+    /// The directory shared with the guest through virtio-fs: a read-only
+    /// slave bind of [`Self::host_mounts_dir`].
     pub fn shared_dir(&self) -> PathBuf {
         self.dir.join("shared")
     }

@@ -7,6 +7,7 @@
 //! publishes the task events. `delete` cleans a pod whose shim died.
 
 pub mod error;
+pub mod guest_events;
 pub mod io;
 pub mod mounts;
 pub mod options;

@@ -1,96 +1,174 @@
-//! Host mounts of a pod: the shared directory (a mount point of its own with
-//! shared propagation, so mounts made under it after kata-virtiofsd started
-//! reach the daemon's mount namespace), container rootfs and bind mounts in
-//! it, and their removal.
+//! Host mounts of a pod, built so that nothing the guest writes can steer
+//! them (the class of Kata's CVE-2020-2026).
+//!
+//! Two trees in the pod directory (which is root-only, 0700):
+//! - `mounts/` is host-only. The shim creates directories and mounts the
+//!   container rootfs and bind mounts here, below `mounts/<container>/`. It is
+//!   a mount point of its own with shared propagation.
+//! - `shared/` is what kata-virtiofsd exports to the guest: a recursive bind
+//!   of `mounts/`, made a slave (mounts made in `mounts/` appear in it, never
+//!   the other way), shared again so kata-virtiofsd's own mount namespace
+//!   receives them, and read-only. The guest can write inside a container's
+//!   rootfs or a read-write volume (mounts of their own), never in the
+//!   directories the shim walks: it cannot plant a symlink where the shim
+//!   mounts.
+//!
+//! Every mount the shim makes below `mounts/` is `nosuid,nodev`, so nothing in
+//! a container's tree is a setuid program or a device on the host, and every
+//! unmount is `UMOUNT_NOFOLLOW`.
 
 use std::fs;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-/// Makes `dir` a mount point of its own with shared propagation.
-pub fn make_shared_mountpoint(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .with_context(|| format!("bind-mounting {} onto itself", dir.display()))?;
-    mount(
-        None::<&str>,
-        dir,
-        None::<&str>,
+/// The flags every mount below the host-only tree carries.
+const SAFE: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
+
+/// Creates `dir` (and missing parents) root-only: mode 0700 set explicitly,
+/// whatever the umask. An existing directory gets 0700 too.
+pub fn private_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} root-only", dir.display()))
+}
+
+/// Makes `mounts` (host-only, shared propagation) and `shared` (its
+/// read-only slave view, the tree kata-virtiofsd exports).
+pub fn make_share(mounts: &Path, shared: &Path) -> Result<()> {
+    let m = |src: Option<&Path>, dst: &Path, flags: MsFlags, what: &str| {
+        mount(src, dst, None::<&str>, flags, None::<&str>)
+            .with_context(|| format!("{what} ({})", dst.display()))
+    };
+    private_dir(mounts)?;
+    private_dir(shared)?;
+    m(
+        Some(mounts),
+        mounts,
+        MsFlags::MS_BIND,
+        "binding the host mount tree onto itself",
+    )?;
+    m(
+        None,
+        mounts,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | SAFE,
+        "making the host mount tree nosuid,nodev",
+    )?;
+    m(
+        None,
+        mounts,
         MsFlags::MS_SHARED,
-        None::<&str>,
-    )
-    .with_context(|| format!("making {} a shared mount", dir.display()))?;
+        "making the host mount tree shared",
+    )?;
+    m(
+        Some(mounts),
+        shared,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        "binding the host mount tree at the shared tree",
+    )?;
+    m(
+        None,
+        shared,
+        MsFlags::MS_SLAVE,
+        "making the shared tree a slave",
+    )?;
+    m(
+        None,
+        shared,
+        MsFlags::MS_SHARED,
+        "making the shared tree shared",
+    )?;
+    m(
+        None,
+        shared,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | SAFE,
+        "making the shared tree read-only",
+    )?;
     Ok(())
 }
 
-/// Bind-mounts `source` (file or directory) at `target`, read-only if asked.
-/// A read-only bind is made read-only in a private staging mount first and
-/// then bound into place: mount flags are copied when a mount propagates,
-/// a later remount is not, so kata-virtiofsd's copy is read-only too.
+/// Creates the mount point `p` below the host-only tree: a directory, or an
+/// empty file when the source is one. Never follows a symlink at `p`.
+fn make_point(p: &Path, dir: bool) -> Result<()> {
+    if let Some(parent) = p.parent() {
+        private_dir(parent)?;
+    }
+    if dir {
+        match fs::DirBuilder::new().mode(0o700).create(p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let meta = fs::symlink_metadata(p)?;
+                if meta.is_dir() {
+                    Ok(())
+                } else {
+                    bail!("{} exists and is not a directory", p.display())
+                }
+            }
+            Err(e) => Err(e).with_context(|| format!("creating {}", p.display())),
+        }
+    } else {
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(p)
+            .map(|_| ())
+            .with_context(|| format!("creating {}", p.display()))
+    }
+}
+
+/// Bind-mounts `source` (file or directory) at `target`, nosuid and nodev,
+/// read-only if asked. The flags are set in a private staging mount first and
+/// the result is then bound into place: mount flags are copied when a mount
+/// propagates, a later remount is not, so kata-virtiofsd's copy has them too.
 pub fn bind(source: &Path, target: &Path, readonly: bool, staging: &Path) -> Result<()> {
     let meta = fs::metadata(source)
         .with_context(|| format!("bind source {}: cannot stat it", source.display()))?;
-    let make_point = |p: &Path| -> Result<()> {
-        if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
-        if meta.is_dir() {
-            fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))
-        } else {
-            fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(p)
-                .map(|_| ())
-                .with_context(|| format!("creating {}", p.display()))
-        }
-    };
-    make_point(target)?;
+    make_point(target, meta.is_dir())?;
+    make_point(staging, meta.is_dir())?;
     let rec = MsFlags::MS_BIND | MsFlags::MS_REC;
-    if !readonly {
-        return mount(Some(source), target, None::<&str>, rec, None::<&str>).with_context(|| {
-            format!("bind-mounting {} at {}", source.display(), target.display())
-        });
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | SAFE;
+    if readonly {
+        flags |= MsFlags::MS_RDONLY;
     }
-    make_point(staging)?;
-    mount(Some(source), staging, None::<&str>, rec, None::<&str>).with_context(|| {
-        format!(
-            "bind-mounting {} at {}",
-            source.display(),
-            staging.display()
-        )
-    })?;
-    let res = mount(
-        None::<&str>,
-        staging,
-        None::<&str>,
-        MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .and_then(|_| {
-        mount(
-            None::<&str>,
-            staging,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-    })
-    .with_context(|| format!("making {} read-only", staging.display()))
-    .and_then(|_| {
-        mount(
-            Some(staging),
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .with_context(|| format!("bind-mounting {} at {}", source.display(), target.display()))
-    });
-    let _ = umount2(staging, MntFlags::MNT_DETACH);
+    let res = mount(Some(source), staging, None::<&str>, rec, None::<&str>)
+        .with_context(|| {
+            format!(
+                "bind-mounting {} at {}",
+                source.display(),
+                staging.display()
+            )
+        })
+        .and_then(|_| {
+            mount(
+                None::<&str>,
+                staging,
+                None::<&str>,
+                MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .and_then(|_| mount(None::<&str>, staging, None::<&str>, flags, None::<&str>))
+            .with_context(|| format!("setting the flags of {}", staging.display()))
+        })
+        .and_then(|_| {
+            mount(
+                Some(staging),
+                target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .with_context(|| format!("bind-mounting {} at {}", source.display(), target.display()))
+        });
+    let _ = umount2(staging, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
     let _ = if meta.is_dir() {
         fs::remove_dir(staging)
     } else {
@@ -101,12 +179,15 @@ pub fn bind(source: &Path, target: &Path, readonly: bool, staging: &Path) -> Res
 
 /// Mounts the rootfs containerd passed in Create (usually one overlay) at
 /// `target`.
+/// `nosuid,nodev` are added last, so an option of containerd cannot undo them.
 pub fn mount_rootfs(m: &containerd_shim::protos::types::mount::Mount, target: &Path) -> Result<()> {
-    fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+    make_point(target, true)?;
+    let mut options = m.options.clone();
+    options.extend(["nosuid".to_string(), "nodev".to_string()]);
     containerd_shim::mount::mount_rootfs(
         Some(m.type_.as_str()),
         Some(m.source.as_str()),
-        &m.options,
+        &options,
         target,
     )
     .map_err(|e| {
@@ -163,7 +244,7 @@ pub fn unmount_and_remove(dir: &Path) -> Result<()> {
             break;
         }
         for m in ms {
-            if let Err(e) = umount2(&m, MntFlags::MNT_DETACH) {
+            if let Err(e) = umount2(&m, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
                 tracing::warn!("cannot unmount {}: {e}", m.display());
             }
         }

@@ -46,8 +46,16 @@ impl PodState {
     }
 
     fn save(&self, paths: &SandboxPaths) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = paths.dir.join(".shim.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(self)?)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?
+            .write_all(&serde_json::to_vec(self)?)?;
         std::fs::rename(tmp, Self::file(paths))?;
         Ok(())
     }
@@ -197,8 +205,8 @@ impl Pod {
     ) -> Result<(Agent, Address, u32, LauncherClient<Channel>, Timings)> {
         let t0 = Instant::now();
         let q = &cfg.hypervisor.qemu;
-        std::fs::create_dir_all(&paths.dir)
-            .with_context(|| format!("creating {}", paths.dir.display()))?;
+        // root-only whatever the umask: nothing below is for other host users
+        mounts::private_dir(&paths.dir)?;
         let mut state = PodState {
             sandbox_id: id.into(),
             shim_pid: std::process::id(),
@@ -213,7 +221,7 @@ impl Pod {
             if !shared {
                 return anyhow::Ok(None);
             }
-            mounts::make_shared_mountpoint(&paths.shared_dir())?;
+            mounts::make_share(&paths.host_mounts_dir(), &paths.shared_dir())?;
             Ok(Some(spawn_virtiofsd(cfg, id, paths).await?))
         };
         let launcher = async {
@@ -340,9 +348,10 @@ impl Pod {
         self.agent.clone()
     }
 
-    /// The host directory of container `cid` in the share.
+    /// The host directory of container `cid` in the host-only mount tree
+    /// (the guest sees it, read-only, through the share).
     pub fn container_dir(&self, cid: &str) -> PathBuf {
-        self.paths.shared_dir().join(cid)
+        self.paths.host_mounts_dir().join(cid)
     }
 
     /// Resolves when the VM ended (poweroff, crash, kill) or the launcher or
@@ -444,8 +453,10 @@ async fn teardown_children(paths: &SandboxPaths, c: &mut Children) {
 }
 
 fn remove_dir(paths: &SandboxPaths) {
-    if let Err(e) = mounts::unmount_and_remove(&paths.shared_dir()) {
-        warn!("{e:#}");
+    for dir in [paths.shared_dir(), paths.host_mounts_dir()] {
+        if let Err(e) = mounts::unmount_and_remove(&dir) {
+            warn!("{e:#}");
+        }
     }
     let _ = std::fs::remove_file(PodState::file(paths));
     kata_vmm_launcher::vm::remove_sandbox_files(paths);

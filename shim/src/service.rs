@@ -30,6 +30,7 @@ use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
 use crate::error::{err, from_status, Code};
+use crate::guest_events::{forward_oom, RateLimit, OOM_BURST, OOM_PER_SEC};
 use crate::io::{self as stdio, Copies, Paths};
 use crate::pod::{Pod, Size};
 use crate::spec::{self as ocispec, Role};
@@ -272,19 +273,37 @@ impl Service {
         });
         let svc = self.clone();
         tokio::spawn(async move {
-            let mut agent = p2.agent();
-            while let Ok(ev) = agent.get_oom_event(pb::GetOomEventRequest {}).await {
-                let cid = ev.into_inner().container_id;
-                info!(container = %cid, "OOM kill in the guest");
-                svc.publish(
-                    topics::TASK_OOM_EVENT_TOPIC,
-                    Box::new(TaskOOM {
-                        container_id: cid,
-                        ..Default::default()
-                    }),
-                )
-                .await;
-            }
+            let agent = p2.agent();
+            let limit = RateLimit::new(OOM_BURST, OOM_PER_SEC, std::time::Instant::now());
+            let next = || {
+                let mut agent = agent.clone();
+                async move {
+                    let ev = agent.get_oom_event(pb::GetOomEventRequest {}).await.ok()?;
+                    Some(ev.into_inner().container_id)
+                }
+            };
+            let owns = |cid: &str| {
+                svc.0
+                    .containers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(cid)
+            };
+            let publish = |cid: String| {
+                let svc = svc.clone();
+                async move {
+                    info!(container = %cid, "OOM kill in the guest");
+                    svc.publish(
+                        topics::TASK_OOM_EVENT_TOPIC,
+                        Box::new(TaskOOM {
+                            container_id: cid,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+                }
+            };
+            forward_oom(limit, next, owns, publish).await;
         });
     }
 

@@ -56,7 +56,7 @@ impl Shim for KataShim {
                 info!(sandbox, "cleaning the pod of a dead shim");
                 pod::cleanup_dead(&paths).await;
             } else if kata_proto::paths::validate_sandbox_id(&self.id).is_ok() {
-                let dir = paths.shared_dir().join(&self.id);
+                let dir = paths.host_mounts_dir().join(&self.id);
                 if let Err(e) = mounts::unmount_and_remove(&dir) {
                     warn!("{e:#}");
                 }
