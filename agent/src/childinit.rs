@@ -145,6 +145,11 @@ fn internal(message: impl Into<String>) -> Fail {
 
 /// The helper's entry point; never returns.
 pub fn child_main() -> ! {
+    // Not dumpable until the exec of the container's program (which resets
+    // it): processes of the container cannot open this helper's
+    // /proc/<pid>/exe, mem or fds while it joins their namespaces.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     // SAFETY: fd 3 was set up by the agent for this process (dup2 in pre_exec)
     // and nothing else in this fresh process owns it.
     let mut sync = unsafe { UnixStream::from_raw_fd(SYNC_FD) };

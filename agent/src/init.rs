@@ -135,6 +135,26 @@ pub fn leave_initramfs() -> Result<(), InitError> {
     Ok(())
 }
 
+/// Makes the guest's root filesystem (the agent binary, busybox, the kernel
+/// modules) read-only once the modules are loaded. A container process that
+/// reaches an agent binary through `/proc/<pid>/exe` (runc's CVE-2019-5736)
+/// gets EROFS when it opens it for writing; the agent writes only below
+/// /run, /tmp and the shared directory, which are mounts of their own.
+pub fn seal_root() -> Result<(), InitError> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|source| InitError::Mount {
+        fstype: "bind",
+        target: "/",
+        source,
+    })
+}
+
 /// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run, /tmp and the cgroup v2
 /// hierarchy. A mount point that is already mounted (the kernel mounts devtmpfs
 /// itself with `CONFIG_DEVTMPFS_MOUNT`) is left as it is.

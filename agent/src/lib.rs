@@ -10,6 +10,7 @@
 /// The OCI runtime-spec types the agent speaks (oci-spec), for its callers.
 pub use oci_spec::runtime as oci;
 
+pub mod beneath;
 pub mod cgroup;
 pub mod childinit;
 pub mod console;

@@ -76,6 +76,10 @@ fn main() -> std::process::ExitCode {
                 Ok(n) => tracing::info!(modules = n, "kernel modules loaded"),
                 Err(e) => tracing::error!("{e}"),
             }
+            match init::seal_root() {
+                Ok(()) => tracing::debug!("root filesystem is read-only"),
+                Err(e) => tracing::error!("{e}"),
+            }
             if debug_console {
                 if let Err(e) = kata_agent::console::spawn(ports::DEBUG_CONSOLE) {
                     tracing::error!("debug console: {e}");

@@ -291,7 +291,7 @@ impl AgentService for AgentRpc {
             }
         }
         sandbox::write_dns(&self.0.root, &r.dns)?;
-        let storages = sandbox::mount_storages(&r.storages)?;
+        let storages = sandbox::mount_storages(&r.storages, &sandbox::storage_bases(&self.0.root))?;
         let mut sb = lock(&self.0.sandbox);
         if !r.sandbox_id.is_empty() {
             sb.id = r.sandbox_id.clone();
@@ -614,7 +614,7 @@ impl AgentRpc {
             .map(|p| p.to_string_lossy().into_owned())
             .filter(|p| !p.is_empty())
             .unwrap_or_else(|| format!("/{}/{id}", cgroup_parent(&sandbox_id)));
-        let storages = sandbox::mount_storages(&r.storages)?;
+        let storages = sandbox::mount_storages(&r.storages, &sandbox::storage_bases(&self.0.root))?;
         let oom_tx = self.0.oom_tx.clone();
         let created = container::create(container::CreateArgs {
             id: id.clone(),

@@ -9,6 +9,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tonic::Status;
 use tracing::{debug, info};
 
+use crate::beneath::{self, BeneathError};
 use crate::mounts::{check_container_path, parse_options};
 
 /// The storage drivers this agent mounts.
@@ -27,19 +28,56 @@ pub struct SandboxInfo {
     pub storages: Vec<PathBuf>,
 }
 
+/// Where the host may place storages (and take bind sources from): Kata's
+/// `/run/kata-containers`, and the agent's own state directory.
+pub fn storage_bases(root: &Path) -> [PathBuf; 2] {
+    [PathBuf::from(STORAGE_BASE), root.to_path_buf()]
+}
+
+/// Kata's directory for sandbox storages in the guest.
+pub const STORAGE_BASE: &str = "/run/kata-containers";
+
+/// The base in `bases` that `p` is strictly below.
+fn base_of<'a>(p: &Path, bases: &'a [PathBuf]) -> Option<&'a Path> {
+    bases
+        .iter()
+        .map(PathBuf::as_path)
+        .find(|b| p.starts_with(b) && p != *b)
+}
+
 /// Mounts one storage at its mount point; returns the mount point.
-pub fn mount_storage(s: &Storage) -> Result<PathBuf, Status> {
+///
+/// The mount point (and a bind source) must lie below one of `bases`; it is
+/// resolved by descriptor without following any symlink, missing directories
+/// are created, and the mount is made onto the resolved directory itself
+/// (`/proc/self/fd/N`), so a symlink swapped in on the way cannot move it.
+pub fn mount_storage(s: &Storage, bases: &[PathBuf]) -> Result<PathBuf, Status> {
     check_container_path(&s.mount_point)
         .map_err(|e| Status::invalid_argument(format!("storage mount_point: {e}")))?;
     let target = PathBuf::from(&s.mount_point);
+    let allowed = || {
+        bases
+            .iter()
+            .map(|b| b.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" or ")
+    };
+    let Some(base) = base_of(&target, bases) else {
+        return Err(Status::permission_denied(format!(
+            "storage mount_point {}: storages are mounted only below {}",
+            target.display(),
+            allowed()
+        )));
+    };
     let opts = parse_options(&s.options);
     let data = (!opts.data.is_empty()).then_some(opts.data.as_str());
-    std::fs::create_dir_all(&target).map_err(|e| {
-        Status::internal(format!(
-            "creating storage mount point {}: {e}",
-            target.display()
-        ))
-    })?;
+    let denied = |what: &str, e: BeneathError| match e {
+        BeneathError::Sys { .. } => Status::internal(format!("{what}: {e}")),
+        _ => Status::permission_denied(format!("{what}: {e}")),
+    };
+    let point = beneath::open_dir(base, &target, Some(0o755))
+        .map_err(|e| denied("storage mount_point", e))?;
+    let on = beneath::proc_path(&point);
     let err = |e: nix::Error| {
         Status::invalid_argument(format!(
             "mounting storage {} ({}) on {}: {e}",
@@ -52,7 +90,7 @@ pub fn mount_storage(s: &Storage) -> Result<PathBuf, Status> {
         "virtio-fs" | "virtiofs" => {
             mount(
                 Some(s.source.as_str()),
-                &target,
+                &on,
                 Some("virtiofs"),
                 opts.flags,
                 data,
@@ -60,18 +98,24 @@ pub fn mount_storage(s: &Storage) -> Result<PathBuf, Status> {
             .map_err(err)?;
         }
         "ephemeral" | "local" => {
-            mount(Some("tmpfs"), &target, Some("tmpfs"), opts.flags, data).map_err(err)?;
+            mount(Some("tmpfs"), &on, Some("tmpfs"), opts.flags, data).map_err(err)?;
         }
         "bind" => {
-            if !Path::new(&s.source).is_absolute() {
-                return Err(Status::invalid_argument(format!(
-                    "bind storage source {:?} must be absolute",
-                    s.source
+            let src = Path::new(&s.source);
+            check_container_path(&s.source)
+                .map_err(|e| Status::invalid_argument(format!("bind storage source: {e}")))?;
+            let Some(src_base) = base_of(src, bases) else {
+                return Err(Status::permission_denied(format!(
+                    "bind storage source {}: sources are taken only from below {}",
+                    src.display(),
+                    allowed()
                 )));
-            }
+            };
+            let from = beneath::open_dir(src_base, src, None)
+                .map_err(|e| denied("bind storage source", e))?;
             mount(
-                Some(s.source.as_str()),
-                &target,
+                Some(&beneath::proc_path(&from)),
+                &on,
                 None::<&str>,
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 None::<&str>,
@@ -79,9 +123,12 @@ pub fn mount_storage(s: &Storage) -> Result<PathBuf, Status> {
             .map_err(err)?;
             let extra = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
             if !extra.is_empty() {
+                // the new mount, reached again by descriptor
+                let top = beneath::open_dir(base, &target, None)
+                    .map_err(|e| denied("storage mount_point", e))?;
                 mount(
                     None::<&str>,
-                    &target,
+                    &beneath::proc_path(&top),
                     None::<&str>,
                     MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
                     None::<&str>,
@@ -103,7 +150,7 @@ pub fn mount_storage(s: &Storage) -> Result<PathBuf, Status> {
 /// Unmounts storages (newest first); best effort.
 pub fn unmount_storages(points: &[PathBuf]) {
     for p in points.iter().rev() {
-        match umount2(p, MntFlags::MNT_DETACH) {
+        match umount2(p, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) => debug!(mount_point = %p.display(), "storage unmounted"),
             Err(e) => debug!(mount_point = %p.display(), error = %e, "storage unmount"),
         }
@@ -112,10 +159,10 @@ pub fn unmount_storages(points: &[PathBuf]) {
 }
 
 /// Mounts several storages; on failure unmounts those already mounted.
-pub fn mount_storages(storages: &[Storage]) -> Result<Vec<PathBuf>, Status> {
+pub fn mount_storages(storages: &[Storage], bases: &[PathBuf]) -> Result<Vec<PathBuf>, Status> {
     let mut done = Vec::new();
     for s in storages {
-        match mount_storage(s) {
+        match mount_storage(s, bases) {
             Ok(p) => done.push(p),
             Err(e) => {
                 unmount_storages(&done);
@@ -152,7 +199,11 @@ pub const COPY_FILE_MAX: i64 = 256 << 20;
 /// symlink) below `<root>/shared/`, the only place the host may write to.
 pub fn copy_file(root: &Path, r: &kata_proto::agent::CopyFileRequest) -> Result<(), Status> {
     use std::io::{Seek, SeekFrom, Write};
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::fd::OwnedFd;
+
+    use nix::fcntl::{AtFlags, OFlag};
+    use nix::sys::stat::Mode;
+    use nix::unistd::{fchownat, symlinkat, unlinkat, UnlinkatFlags};
     check_container_path(&r.path).map_err(|e| Status::invalid_argument(format!("path: {e}")))?;
     let base = root.join("shared");
     let target = PathBuf::from(&r.path);
@@ -178,80 +229,80 @@ pub fn copy_file(root: &Path, r: &kata_proto::agent::CopyFileRequest) -> Result<
             r.file_size
         )));
     }
-    // No symlink on the way may lead out of the shared directory.
-    let mut walk = base.clone();
-    for c in target
-        .strip_prefix(&base)
-        .unwrap_or(&target)
-        .parent()
-        .into_iter()
-        .flat_map(|p| p.components())
-    {
-        walk.push(c);
-        if std::fs::symlink_metadata(&walk).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(Status::permission_denied(format!(
-                "{} is a symlink: CopyFile does not write through symlinks",
-                walk.display()
-            )));
-        }
-    }
-    let io = |what: &str, e: std::io::Error| {
-        Status::internal(format!("{what} {}: {e}", target.display()))
+    // Resolved once, by descriptor: no symlink on the way is followed, and
+    // every later call (create, write, chmod, chown) acts on what was opened.
+    let denied = |e: BeneathError| match e {
+        BeneathError::Sys { .. } => Status::internal(e.to_string()),
+        _ => Status::permission_denied(format!("CopyFile: {e}")),
     };
-    if let Some(parent) = target.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(if r.dir_mode == 0 {
-                0o755
-            } else {
-                r.dir_mode & 0o7777
-            })
-            .create(parent)
-            .map_err(|e| io("creating the parent of", e))?;
-    }
-    use std::os::unix::fs::DirBuilderExt;
-    match r.file_mode & libc::S_IFMT {
+    let dir_mode = if r.dir_mode == 0 {
+        0o755
+    } else {
+        r.dir_mode & 0o7777
+    };
+    let (parent, name) = beneath::open_parent(&base, &target, Some(dir_mode)).map_err(denied)?;
+    let io = |what: &str, e: nix::Error| {
+        Status::internal(format!("CopyFile: {what} {}: {e}", target.display()))
+    };
+    let uid = Some(nix::unistd::Uid::from_raw(r.uid));
+    let gid = Some(nix::unistd::Gid::from_raw(r.gid));
+    let mode = Mode::from_bits_truncate(r.file_mode & 0o7777);
+    let owned: OwnedFd = match r.file_mode & libc::S_IFMT {
         libc::S_IFDIR => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(r.file_mode & 0o7777)
-                .create(&target)
-                .map_err(|e| io("creating", e))?;
+            let d = beneath::open_dir_at(&parent, name, Some(r.file_mode & 0o7777), &target)
+                .map_err(denied)?;
+            // an O_PATH descriptor cannot be chmod-ed: reopen it for reading
+            nix::fcntl::openat(
+                &d,
+                ".",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| io("opening", e))?
         }
         libc::S_IFLNK => {
             let link = String::from_utf8(r.data.clone())
                 .map_err(|_| Status::invalid_argument("symlink target is not UTF-8"))?;
-            let _ = std::fs::remove_file(&target);
-            std::os::unix::fs::symlink(&link, &target).map_err(|e| io("symlinking", e))?;
+            match unlinkat(&parent, name, UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(nix::Error::ENOENT) => {}
+                Err(e) => return Err(io("replacing", e)),
+            }
+            symlinkat(link.as_str(), &parent, name).map_err(|e| io("symlinking", e))?;
+            fchownat(&parent, name, uid, gid, AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(|e| io("chown", e))?;
             return Ok(());
         }
         0 | libc::S_IFREG => {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .mode(r.file_mode & 0o7777)
-                .open(&target)
-                .map_err(|e| io("opening", e))?;
+            let fd = nix::fcntl::openat(
+                &parent,
+                name,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                mode,
+            )
+            .map_err(|e| match e {
+                nix::Error::ELOOP => Status::permission_denied(format!(
+                    "CopyFile: {} is a symlink: CopyFile does not write through symlinks",
+                    target.display()
+                )),
+                e => io("opening", e),
+            })?;
+            let mut f = std::fs::File::from(fd);
             f.seek(SeekFrom::Start(r.offset as u64))
                 .and_then(|_| f.write_all(&r.data))
                 .and_then(|_| f.set_len(r.file_size.max(end) as u64))
-                .map_err(|e| io("writing", e))?;
-            f.set_permissions(std::fs::Permissions::from_mode(r.file_mode & 0o7777))
-                .map_err(|e| io("chmod", e))?;
+                .map_err(|e| {
+                    Status::internal(format!("CopyFile: writing {}: {e}", target.display()))
+                })?;
+            OwnedFd::from(f)
         }
         other => {
             return Err(Status::invalid_argument(format!(
                 "file_mode type {other:o}: only regular files, directories and symlinks"
             )))
         }
-    }
-    nix::unistd::chown(
-        &target,
-        Some(nix::unistd::Uid::from_raw(r.uid)),
-        Some(nix::unistd::Gid::from_raw(r.gid)),
-    )
-    .map_err(|e| Status::internal(format!("chown {}: {e}", target.display())))?;
+    };
+    // owner first: chown clears setuid/setgid, the mode then sets them as asked
+    nix::unistd::fchown(&owned, uid, gid).map_err(|e| io("chown", e))?;
+    nix::sys::stat::fchmod(&owned, mode).map_err(|e| io("chmod", e))?;
     Ok(())
 }

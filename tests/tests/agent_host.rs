@@ -735,7 +735,8 @@ async fn bad_input_is_refused_and_leaves_nothing() {
 async fn sandbox_storages_and_sigterm_cleanup() {
     let mut a = HostAgent::start().await;
     let mut c = a.client.clone();
-    let mnt = a.dir.path().join("scratch");
+    // storages live below the agent's state directory (or /run/kata-containers)
+    let mnt = a.dir.path().join("state/scratch");
     c.create_sandbox(CreateSandboxRequest {
         hostname: "ignored-in-host-mode".into(),
         dns: vec!["nameserver 192.0.2.1".into()],
@@ -780,7 +781,7 @@ async fn sandbox_storages_and_sigterm_cleanup() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("nfs"), "{e:?}");
     // a create that fails after its storage was mounted unmounts it again
-    let s2 = a.dir.path().join("s2");
+    let s2 = a.dir.path().join("state/s2");
     let mut bad = with_args(spec(&a.rootfs, &[]), &["true"]);
     bad["mounts"] = json!([{"destination": "/data", "type": "bind", "source": "/no/such/source", "options": ["rbind"]}]);
     let e = c
@@ -880,4 +881,109 @@ async fn close_stdin_rpc_and_destroy_sandbox() {
     assert!(ended, "the agent ends after DestroySandbox");
     assert!(!cgroup_exists(&format!("kata-rs-agent-{pid}/long")));
     assert!(!cgroup_exists(&format!("kata-rs-agent-{pid}")));
+}
+
+/// The host as an adversary (the agent-policy threat model): storages outside
+/// the agent's bases, and symlinks swapped in where the agent mounts or
+/// CopyFile writes, are refused; nothing is created, written, chowned or
+/// mounted outside.
+#[tokio::test]
+async fn host_named_paths_never_lead_out_through_symlinks() {
+    let a = HostAgent::start().await;
+    let mut c = a.client.clone();
+    let state = a.dir.path().join("state");
+    let outside = a.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::create_dir_all(state.join("shared")).unwrap();
+    std::os::unix::fs::symlink(&outside, state.join("evil")).unwrap();
+    std::os::unix::fs::symlink(&outside, state.join("shared/evil")).unwrap();
+    let storage = |mount_point: &std::path::Path| Storage {
+        driver: "ephemeral".into(),
+        source: "tmpfs".into(),
+        fstype: "tmpfs".into(),
+        mount_point: mount_point.display().to_string(),
+        ..Default::default()
+    };
+    // a mount point outside the bases
+    let e = c
+        .create_sandbox(CreateSandboxRequest {
+            storages: vec![storage(&outside.join("m"))],
+            sandbox_id: "hostile".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // a mount point through a symlink planted in the state directory
+    let e = c
+        .create_sandbox(CreateSandboxRequest {
+            storages: vec![storage(&state.join("evil/m"))],
+            sandbox_id: "hostile".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // a bind source through a symlink
+    let e = c
+        .create_sandbox(CreateSandboxRequest {
+            storages: vec![Storage {
+                driver: "bind".into(),
+                source: state.join("evil").display().to_string(),
+                mount_point: state.join("b").display().to_string(),
+                ..Default::default()
+            }],
+            sandbox_id: "hostile".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&outside.display().to_string()),
+        "nothing mounted outside: {mounts}"
+    );
+    assert!(!outside.join("m").exists(), "no mount point created outside");
+
+    // CopyFile through a symlinked directory, and onto a symlink
+    let file = |path: std::path::PathBuf| CopyFileRequest {
+        path: path.display().to_string(),
+        file_size: 4,
+        file_mode: libc::S_IFREG | 0o644,
+        dir_mode: 0o755,
+        uid: 1234,
+        gid: 1234,
+        offset: 0,
+        data: b"pwnd".to_vec(),
+    };
+    let e = c
+        .copy_file(file(state.join("shared/evil/x")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    std::fs::write(outside.join("victim"), b"host").unwrap();
+    std::os::unix::fs::symlink(outside.join("victim"), state.join("shared/link")).unwrap();
+    let e = c.copy_file(file(state.join("shared/link"))).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // a symlink entry is replaced by a link, never followed by the chown
+    c.copy_file(CopyFileRequest {
+        file_mode: libc::S_IFLNK | 0o777,
+        data: outside.join("victim").display().to_string().into_bytes(),
+        ..file(state.join("shared/link"))
+    })
+    .await
+    .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let victim = std::fs::metadata(outside.join("victim")).unwrap();
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"host");
+    assert_eq!(victim.uid(), 0, "the chown did not follow the link");
+    let link = std::fs::symlink_metadata(state.join("shared/link")).unwrap();
+    assert_eq!(link.uid(), 1234, "the link itself is chowned");
+    assert!(!outside.join("x").exists());
+    // an ordinary file still works, owner and mode as asked
+    c.copy_file(file(state.join("shared/d/ok"))).await.unwrap();
+    let ok = std::fs::metadata(state.join("shared/d/ok")).unwrap();
+    assert_eq!((ok.uid(), ok.mode() & 0o7777), (1234, 0o644));
+    assert_eq!(std::fs::read(state.join("shared/d/ok")).unwrap(), b"pwnd");
 }
