@@ -14,7 +14,13 @@
 //!   refused with `EROFS` (opens for writing or truncation included);
 //! * no setuid, and no setgid on non-directories, from the guest: the bits are
 //!   cleared from the mode of CREATE, MKNOD, MKDIR and SETATTR unless
-//!   `allow_setid` is set;
+//!   `allow_setid` is set. Whether the target is a directory is taken from the
+//!   inode (an `fstat` of the held fd), never from the mode the guest sends.
+//!   Bits a file already has (an image's `su`) are reported as they are; the
+//!   server runs without `CAP_FSETID` (see [`crate::sandbox`]), so the host
+//!   kernel itself clears them on every WRITE, truncation and `O_TRUNC` open
+//!   from the guest. A setgid directory of a group the server is not in keeps
+//!   its bit: its mode change runs with that group as the thread's egid;
 //! * no device nodes from the guest: MKNOD of a character or block device is
 //!   `EPERM` unless `allow_devices` is set, except the 0:0 character device
 //!   overlayfs uses as a whiteout (it reaches no driver);
@@ -23,6 +29,10 @@
 //!   set or remove, `ENODATA` to read) and left out of listings, so the guest can
 //!   neither plant file capabilities or SELinux labels on host files nor read
 //!   the host's;
+//! * caps on what the guest makes the daemon hold ([`Limits`]): open file and
+//!   directory handles (one fd each; past the cap OPEN, CREATE and OPENDIR are
+//!   `EMFILE`) and inodes (one `O_PATH` fd each; past the cap a lookup that
+//!   would add one is `ENFILE`), refusals counted in [`crate::metrics`];
 //! * host files are never opened `O_DIRECT` (see [`host_open_flags`]);
 //! * the submount flag on entries that sit on another filesystem than their
 //!   parent (`--announce-submounts`);
@@ -34,6 +44,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -61,6 +72,35 @@ pub struct Policy {
     pub allow_devices: bool,
     /// Flag entries on another filesystem than their parent as submounts.
     pub announce_submounts: bool,
+    /// Caps on what the guest makes the daemon hold.
+    pub limits: Limits,
+}
+
+/// Default cap on open file and directory handles ([`Limits::handles`]).
+pub const DEFAULT_MAX_HANDLES: usize = 65_536;
+/// Default cap on inodes held ([`Limits::inodes`]).
+pub const DEFAULT_MAX_INODES: usize = 262_144;
+
+/// Per-VM caps on what the guest can make the daemon hold. Each handle and
+/// each inode is one host fd (and a few hundred bytes of tables); the guest
+/// gives them back with RELEASE/RELEASEDIR and FORGET.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open file and directory handles (OPEN, CREATE, OPENDIR beyond it:
+    /// `EMFILE`).
+    pub handles: usize,
+    /// Inodes held, the root included (a lookup that would add one beyond it:
+    /// `ENFILE`; lookups of inodes already held still work).
+    pub inodes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handles: DEFAULT_MAX_HANDLES,
+            inodes: DEFAULT_MAX_INODES,
+        }
+    }
 }
 
 /// Inode numbers the passthrough uses.
@@ -82,6 +122,8 @@ pub struct GuardedFs {
     root_dir: PathBuf,
     /// The root directory, opened at INIT (after the sandbox is set up).
     root: OnceLock<File>,
+    /// Handles given out and not released (counted against `limits.handles`).
+    handles: AtomicUsize,
 }
 
 fn err(errno: i32) -> io::Error {
@@ -117,6 +159,38 @@ pub fn strip_setid(mode: u32, is_dir: bool) -> u32 {
         m &= !libc::S_ISGID;
     }
     m
+}
+
+/// Sets the calling thread's effective (and filesystem) gid for as long as it
+/// lives, then puts the previous one back. A raw `setresgid`: glibc's wrapper
+/// would change every thread of the process.
+struct ScopedEgid(libc::gid_t);
+
+impl ScopedEgid {
+    fn new(gid: libc::gid_t) -> io::Result<ScopedEgid> {
+        // SAFETY: getegid takes no arguments and cannot fail.
+        let old = unsafe { libc::getegid() };
+        // SAFETY: setresgid with -1 (unchanged) for the real and saved ids.
+        let rc = unsafe { libc::syscall(libc::SYS_setresgid, -1i64, gid as i64, -1i64) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ScopedEgid(old))
+    }
+}
+
+impl Drop for ScopedEgid {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`.
+        let rc = unsafe { libc::syscall(libc::SYS_setresgid, -1i64, self.0 as i64, -1i64) };
+        if rc != 0 {
+            tracing::error!(
+                "restoring the thread's egid {}: {}",
+                self.0,
+                io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 /// Whether MKNOD of `mode`/`rdev` creates a device the policy refuses.
@@ -165,6 +239,7 @@ impl GuardedFs {
             xattr: false,
             ..cfg
         })?;
+        inner.set_inode_limit(policy.limits.inodes, metrics.refused_inodes_counter());
         let proc_fd = File::open("/proc/self/fd")?;
         Ok(GuardedFs {
             inner,
@@ -173,7 +248,109 @@ impl GuardedFs {
             proc_fd,
             root_dir,
             root: OnceLock::new(),
+            handles: AtomicUsize::new(0),
         })
+    }
+
+    /// Inodes held now (the root included), and the entries of the
+    /// passthrough's (inode, device, mount id) table.
+    pub fn inode_counts(&self) -> (usize, usize) {
+        self.inner.inode_counts()
+    }
+
+    /// Handles held now: as the guard counts them, and as the passthrough's
+    /// table holds them (the two agree between requests).
+    pub fn handle_counts(&self) -> (usize, usize) {
+        (
+            self.handles.load(Ordering::Acquire),
+            self.inner.handle_count(),
+        )
+    }
+
+    /// Takes one handle from the budget; `EMFILE` (counted) when none is left.
+    fn take_handle(&self) -> io::Result<()> {
+        let max = self.policy.limits.handles;
+        match self
+            .handles
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            }) {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                self.metrics.refuse_handle();
+                self.refuse(libc::EMFILE)
+            }
+        }
+    }
+
+    /// Gives one handle back to the budget.
+    fn put_handle(&self) {
+        let _ = self
+            .handles
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Runs `open`, which uses one handle of the budget if it returns one.
+    fn with_handle<T>(
+        &self,
+        open: impl FnOnce() -> io::Result<T>,
+        got: impl Fn(&T) -> bool,
+    ) -> io::Result<T> {
+        self.take_handle()?;
+        let r = open();
+        if !matches!(&r, Ok(v) if got(v)) {
+            self.put_handle();
+        }
+        self.track(r)
+    }
+
+    /// `ENFILE` (counted) when no new inode may be held: checked before a
+    /// CREATE, MKNOD, MKDIR or SYMLINK makes anything on the host (the
+    /// passthrough's own check, at the lookup that follows, is the exact one).
+    fn check_inode_room(&self) -> io::Result<()> {
+        if self.inner.inode_counts().0 >= self.policy.limits.inodes {
+            self.metrics.refuse_inode();
+            return self.refuse(libc::ENFILE);
+        }
+        Ok(())
+    }
+
+    /// SETATTR's mode change as the policy allows it.
+    fn guarded_setattr(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        mut attr: stat64,
+        handle: Option<Handle>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        if !valid.contains(SetattrValid::MODE) || self.policy.allow_setid {
+            return self.inner.setattr(ctx, inode, attr, handle, valid);
+        }
+        // the file type is the inode's (fstat of the held fd), never the one
+        // in the mode the guest sent
+        let (cur, _) = self.inner.getattr(ctx, inode, None)?;
+        let is_dir = cur.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        attr.st_mode = strip_setid(attr.st_mode, is_dir);
+        // SAFETY: getegid takes no arguments and cannot fail.
+        let egid = unsafe { libc::getegid() };
+        if !(is_dir && attr.st_mode & libc::S_ISGID != 0 && cur.st_gid != egid) {
+            return self.inner.setattr(ctx, inode, attr, handle, valid);
+        }
+        // Without CAP_FSETID the host kernel drops S_ISGID from a chmod by a
+        // caller outside the file's group; a setgid directory's bit is the
+        // guest's to set (group inheritance), so its mode changes with the
+        // directory's group as this thread's egid. Then the rest, as root.
+        {
+            let _gid = ScopedEgid::new(cur.st_gid)?;
+            self.inner
+                .setattr(ctx, inode, attr, handle, SetattrValid::MODE)?;
+        }
+        let rest = valid - SetattrValid::MODE;
+        if rest.is_empty() {
+            return self.inner.getattr(ctx, inode, handle);
+        }
+        self.inner.setattr(ctx, inode, attr, handle, rest)
     }
 
     fn track<T>(&self, r: io::Result<T>) -> io::Result<T> {
@@ -437,7 +614,9 @@ impl FileSystem for GuardedFs {
     }
 
     fn destroy(&self) {
-        self.inner.destroy()
+        self.inner.destroy();
+        // every handle is closed
+        self.handles.store(0, Ordering::Release);
     }
 
     fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
@@ -469,24 +648,15 @@ impl FileSystem for GuardedFs {
         &self,
         ctx: &Context,
         inode: Inode,
-        mut attr: stat64,
+        attr: stat64,
         handle: Option<Handle>,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         if self.policy.readonly {
             return self.refuse(libc::EROFS);
         }
-        if valid.contains(SetattrValid::MODE) && !self.policy.allow_setid {
-            let is_dir = match attr.st_mode & libc::S_IFMT {
-                0 => {
-                    let cur = self.track(self.inner.getattr(ctx, inode, handle))?;
-                    cur.0.st_mode & libc::S_IFMT == libc::S_IFDIR
-                }
-                kind => kind == libc::S_IFDIR,
-            };
-            attr.st_mode = strip_setid(attr.st_mode, is_dir);
-        }
-        self.track(self.inner.setattr(ctx, inode, attr, handle, valid))
+        let r = self.guarded_setattr(ctx, inode, attr, handle, valid);
+        self.track(r)
     }
 
     fn readlink(&self, ctx: &Context, inode: Inode) -> io::Result<Vec<u8>> {
@@ -503,6 +673,7 @@ impl FileSystem for GuardedFs {
         if self.policy.readonly {
             return self.refuse(libc::EROFS);
         }
+        self.check_inode_room()?;
         self.track(self.inner.symlink(ctx, linkname, parent, name))
     }
 
@@ -521,6 +692,7 @@ impl FileSystem for GuardedFs {
         if mknod_refused(mode, rdev, self.policy.allow_devices) {
             return self.refuse(libc::EPERM);
         }
+        self.check_inode_room()?;
         let mode = if self.policy.allow_setid {
             mode
         } else {
@@ -540,6 +712,7 @@ impl FileSystem for GuardedFs {
         if self.policy.readonly {
             return self.refuse(libc::EROFS);
         }
+        self.check_inode_room()?;
         let mode = if self.policy.allow_setid {
             mode
         } else {
@@ -604,7 +777,10 @@ impl FileSystem for GuardedFs {
             return self.refuse(libc::EROFS);
         }
         let flags = host_open_flags(flags);
-        self.track(self.inner.open(ctx, inode, flags, fuse_flags))
+        self.with_handle(
+            || self.inner.open(ctx, inode, flags, fuse_flags),
+            |(h, _, _)| h.is_some(),
+        )
     }
 
     fn create(
@@ -621,7 +797,11 @@ impl FileSystem for GuardedFs {
             args.mode = strip_setid(args.mode, false);
         }
         args.flags = host_open_flags(args.flags);
-        self.track(self.inner.create(ctx, parent, name, args))
+        self.check_inode_room()?;
+        self.with_handle(
+            || self.inner.create(ctx, parent, name, args),
+            |(_, h, _, _)| h.is_some(),
+        )
     }
 
     fn read(
@@ -719,10 +899,15 @@ impl FileSystem for GuardedFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.track(
-            self.inner
-                .release(ctx, inode, flags, handle, flush, flock_release, lock_owner),
-        )
+        let r = self
+            .inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner);
+        // only a handle the passthrough really held goes back to the budget
+        // (an unknown one is EBADF)
+        if r.is_ok() {
+            self.put_handle();
+        }
+        self.track(r)
     }
 
     fn statfs(&self, ctx: &Context, inode: Inode) -> io::Result<statvfs64> {
@@ -772,7 +957,10 @@ impl FileSystem for GuardedFs {
         inode: Inode,
         flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions)> {
-        self.track(self.inner.opendir(ctx, inode, flags))
+        self.with_handle(
+            || self.inner.opendir(ctx, inode, flags),
+            |(h, _)| h.is_some(),
+        )
     }
 
     fn readdir(
@@ -834,7 +1022,11 @@ impl FileSystem for GuardedFs {
         flags: u32,
         handle: Handle,
     ) -> io::Result<()> {
-        self.track(self.inner.releasedir(ctx, inode, flags, handle))
+        let r = self.inner.releasedir(ctx, inode, flags, handle);
+        if r.is_ok() {
+            self.put_handle();
+        }
+        self.track(r)
     }
 
     fn access(&self, ctx: &Context, inode: Inode, mask: u32) -> io::Result<()> {

@@ -24,6 +24,8 @@ const REPLY_MAX: usize = 1 << 20;
 /// A server over `dir`, initialised (FUSE INIT done).
 pub struct Harness {
     server: Server<Arc<GuardedFs>>,
+    /// The filesystem (guard + passthrough), for its counts.
+    pub fs: Arc<GuardedFs>,
     /// The daemon's counters.
     pub metrics: Arc<Metrics>,
     rx: File,
@@ -33,14 +35,21 @@ pub struct Harness {
 impl Harness {
     /// Serves `dir` (xattrs on, the default policy otherwise).
     pub fn new(dir: &Path) -> std::io::Result<Harness> {
+        Harness::with_policy(
+            dir,
+            Policy {
+                xattr: true,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Serves `dir` with `policy`.
+    pub fn with_policy(dir: &Path, policy: Policy) -> std::io::Result<Harness> {
         let metrics = Arc::new(Metrics::default());
         let cfg = Config {
             root_dir: std::fs::canonicalize(dir)?.to_string_lossy().into_owned(),
             do_import: true,
-            ..Default::default()
-        };
-        let policy = Policy {
-            xattr: true,
             ..Default::default()
         };
         let fs = Arc::new(GuardedFs::new(cfg, policy, metrics.clone())?);
@@ -50,7 +59,8 @@ impl Harness {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         )?;
         let mut h = Harness {
-            server: Server::new(fs),
+            server: Server::new(fs.clone()),
+            fs,
             metrics,
             rx: File::from(rx),
             tx: File::from(tx),
@@ -70,6 +80,12 @@ impl Harness {
     /// Sends raw bytes as one request; the reply's error (0 = ok), if a reply
     /// was written.
     pub fn send(&mut self, bytes: &[u8]) -> Option<i32> {
+        self.request(bytes).map(|(e, _)| e)
+    }
+
+    /// Sends raw bytes as one request; the reply's error (0 = ok) and body
+    /// (what follows the out header), if a reply was written.
+    pub fn request(&mut self, bytes: &[u8]) -> Option<(i32, Vec<u8>)> {
         let mut inbuf = bytes.to_vec();
         let mut outbuf = vec![0u8; REPLY_MAX];
         let reader = Reader::<()>::from_fuse_buffer(FuseBuf::new(&mut inbuf)).ok()?;
@@ -81,9 +97,10 @@ impl Harness {
         let mut reply = vec![0u8; REPLY_MAX];
         match self.rx.read(&mut reply) {
             Ok(n) if n >= std::mem::size_of::<OutHeader>() => {
-                let oh = OutHeader::from_slice(&reply[..std::mem::size_of::<OutHeader>()])?;
+                let hl = std::mem::size_of::<OutHeader>();
+                let oh = OutHeader::from_slice(&reply[..hl])?;
                 assert_eq!(oh.len as usize, n, "a reply's length is what was written");
-                Some(oh.error)
+                Some((oh.error, reply[hl..n].to_vec()))
             }
             _ => None,
         }

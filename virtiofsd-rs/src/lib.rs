@@ -8,6 +8,8 @@ pub mod device;
 pub mod fs;
 pub mod harness;
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod lookup_tests;
 #[cfg(test)]
 mod malformed_tests;

@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -34,7 +34,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 
 use kata_virtiofsd::control::{self, State};
 use kata_virtiofsd::device;
-use kata_virtiofsd::fs::{GuardedFs, Policy};
+use kata_virtiofsd::fs::{GuardedFs, Limits, Policy, DEFAULT_MAX_HANDLES, DEFAULT_MAX_INODES};
 use kata_virtiofsd::metrics::Metrics;
 use kata_virtiofsd::residency;
 use kata_virtiofsd::sandbox::{self, SeccompMode};
@@ -108,6 +108,14 @@ struct Cli {
     /// Let the guest create device nodes (default: EPERM).
     #[arg(long)]
     allow_devices: bool,
+    /// Most open file and directory handles the guest may hold (one host fd
+    /// each); beyond it OPEN, CREATE and OPENDIR are EMFILE.
+    #[arg(long, default_value_t = DEFAULT_MAX_HANDLES)]
+    max_handles: usize,
+    /// Most inodes the guest may hold (one host fd each); beyond it a lookup
+    /// of a new one is ENFILE.
+    #[arg(long, default_value_t = DEFAULT_MAX_INODES)]
+    max_inodes: usize,
     /// Sandbox id for the logs and Status.
     #[arg(long)]
     sandbox_id: Option<String>,
@@ -153,7 +161,10 @@ fn main() {
     }
 }
 
-/// A unix listener at `path`, replacing a stale socket (never another file).
+/// A unix listener at `path`, replacing a stale socket (never another file),
+/// mode 0600 whatever the umask: bound under umask 0177 (no moment with a
+/// wider mode; the process is single-threaded here), then chmod 0600
+/// explicitly.
 fn bind(path: &Path) -> Result<UnixListener> {
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
@@ -161,7 +172,13 @@ fn bind(path: &Path) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     }
-    UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let l = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let l = l.with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(l)
 }
 
 fn within(inner: &Path, outer: &Path) -> bool {
@@ -449,6 +466,15 @@ fn server(p: Prepared, ready: OwnedFd, parent: Pid) -> Result<()> {
         writeback: false,
         ..Default::default()
     };
+    let (limits, nofile) = sandbox::fit_fd_limit(Limits {
+        handles: cli.max_handles,
+        inodes: cli.max_inodes,
+    })?;
+    tracing::info!(
+        "caps: {} handles, {} inodes; RLIMIT_NOFILE {nofile}",
+        limits.handles,
+        limits.inodes
+    );
     let metrics = Arc::new(Metrics::default());
     let guard = Policy {
         readonly: cli.readonly,
@@ -456,6 +482,7 @@ fn server(p: Prepared, ready: OwnedFd, parent: Pid) -> Result<()> {
         allow_setid: cli.allow_setid,
         allow_devices: cli.allow_devices,
         announce_submounts: cli.announce_submounts,
+        limits,
     };
     let fs = Arc::new(GuardedFs::new(cfg, guard, metrics.clone()).context("passthrough fs")?);
     if namespace {
@@ -464,7 +491,7 @@ fn server(p: Prepared, ready: OwnedFd, parent: Pid) -> Result<()> {
     if let Some(c) = &p.control {
         c.set_nonblocking(true)?;
     }
-    sandbox::drop_capabilities()?;
+    sandbox::drop_capabilities(cli.allow_setid)?;
     sandbox::install_seccomp(cli.seccomp)?;
 
     let state = Arc::new(State {

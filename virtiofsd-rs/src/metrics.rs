@@ -10,9 +10,17 @@
 //! request for which `collect` never ran (no readable header, a length over the
 //! limit) is counted as malformed. Everything is lock-free atomics: the vhost
 //! worker threads never wait on the control endpoint.
+//!
+//! Refusals by the per-VM caps ([`crate::fs::Limits`]) are counted too and
+//! reported as two extra entries of the `ops` list (the proto has no field of
+//! its own for them): `REFUSED_HANDLES` (OPEN, CREATE, OPENDIR answered
+//! `EMFILE`) and `REFUSED_INODES` (lookups answered `ENFILE`), each with
+//! `count` = `errors` = the refusals and no latency histogram; like the
+//! opcodes, they appear once non-zero.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
@@ -102,7 +110,15 @@ pub struct Metrics {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     malformed: AtomicU64,
+    refused_handles: AtomicU64,
+    /// Shared with the passthrough, which refuses new inodes itself.
+    refused_inodes: Arc<AtomicU64>,
 }
+
+/// The `ops` entry of OPEN/CREATE/OPENDIR refused by the handle cap.
+pub const REFUSED_HANDLES: &str = "REFUSED_HANDLES";
+/// The `ops` entry of lookups refused by the inode cap.
+pub const REFUSED_INODES: &str = "REFUSED_INODES";
 
 /// The request the current thread is serving.
 #[derive(Clone, Copy)]
@@ -148,6 +164,8 @@ impl Default for Metrics {
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
+            refused_handles: AtomicU64::new(0),
+            refused_inodes: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -161,6 +179,29 @@ impl Metrics {
     /// Bytes written for the guest by WRITE.
     pub fn add_written(&self, n: usize) {
         self.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// An OPEN, CREATE or OPENDIR refused by the handle cap.
+    pub fn refuse_handle(&self) {
+        self.refused_handles.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A lookup refused by the inode cap.
+    pub fn refuse_inode(&self) {
+        self.refused_inodes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counter of inode-cap refusals, for the passthrough to add to.
+    pub fn refused_inodes_counter(&self) -> Arc<AtomicU64> {
+        self.refused_inodes.clone()
+    }
+
+    /// Refusals by the caps so far: (handles, inodes).
+    pub fn refusals(&self) -> (u64, u64) {
+        (
+            self.refused_handles.load(Ordering::Relaxed),
+            self.refused_inodes.load(Ordering::Relaxed),
+        )
     }
 
     /// The hook to hand to `Server::handle_message`.
@@ -215,6 +256,17 @@ impl Metrics {
                     .collect(),
                 latency_sum_us: c.sum_us.load(Ordering::Relaxed),
             });
+        }
+        let (handles, inodes) = self.refusals();
+        for (name, n) in [(REFUSED_HANDLES, handles), (REFUSED_INODES, inodes)] {
+            if n > 0 {
+                ops.push(OpStats {
+                    op: name.to_string(),
+                    count: n,
+                    errors: n,
+                    ..Default::default()
+                });
+            }
         }
         MetricsResponse {
             ops,
@@ -283,6 +335,22 @@ mod tests {
         assert_eq!(s.bytes_read, 4096);
         assert_eq!(s.malformed, 1);
         assert!(s.ops.iter().all(|o| o.op != "WRITE"));
+        assert!(s.ops.iter().all(|o| !o.op.starts_with("REFUSED_")));
+    }
+
+    #[test]
+    fn cap_refusals_are_reported() {
+        let m = Metrics::default();
+        m.refuse_handle();
+        m.refuse_handle();
+        m.refused_inodes_counter().fetch_add(3, Ordering::Relaxed);
+        m.refuse_inode();
+        assert_eq!(m.refusals(), (2, 4));
+        let s = m.snapshot();
+        let h = s.ops.iter().find(|o| o.op == REFUSED_HANDLES).unwrap();
+        assert_eq!((h.count, h.errors), (2, 2));
+        let i = s.ops.iter().find(|o| o.op == REFUSED_INODES).unwrap();
+        assert_eq!((i.count, i.errors), (4, 4));
     }
 
     #[test]

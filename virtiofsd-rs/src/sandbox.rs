@@ -12,8 +12,12 @@
 //!    (pivot_root), the old root is detached: from then on the process sees
 //!    nothing but the shared directory, and `..` at `/` stays at `/` in the
 //!    kernel's own path walk.
-//! 4. [`drop_capabilities`]: bounding, permitted, effective sets reduced to
-//!    what a passthrough server needs; inheritable and ambient emptied.
+//! 4. [`fit_fd_limit`]: `RLIMIT_NOFILE` set to what the caps on handles and
+//!    inodes need (lowered if more was inherited; the caps lowered if the hard
+//!    limit cannot be raised). [`drop_capabilities`]: bounding, permitted,
+//!    effective sets reduced to what a passthrough server needs (no
+//!    `CAP_FSETID`: the host kernel then clears setuid/setgid on every write
+//!    and truncation from the guest); inheritable and ambient emptied.
 //! 5. [`install_seccomp`]: an allow-list of the system calls the daemon makes,
 //!    on every thread; anything else kills the process (or fails with ENOSYS,
 //!    or is only logged, for debugging).
@@ -26,7 +30,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use anyhow::{anyhow, Context as _, Result};
+use crate::fs::Limits;
+use anyhow::{anyhow, bail, Context as _, Result};
 use caps::{CapSet, Capability, CapsHashSet};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
@@ -145,24 +150,115 @@ pub fn pivot_into(dir: &Path) -> Result<()> {
 /// kernel checks permissions), acting as the requesting uid/gid, creating
 /// nodes, setting file capabilities (`user.` xattrs only reach the disk, but
 /// chown must keep working on files with capabilities).
-pub fn server_capabilities() -> CapsHashSet {
-    [
+///
+/// Not `CAP_FSETID` (unless `allow_setid`): without it the host kernel clears
+/// setuid (and group-executable setgid) from a regular file on every write,
+/// truncation, `O_TRUNC` open and fallocate the server does for the guest,
+/// whatever the guest asked (`WRITE_KILL_PRIV` or not; a guest writer with
+/// its own `CAP_FSETID` never asks), atomically with the change, on every
+/// path the passthrough has to a file's data. It also clears a setgid bit
+/// from a chmod by a caller outside the file's group; for directories, where
+/// setgid means group inheritance, the guard makes that chmod with the
+/// directory's group as the thread's egid (`crate::fs`).
+pub fn server_capabilities(allow_setid: bool) -> CapsHashSet {
+    let mut caps: CapsHashSet = [
         Capability::CAP_CHOWN,
         Capability::CAP_DAC_OVERRIDE,
         Capability::CAP_FOWNER,
-        Capability::CAP_FSETID,
         Capability::CAP_SETGID,
         Capability::CAP_SETUID,
         Capability::CAP_MKNOD,
         Capability::CAP_SETFCAP,
     ]
     .into_iter()
-    .collect()
+    .collect();
+    if allow_setid {
+        caps.insert(Capability::CAP_FSETID);
+    }
+    caps
+}
+
+/// File descriptors the server needs besides one per handle and one per
+/// inode: the sockets and the vhost-user connection (eventfds, guest memory
+/// regions), epoll and eventfds of the vring, FUSE channel and control
+/// threads, `/proc/self/fd`, the root.
+pub const FD_RESERVE: usize = 512;
+
+/// The caps that fit `nofile` descriptors: `want` if both fit with
+/// [`FD_RESERVE`] to spare; otherwise a quarter of what is left goes to
+/// handles and the rest to inodes (neither above what was asked).
+pub fn clamp_limits(want: Limits, nofile: u64) -> Limits {
+    let budget = usize::try_from(nofile)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(FD_RESERVE);
+    if want.handles.saturating_add(want.inodes) <= budget {
+        return want;
+    }
+    let handles = want.handles.min(budget / 4);
+    let inodes = want.inodes.min(budget - handles);
+    Limits { handles, inodes }
+}
+
+fn getrlimit_nofile() -> io::Result<(u64, u64)> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `r`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((r.rlim_cur, r.rlim_max))
+}
+
+fn setrlimit_nofile(soft: u64, hard: u64) -> io::Result<()> {
+    let r = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads `r`.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Step 4a: sets `RLIMIT_NOFILE` (soft and hard) to exactly what `want`
+/// needs (handles + inodes + [`FD_RESERVE`]): lowered when more was
+/// inherited, raised when the hard limit allows it. Raising the hard limit
+/// needs `CAP_SYS_RESOURCE` (and stays under `fs.nr_open`): when that fails
+/// (`EPERM`, `EINVAL`) the limit is set to the current hard limit and the caps
+/// are lowered to fit ([`clamp_limits`]). Returns the caps in force and the
+/// limit. Call it before seccomp (which does not allow `setrlimit`).
+pub fn fit_fd_limit(want: Limits) -> Result<(Limits, u64)> {
+    let need = want
+        .handles
+        .saturating_add(want.inodes)
+        .saturating_add(FD_RESERVE) as u64;
+    let (_, hard) = getrlimit_nofile().context("getrlimit(RLIMIT_NOFILE)")?;
+    match setrlimit_nofile(need, need) {
+        Ok(()) => return Ok((want, need)),
+        Err(e) if need > hard => {
+            tracing::debug!("raising RLIMIT_NOFILE to {need}: {e}");
+        }
+        Err(e) => return Err(e).context(format!("setrlimit(RLIMIT_NOFILE, {need})")),
+    }
+    let got = clamp_limits(want, hard);
+    if got.inodes < 2 {
+        bail!("RLIMIT_NOFILE {hard} leaves no file descriptors to serve with");
+    }
+    setrlimit_nofile(hard, hard).context(format!("setrlimit(RLIMIT_NOFILE, {hard})"))?;
+    tracing::warn!(
+        "RLIMIT_NOFILE cannot be raised to {need} (hard limit {hard}): caps lowered to {} handles, {} inodes",
+        got.handles,
+        got.inodes
+    );
+    Ok((got, hard))
 }
 
 /// Step 4, on the calling thread (call it before any other thread exists).
-pub fn drop_capabilities() -> Result<()> {
-    let keep = server_capabilities();
+pub fn drop_capabilities(allow_setid: bool) -> Result<()> {
+    let keep = server_capabilities(allow_setid);
     for c in caps::all() {
         if !keep.contains(&c) {
             // a capability the kernel does not know is not in the set anyway
@@ -375,10 +471,52 @@ mod tests {
 
     #[test]
     fn capability_set() {
-        let c = server_capabilities();
+        let c = server_capabilities(false);
         assert!(c.contains(&Capability::CAP_DAC_OVERRIDE));
         assert!(!c.contains(&Capability::CAP_SYS_ADMIN));
         assert!(!c.contains(&Capability::CAP_DAC_READ_SEARCH));
+        assert!(!c.contains(&Capability::CAP_SYS_RESOURCE));
+        // the host kernel clears setuid/setgid on the guest's writes only
+        // when the server lacks it
+        assert!(!c.contains(&Capability::CAP_FSETID));
+        assert_eq!(c.len(), 7);
+        let c = server_capabilities(true);
+        assert!(c.contains(&Capability::CAP_FSETID));
         assert_eq!(c.len(), 8);
+    }
+
+    #[test]
+    fn caps_fit_the_fd_limit() {
+        let want = Limits {
+            handles: 65_536,
+            inodes: 262_144,
+        };
+        // room for both
+        assert_eq!(clamp_limits(want, 1 << 20), want);
+        assert_eq!(clamp_limits(want, u64::MAX), want);
+        assert_eq!(
+            clamp_limits(want, (65_536 + 262_144 + FD_RESERVE) as u64),
+            want
+        );
+        // this machine's hard limit: a quarter to handles, the rest to inodes
+        let l = clamp_limits(want, 20_000);
+        assert_eq!(l.handles, (20_000 - FD_RESERVE) / 4);
+        assert_eq!(l.handles + l.inodes + FD_RESERVE, 20_000);
+        // never more than asked
+        let small = Limits {
+            handles: 100,
+            inodes: 1_000_000,
+        };
+        let l = clamp_limits(small, 20_000);
+        assert_eq!(l.handles, 100);
+        assert_eq!(l.inodes, 20_000 - FD_RESERVE - 100);
+        // nothing left
+        assert_eq!(
+            clamp_limits(want, 100),
+            Limits {
+                handles: 0,
+                inodes: 0
+            }
+        );
     }
 }

@@ -67,6 +67,16 @@ impl InodeStore {
         data
     }
 
+    /// kata-rs: the inodes held.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// kata-rs: the entries of the (inode, device, mount id) table.
+    pub fn id_len(&self) -> usize {
+        self.by_id.len()
+    }
+
     pub fn clear(&mut self) {
         self.data.clear();
         self.by_handle.clear();

@@ -22,8 +22,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
 use vm_memory::{bitmap::BitmapSlice, ByteValued};
@@ -398,6 +398,13 @@ pub struct PassthroughFs<S: BitmapSlice + Send + Sync = ()> {
     dir_entry_timeout: Duration,
     dir_attr_timeout: Duration,
 
+    // kata-rs: the most inodes held at once (root included). A lookup that
+    // would add one more (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK, an entry
+    // of READDIRPLUS) is ENFILE; lookups of inodes already held still work.
+    max_inodes: AtomicUsize,
+    // kata-rs: where lookups refused by `max_inodes` are counted.
+    inode_refusals: OnceLock<Arc<AtomicU64>>,
+
     cfg: Config,
 
     phantom: PhantomData<S>,
@@ -456,6 +463,8 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
             perfile_dax: AtomicBool::new(false),
             dir_entry_timeout,
             dir_attr_timeout,
+            max_inodes: AtomicUsize::new(usize::MAX),
+            inode_refusals: OnceLock::new(),
             cfg,
 
             phantom: PhantomData,
@@ -493,6 +502,25 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
         )));
 
         Ok(())
+    }
+
+    /// kata-rs: caps the inodes held at once at `max` (root included); each
+    /// refused lookup adds one to `refused`.
+    pub fn set_inode_limit(&self, max: usize, refused: Arc<AtomicU64>) {
+        self.max_inodes.store(max, Ordering::Relaxed);
+        let _ = self.inode_refusals.set(refused);
+    }
+
+    /// kata-rs: the inodes held now (each one `O_PATH` fd), and the entries of
+    /// the table that finds them by (inode, device, mount id).
+    pub fn inode_counts(&self) -> (usize, usize) {
+        let inodes = self.inode_map.inodes.read().unwrap();
+        (inodes.len(), inodes.id_len())
+    }
+
+    /// kata-rs: the open file and directory handles (each one fd).
+    pub fn handle_count(&self) -> usize {
+        self.handle_map.handles.read().unwrap().len()
     }
 
     /// Get the list of file descriptors which should be reserved across live upgrade.
@@ -794,6 +822,14 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
                     data.inode
                 }
                 None => {
+                    // kata-rs: a new inode past the cap is refused (`path_fd`
+                    // is closed on return)
+                    if inodes.len() >= self.max_inodes.load(Ordering::Relaxed) {
+                        if let Some(c) = self.inode_refusals.get() {
+                            c.fetch_add(1, Ordering::Relaxed);
+                        }
+                        return Err(io::Error::from_raw_os_error(libc::ENFILE));
+                    }
                     let inode = self.allocate_inode(inodes.deref(), &id, handle_opt.as_ref())?;
 
                     if inode > VFS_MAX_INO {
@@ -841,9 +877,15 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
                 {
                     if new == 0 {
                         // We just removed the last refcount for this inode.
-                        // The allocated inode number should be kept in the map when use_host_ino
-                        // is false or host inode(don't use the virtual 56bit inode) is bigger than MAX_HOST_INO.
-                        let keep_mapping = !self.cfg.use_host_ino || data.id.ino > MAX_HOST_INO;
+                        // kata-rs: the (inode, device, mount id) -> node id
+                        // mapping goes too, unless use_host_ino needs it for a
+                        // virtual inode number (host inode above MAX_HOST_INO).
+                        // Upstream kept it whenever use_host_ino is false (the
+                        // default), so the table grew by one entry for every
+                        // file ever looked up and never shrank. The guest sees
+                        // the host's st_ino in every reply; a file looked up
+                        // again after FORGET simply gets a new node id.
+                        let keep_mapping = self.cfg.use_host_ino && data.id.ino > MAX_HOST_INO;
                         inodes.remove(&inode, keep_mapping);
                     }
                     break;
@@ -1417,9 +1459,13 @@ mod tests {
             fs.import().unwrap();
             let entry = fs.lookup(&ctx, ROOT_ID, &child).unwrap();
             assert_eq!(entry.inode, ROOT_ID + 1);
+            assert_eq!(fs.inode_counts(), (2, 2));
             fs.forget(&ctx, entry.inode, 1);
+            // kata-rs: FORGET drops the id mapping too; a new node id follows
+            assert_eq!(fs.inode_counts(), (1, 1));
             let entry = fs.lookup(&ctx, ROOT_ID, &child).unwrap();
-            assert_eq!(entry.inode, ROOT_ID + 1);
+            assert_eq!(entry.inode, ROOT_ID + 2);
+            assert_eq!(entry.attr.st_ino, meta.ino());
         }
         {
             let fs_cfg = Config {
