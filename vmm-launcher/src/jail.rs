@@ -17,8 +17,10 @@
 //!    the ambient set, asks for SIGKILL when the launcher dies (`PR_SET_PDEATHSIG`,
 //!    after the uid change, which would clear it), sets `no_new_privs`;
 //! 5. installs a seccomp filter that denies the system calls a VMM never needs
-//!    (mount, module loading, kexec, ptrace, bpf, keyrings, namespaces, ...),
-//!    and QEMU adds its own (`-sandbox on`).
+//!    (mount, module loading, kexec, ptrace, bpf, keyrings, namespaces,
+//!    io_uring, `clone` with a `CLONE_NEW*` flag, ...) and makes `clone3`
+//!    fail with ENOSYS (its flags are out of a filter's reach; glibc then
+//!    falls back to `clone`), and QEMU adds its own (`-sandbox on`).
 //!
 //! The jail's mounts live only in the child's mount namespace: when QEMU exits,
 //! they are gone, nothing to unmount on the host.
@@ -97,7 +99,7 @@ pub struct Jail {
     cgroup_procs: Vec<File>,
     uid: u32,
     groups: Vec<libc::gid_t>,
-    seccomp: BpfProgram,
+    seccomp: Vec<BpfProgram>,
 }
 
 fn cstr(p: &Path) -> CString {
@@ -156,20 +158,76 @@ pub const DENIED_SYSCALLS: &[i64] = &[
     libc::SYS_personality,
     libc::SYS_uselib,
     libc::SYS_vhangup,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
 ];
 
-/// The launcher's seccomp program for the hypervisor.
-pub fn seccomp_program() -> Result<BpfProgram, JailError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+/// `clone` flags that create namespaces; `clone` with any of them is denied
+/// with EPERM (`CLONE_NEWTIME` is only valid for `unshare` and `clone3`,
+/// both denied as a whole).
+pub const CLONE_NAMESPACE_FLAGS: &[libc::c_int] = &[
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWCGROUP,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWNET,
+];
+
+/// The launcher's seccomp programs for the hypervisor, to install in this
+/// order: (1) the deny list and `clone` with a namespace flag, EPERM;
+/// (2) `clone3`, ENOSYS, so glibc falls back to `clone`, whose flags (1)
+/// can check.
+pub fn seccomp_programs() -> Result<Vec<BpfProgram>, JailError> {
+    let err = |e: seccompiler::BackendError| JailError::Seccomp(e.to_string());
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
         DENIED_SYSCALLS.iter().map(|s| (*s, vec![])).collect();
-    let filter = SeccompFilter::new(
+    // x86_64 clone(flags, stack, parent_tid, child_tid, tls): flags is arg 0;
+    // one rule per flag, rules of a system call match if any does
+    let clone_rules = CLONE_NAMESPACE_FLAGS
+        .iter()
+        .map(|&f| {
+            let f = f as u32 as u64;
+            let c = seccompiler::SeccompCondition::new(
+                0,
+                seccompiler::SeccompCmpArgLen::Qword,
+                seccompiler::SeccompCmpOp::MaskedEq(f),
+                f,
+            )?;
+            seccompiler::SeccompRule::new(vec![c])
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err)?;
+    rules.insert(libc::SYS_clone, clone_rules);
+    let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EPERM as u32),
         TargetArch::x86_64,
     )
-    .map_err(|e| JailError::Seccomp(e.to_string()))?;
-    BpfProgram::try_from(filter).map_err(|e| JailError::Seccomp(e.to_string()))
+    .map_err(err)?;
+    let clone3 = SeccompFilter::new(
+        [(libc::SYS_clone3, vec![])].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(err)?;
+    [deny, clone3]
+        .into_iter()
+        .map(|f| BpfProgram::try_from(f).map_err(err))
+        .collect()
+}
+
+/// Installs [`seccomp_programs`] on the calling thread (no allocation: the
+/// programs were built before).
+pub fn apply_seccomp(programs: &[BpfProgram]) -> io::Result<()> {
+    for p in programs {
+        seccompiler::apply_filter(p).map_err(|e| io::Error::other(e.to_string()))?;
+    }
+    Ok(())
 }
 
 impl Jail {
@@ -278,7 +336,7 @@ impl Jail {
             cgroup_procs,
             uid: spec.uid,
             groups,
-            seccomp: seccomp_program()?,
+            seccomp: seccomp_programs()?,
         })
     }
 
@@ -296,6 +354,9 @@ impl Jail {
         // SAFETY: (whole block) plain system calls on NUL-terminated strings and
         // file descriptors this struct owns; nothing is allocated or freed.
         unsafe {
+            // the jail's directories get the modes written below, whatever
+            // the launcher's umask; QEMU itself runs with a private one
+            libc::umask(0o022);
             check(libc::setsid())?;
             if let Some(ns) = &self.netns {
                 check(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET))?;
@@ -397,40 +458,134 @@ impl Jail {
             // after the uid change, which clears it
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            libc::umask(0o077);
         }
-        seccompiler::apply_filter(&self.seccomp).map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(())
+        apply_seccomp(&self.seccomp)
     }
-}
-
-/// The uid (and gid) the hypervisor of `sandbox_id` runs as when the spec does
-/// not name one: 100000 + a hash of the id, so two VMs do not share a uid.
-pub fn uid_for(sandbox_id: &str) -> u32 {
-    // FNV-1a: stable across builds and runs (unlike std's hasher)
-    let mut h: u32 = 0x811c_9dc5;
-    for b in sandbox_id.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    100_000 + (h % 65_536)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn seccomp_builds() {
-        assert!(!seccomp_program().unwrap().is_empty());
+    /// What a process under the hypervisor's seccomp filters gets back from
+    /// `nr(args)`: the return value and errno, run in a forked child.
+    fn under_filter(programs: &[BpfProgram], calls: &[(i64, [u64; 5])]) -> Vec<(i64, i32)> {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        // SAFETY: the child only makes system calls (no allocation, no locks:
+        // the programs were built before the fork) and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: (whole block) system calls on memory owned by this frame.
+            unsafe {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                for p in programs {
+                    let prog = libc::sock_fprog {
+                        len: p.len() as u16,
+                        filter: p.as_ptr() as *mut libc::sock_filter,
+                    };
+                    if libc::prctl(
+                        libc::PR_SET_SECCOMP,
+                        libc::SECCOMP_MODE_FILTER,
+                        &prog as *const libc::sock_fprog,
+                    ) != 0
+                    {
+                        libc::_exit(2);
+                    }
+                }
+                for (nr, a) in calls {
+                    let rc = libc::syscall(*nr, a[0], a[1], a[2], a[3], a[4]);
+                    let errno = if rc < 0 { *libc::__errno_location() } else { 0 };
+                    if rc == 0 && (*nr == libc::SYS_clone || *nr == libc::SYS_clone3) {
+                        // a child of an allowed plain clone leaves at once
+                        libc::_exit(0);
+                    }
+                    let out: [i64; 2] = [rc, i64::from(errno)];
+                    libc::write(w.as_raw_fd(), out.as_ptr().cast(), 16);
+                }
+                libc::_exit(0);
+            }
+        }
+        drop(w);
+        let mut f = File::from(r);
+        let mut bytes = vec![];
+        std::io::Read::read_to_end(&mut f, &mut bytes).unwrap();
+        let mut status = 0;
+        // SAFETY: waitpid on our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "child status {status}"
+        );
+        bytes
+            .chunks(16)
+            .map(|c| {
+                let rc = i64::from_ne_bytes(c[..8].try_into().unwrap());
+                let e = i64::from_ne_bytes(c[8..].try_into().unwrap());
+                (rc, e as i32)
+            })
+            .collect()
     }
 
     #[test]
-    fn uids_are_stable_and_in_range() {
-        assert_eq!(uid_for("abc"), uid_for("abc"));
-        assert_ne!(uid_for("abc"), uid_for("abd"));
-        for id in ["a", "pod-1", &"x".repeat(128)] {
-            assert!((100_000..165_536).contains(&uid_for(id)));
+    fn seccomp_denies_io_uring_namespaces_and_clone3() {
+        let sigchld = libc::SIGCHLD as u64;
+        let mut params = [0u8; 120]; // struct io_uring_params
+        let mut clone3_args = [0u64; 11]; // struct clone_args
+        clone3_args[4] = sigchld; // exit_signal
+        let calls = [
+            (
+                libc::SYS_io_uring_setup,
+                [1, params.as_mut_ptr() as u64, 0, 0, 0],
+            ),
+            (libc::SYS_io_uring_enter, [0, 0, 0, 0, 0]),
+            (libc::SYS_io_uring_register, [0, 0, 0, 0, 0]),
+            (
+                libc::SYS_clone,
+                [libc::CLONE_NEWUSER as u64 | sigchld, 0, 0, 0, 0],
+            ),
+            (
+                libc::SYS_clone,
+                [libc::CLONE_NEWNET as u64 | sigchld, 0, 0, 0, 0],
+            ),
+            (
+                libc::SYS_clone3,
+                [clone3_args.as_mut_ptr() as u64, 88, 0, 0, 0],
+            ),
+            (libc::SYS_unshare, [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0]),
+            (libc::SYS_setns, [0, 0, 0, 0, 0]),
+            (libc::SYS_getpid, [0; 5]),
+            // an ordinary fork-like clone is still allowed (threads and
+            // glibc's fallback from clone3 need it)
+            (libc::SYS_clone, [sigchld, 0, 0, 0, 0]),
+        ];
+        // without the filter none of these fails with EPERM or ENOSYS (as
+        // root the namespaces are created; the children leave at once)
+        if nix::unistd::geteuid().is_root() {
+            let free = under_filter(&[], &calls[..7]);
+            assert!(free[0].0 >= 0, "io_uring_setup works here: {free:?}");
+            assert!(
+                free[1..]
+                    .iter()
+                    .all(|&(_, e)| e != libc::EPERM && e != libc::ENOSYS),
+                "{free:?}"
+            );
         }
+        let got = under_filter(&seccomp_programs().unwrap(), &calls);
+        let eperm = (-1, libc::EPERM);
+        assert_eq!(got[..5], [eperm; 5], "{got:?}");
+        assert_eq!(got[5], (-1, libc::ENOSYS), "clone3: {got:?}");
+        assert_eq!(got[6..8], [eperm; 2], "unshare, setns: {got:?}");
+        assert!(got[8].0 > 0, "getpid: {got:?}");
+        assert!(got[9].0 > 0, "plain clone returns the child's pid: {got:?}");
+    }
+
+    #[test]
+    fn seccomp_programs_build() {
+        let p = seccomp_programs().unwrap();
+        assert_eq!(p.len(), 2);
+        assert!(p.iter().all(|p| !p.is_empty()));
     }
 
     #[test]

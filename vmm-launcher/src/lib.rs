@@ -4,10 +4,13 @@
 
 pub mod cgroup;
 pub mod client;
+pub mod console;
+pub mod files;
 pub mod jail;
 pub mod qemu;
 pub mod qmp;
 pub mod server;
+pub mod uids;
 pub mod vm;
 pub mod vsock;
 
@@ -53,6 +56,41 @@ pub enum LauncherError {
     /// The vsock backend.
     #[error(transparent)]
     Vsock(#[from] vsock::VsockError),
+    /// The hypervisor's uid.
+    #[error(transparent)]
+    Uid(#[from] uids::UidError),
+}
+
+/// Open files the launcher needs: every vsock connection it may hold
+/// ([`vsock::MAX_CONNS`]) plus its own sockets, the hypervisor's and the
+/// runtime's (QEMU inherits the limit and needs far fewer).
+pub const NOFILE_LIMIT: u64 = vsock::MAX_CONNS as u64 + 512;
+
+/// Sets the soft RLIMIT_NOFILE to [`NOFILE_LIMIT`], within the hard limit
+/// (raising the hard limit needs CAP_SYS_RESOURCE). Returns the soft limit set.
+pub fn set_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2)/setrlimit(2) with a valid rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let soft = NOFILE_LIMIT.min(lim.rlim_max);
+    lim.rlim_cur = soft;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if soft < NOFILE_LIMIT {
+        warn!(
+            soft,
+            want = NOFILE_LIMIT,
+            "the hard RLIMIT_NOFILE is below what the vsock caps need: connections past it are refused"
+        );
+    }
+    Ok(soft)
 }
 
 /// Serves the launcher API for `sandbox_id` until `Shutdown`, SIGTERM or SIGINT
@@ -63,16 +101,24 @@ pub async fn run(
     paths: SandboxPaths,
     on_listening: impl FnOnce(),
 ) -> Result<(), LauncherError> {
+    // what the launcher creates is root's alone: explicit modes below, and
+    // this mask for the moment between a bind(2) and its chmod
+    // SAFETY: umask(2) only changes this process's file mode mask.
+    unsafe { libc::umask(0o077) };
+    let io = |what: String| move |e| LauncherError::Io(what, e);
+    set_nofile_limit().map_err(io("setting RLIMIT_NOFILE".into()))?;
     if vm::State::load(&paths).is_some() {
         warn!("removing the leftovers of a previous launcher of this sandbox");
         vm::cleanup(&paths)?;
     }
-    let io = |what: String| move |e| LauncherError::Io(what, e);
-    std::fs::create_dir_all(&paths.dir).map_err(io(format!("creating {}", paths.dir.display())))?;
+    files::private_dir(&paths.dir, files::DIR_MODE, None)
+        .map_err(io(format!("creating {}", paths.dir.display())))?;
     let sock = paths.launcher_socket();
     let _ = std::fs::remove_file(&sock);
     let listener =
         tokio::net::UnixListener::bind(&sock).map_err(io(format!("binding {}", sock.display())))?;
+    files::chmod_nofollow(&sock, files::FILE_MODE)
+        .map_err(io(format!("chmod {}", sock.display())))?;
     let vm = Arc::new(vm::Vm::new(sandbox_id, paths.clone()));
     let done = Arc::new(Notify::new());
     let svc = server::LauncherService {

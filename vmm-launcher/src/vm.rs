@@ -5,7 +5,6 @@
 //! (commands are applied one at a time); the VM's exit is published on a watch
 //! channel so `WaitVm` never holds the lock.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,9 +18,12 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::{watch, Mutex};
 use tracing::{debug, info, warn};
 
-use crate::jail::{self, Jail, JailSpec};
+use crate::console::{self, BoundedLog, ConsoleStats, CONSOLE_CAP};
+use crate::files::{self, DIR_MODE, FILE_MODE};
+use crate::jail::{Jail, JailSpec};
 use crate::qemu::{self, QemuArgs};
 use crate::qmp::Qmp;
+use crate::uids::{self, UidAllocator, UidLease};
 use crate::vsock::{VsockBackend, VsockConfig};
 use crate::{cgroup, LauncherError};
 
@@ -31,6 +33,13 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const QMP_SOCKET_WAIT: Duration = Duration::from_secs(10);
 /// Default graceful stop timeout.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Readiness connections read at once (twice what the vsock backend lets
+/// the guest open); past it new ones are closed unread.
+const READY_PENDING_MAX: usize = 2 * crate::vsock::MAX_GUEST_CONNS;
+/// How long a readiness connection may take to say `READY`.
+const READY_LINE_DEADLINE: Duration = Duration::from_secs(2);
+/// How long the exit report waits for the console's last bytes.
+const CONSOLE_DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 /// What the launcher writes to `launcher.json`, so `cleanup` can undo a VM whose
 /// launcher died.
@@ -45,6 +54,10 @@ pub struct State {
     pub hypervisor_start: u64,
     /// cgroup directories the launcher created.
     pub cgroups: Vec<PathBuf>,
+    /// The lock file of the hypervisor's uid (see [`crate::uids`]), if one
+    /// was allocated.
+    #[serde(default)]
+    pub uid_lock: Option<PathBuf>,
 }
 
 impl State {
@@ -55,8 +68,11 @@ impl State {
     }
 
     fn save(&self, paths: &SandboxPaths) -> std::io::Result<()> {
+        use std::io::Write;
         let tmp = paths.dir.join(".launcher.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default())?;
+        let mut f = files::private_file(&tmp, false, true)?;
+        f.write_all(&serde_json::to_vec(self).unwrap_or_default())?;
+        drop(f);
         std::fs::rename(tmp, paths.launcher_state())
     }
 }
@@ -91,6 +107,8 @@ pub struct Vm {
     ready: watch::Sender<Option<Instant>>,
     stop_requested: Arc<AtomicBool>,
     console: std::sync::Mutex<PathBuf>,
+    uids: std::sync::Mutex<Option<UidAllocator>>,
+    uid_lease: std::sync::Mutex<Option<UidLease>>,
 }
 
 impl Vm {
@@ -107,8 +125,48 @@ impl Vm {
             ready: watch::channel(None).0,
             stop_requested: Arc::new(AtomicBool::new(false)),
             console: std::sync::Mutex::new(paths.console_log()),
+            uids: std::sync::Mutex::new(None),
+            uid_lease: std::sync::Mutex::new(None),
             paths,
         }
+    }
+
+    /// Uses `a` for the hypervisor's uid instead of this host's allocator
+    /// ([`UidAllocator::host`], made at the first create).
+    pub fn set_uid_allocator(&self, a: UidAllocator) {
+        *lock(&self.uids) = Some(a);
+    }
+
+    /// The uid the hypervisor gets: the spec's, or a free one of the range.
+    async fn hypervisor_uid(&self, spec: &VmSpec) -> Result<u32, LauncherError> {
+        if spec.jail_uid != 0 {
+            return Ok(spec.jail_uid);
+        }
+        let lease = {
+            let mut a = lock(&self.uids);
+            if a.is_none() {
+                *a = Some(UidAllocator::host()?);
+            }
+            a.as_ref()
+                .map(|a| a.allocate(&self.sandbox_id))
+                .transpose()?
+        };
+        let Some(lease) = lease else {
+            return Err(LauncherError::State("no uid allocator".into()));
+        };
+        let uid = lease.uid();
+        {
+            let mut st = self.state.lock().await;
+            st.uid_lock = Some(lease.path().to_path_buf());
+            let _ = st.save(&self.paths);
+        }
+        *lock(&self.uid_lease) = Some(lease);
+        info!(uid, "hypervisor uid allocated");
+        Ok(uid)
+    }
+
+    fn release_uid(&self) {
+        drop(lock(&self.uid_lease).take());
     }
 
     /// Prepares the jailed, paused hypervisor with the vsock backend listening.
@@ -127,21 +185,25 @@ impl Vm {
         let spec = validate(spec, &self.paths)?;
         let accel = resolve_accel(spec.accelerator())?;
         let vm_dir = self.paths.vm_dir();
-        let uid = if spec.jail_uid == 0 {
-            jail::uid_for(&self.sandbox_id)
-        } else {
-            spec.jail_uid
-        };
         let mut cgroups = vec![];
-        let result = self.spawn(&spec, accel, &vm_dir, uid, &mut cgroups).await;
+        let result = match self.hypervisor_uid(&spec).await {
+            Ok(uid) => self.spawn(&spec, accel, &vm_dir, uid, &mut cgroups).await,
+            Err(e) => Err(e),
+        };
         match result {
             Ok(r) => {
                 let out = (r.pid, r.vsock_uds.clone(), accel, r.hypervisor_start);
+                if let Some(l) = lock(&self.uid_lease).as_mut() {
+                    if let Err(e) = l.record(r.pid, start_time(r.pid).unwrap_or(0)) {
+                        warn!("recording the hypervisor in its uid lock: {e}");
+                    }
+                }
                 *inner = Some(r);
                 Ok(out)
             }
             Err(e) => {
                 // nothing of a failed create stays behind
+                self.release_uid();
                 cgroup::remove(&cgroups);
                 let _ = std::fs::remove_dir_all(&vm_dir);
                 let _ = std::fs::remove_dir(self.paths.jail_root());
@@ -153,6 +215,7 @@ impl Vm {
                 }
                 let mut st = self.state.lock().await;
                 st.cgroups.clear();
+                st.uid_lock = None;
                 let _ = st.save(&self.paths);
                 Err(e)
             }
@@ -171,13 +234,11 @@ impl Vm {
             let what = format!("{what} {}", p.display());
             move |e: std::io::Error| LauncherError::Io(what, e)
         };
-        std::fs::create_dir_all(vm_dir).map_err(io("creating", vm_dir))?;
-        std::fs::create_dir_all(self.paths.jail_root())
+        // vm/ is the one host directory the jailed hypervisor reaches (its
+        // QMP socket, the vhost-user sockets): its own, 0700
+        files::private_dir(vm_dir, DIR_MODE, Some((uid, uid))).map_err(io("creating", vm_dir))?;
+        files::private_dir(&self.paths.jail_root(), DIR_MODE, None)
             .map_err(io("creating", &self.paths.jail_root()))?;
-        std::fs::set_permissions(vm_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io("chmod", vm_dir))?;
-        nix::unistd::chown(vm_dir, Some(uid.into()), Some(uid.into()))
-            .map_err(|e| LauncherError::Io(format!("chown {}", vm_dir.display()), e.into()))?;
 
         let cgroup_procs = if spec.cgroup_path.is_empty() {
             vec![]
@@ -196,6 +257,7 @@ impl Vm {
         let _ = std::fs::remove_file(&ready_path);
         let ready_listener =
             tokio::net::UnixListener::bind(&ready_path).map_err(io("binding", &ready_path))?;
+        files::chmod_nofollow(&ready_path, FILE_MODE).map_err(io("chmod", &ready_path))?;
         let vhost_vsock = kata_proto::host::vhost_vsock_available();
         let vsock = if vhost_vsock {
             None
@@ -206,17 +268,16 @@ impl Vm {
                 uds_path: vsock_uds.clone(),
                 guest_cid: u64::from(paths::HYBRID_GUEST_CID),
             })?;
-            nix::unistd::chown(&vhost_socket, Some(uid.into()), Some(uid.into())).map_err(|e| {
-                LauncherError::Io(format!("chown {}", vhost_socket.display()), e.into())
-            })?;
+            files::chown_nofollow(&vhost_socket, uid, uid).map_err(io("chown", &vhost_socket))?;
             Some(b)
         };
 
         if !spec.virtiofs_socket.is_empty() {
             // the jailed hypervisor runs as `uid`: it must be able to connect
             let fs = Path::new(&spec.virtiofs_socket);
-            nix::unistd::chown(fs, Some(uid.into()), Some(uid.into()))
-                .map_err(|e| LauncherError::Io(format!("chown {}", fs.display()), e.into()))?;
+            let fd = files::open_nofollow(fs).map_err(io("opening", fs))?;
+            files::fchown_fd(&fd, uid, uid).map_err(io("chown", fs))?;
+            files::fchmod_fd(&fd, FILE_MODE).map_err(io("chmod", fs))?;
         }
         let jail = Jail::prepare(&JailSpec {
             root: self.paths.jail_root(),
@@ -244,21 +305,23 @@ impl Vm {
         } else {
             spec.console_log_path.clone().into()
         };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&console)
+        // the console (QEMU's stdout and stderr) goes through a pipe QEMU
+        // never blocks on, to a log that never exceeds its cap
+        let log = BoundedLog::open(&console, CONSOLE_CAP)
             .map_err(io("opening the console log", &console))?;
         *self.console.lock().unwrap_or_else(|p| p.into_inner()) = console.clone();
-        let log2 = log
+        let (from_qemu, to_log) = console::pipe().map_err(io("console pipe for", &console))?;
+        let to_log2 = to_log
             .try_clone()
-            .map_err(io("opening the console log", &console))?;
+            .map_err(io("console pipe for", &console))?;
+        let console_done =
+            console::spawn_reader(from_qemu, log).map_err(io("console reader for", &console))?;
         let mut cmd = tokio::process::Command::new(&spec.hypervisor_path);
         cmd.args(&args)
             .env_clear()
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
+            .stdout(Stdio::from(to_log))
+            .stderr(Stdio::from(to_log2))
             .kill_on_drop(true);
         // SAFETY: Jail::enter only makes system calls on data prepared before the fork.
         unsafe {
@@ -269,6 +332,9 @@ impl Vm {
         let mut child = cmd
             .spawn()
             .map_err(|e| LauncherError::Spawn(spec.hypervisor_path.clone(), e))?;
+        // our copies of the pipe's write end: the console reader sees end of
+        // file when QEMU is gone
+        drop(cmd);
         let pid = child.id().unwrap_or(0);
         {
             let mut st = self.state.lock().await;
@@ -282,6 +348,7 @@ impl Vm {
             Err(e) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
+                let _ = tokio::time::timeout(CONSOLE_DRAIN_WAIT, console_done).await;
                 return Err(LauncherError::Hypervisor(format!(
                     "{e}; console log {}: {}",
                     console.display(),
@@ -290,6 +357,11 @@ impl Vm {
             }
         };
         let hypervisor_start = t_spawn.elapsed();
+        // QEMU made it (under a private umask); the guest has not run yet
+        let qmp_sock = vm_dir.join("qmp.sock");
+        if let Err(e) = files::chmod_nofollow(&qmp_sock, FILE_MODE) {
+            warn!("chmod {}: {e}", qmp_sock.display());
+        }
         info!(pid, ?accel, "hypervisor created (paused)");
         tokio::spawn(watch_ready(ready_listener, self.ready.clone()));
         tokio::spawn(watch_exit(
@@ -297,6 +369,7 @@ impl Vm {
             qmp.clone(),
             self.exit.clone(),
             self.stop_requested.clone(),
+            console_done,
         ));
         Ok(Running {
             pid,
@@ -501,6 +574,10 @@ impl Vm {
         for (d, e) in cgroup::remove(&st.cgroups) {
             warn!("cannot remove cgroup {}: {e}", d.display());
         }
+        // the hypervisor is gone (or was never there): its uid is free again
+        if self.exit.borrow().is_some() || !has_vm {
+            self.release_uid();
+        }
         remove_sandbox_files(&self.paths);
         info!("sandbox resources removed");
     }
@@ -517,6 +594,8 @@ pub fn remove_sandbox_files(p: &SandboxPaths) {
         p.launcher_socket(),
         p.launcher_state(),
         p.console_log(),
+        console::rotated_path(&p.console_log()),
+        p.dir.join(".launcher.json.tmp"),
     ] {
         let _ = std::fs::remove_file(f);
     }
@@ -545,6 +624,12 @@ pub fn cleanup(p: &SandboxPaths) -> Result<(), LauncherError> {
         }
         for (d, e) in cgroup::remove(&st.cgroups) {
             warn!("cannot remove cgroup {}: {e}", d.display());
+        }
+        if let Some(l) = &st.uid_lock {
+            // only a file of the lock directory, and only if nobody holds it
+            if l.parent() == Some(uids::default_lock_dir().as_path()) {
+                uids::release_stale(l);
+            }
         }
     }
     remove_sandbox_files(p);
@@ -718,29 +803,56 @@ async fn connect_qmp(path: &Path, child: &mut tokio::process::Child) -> Result<Q
     }
 }
 
-/// Accepts the agent's readiness connection(s) on `<uds>_1028`.
+/// Accepts the agent's readiness connection(s) on `<uds>_1028` and keeps
+/// the time of the first that says `READY`. Every connection is read on
+/// its own task, for at most [`READY_LINE_DEADLINE`], so connections that
+/// never speak delay nobody; at most [`READY_PENDING_MAX`] are read at once
+/// (the vsock backend's cap on guest connections keeps the guest below it),
+/// past it new ones are closed unread and counted. Once ready, new
+/// connections are closed unread.
 async fn watch_ready(l: tokio::net::UnixListener, ready: watch::Sender<Option<Instant>>) {
-    while let Ok((s, _)) = l.accept().await {
-        let at = Instant::now();
-        let mut line = String::new();
-        let mut r = tokio::io::BufReader::new(s);
-        let read = tokio::time::timeout(
-            Duration::from_secs(2),
-            (&mut r).take(256).read_line(&mut line),
-        )
-        .await;
-        if matches!(read, Ok(Ok(_))) && line.starts_with("READY") {
-            info!(announce = line.trim(), "agent announced itself");
-            ready.send_if_modified(|v| {
-                let first = v.is_none();
-                if first {
-                    *v = Some(at);
-                }
-                first
-            });
-        } else {
-            debug!("ignoring a connection on the readiness port that did not say READY");
+    let pending = Arc::new(tokio::sync::Semaphore::new(READY_PENDING_MAX));
+    let mut refused = 0u64;
+    loop {
+        let Ok((s, _)) = l.accept().await else {
+            return;
+        };
+        if ready.borrow().is_some() {
+            continue;
         }
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            drop(s);
+            refused += 1;
+            if refused.is_power_of_two() {
+                warn!(
+                    refused,
+                    "readiness port: {READY_PENDING_MAX} connections are waiting to speak; closing new ones"
+                );
+            }
+            continue;
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let at = Instant::now();
+            let mut line = String::new();
+            let mut r = tokio::io::BufReader::new(s);
+            let read =
+                tokio::time::timeout(READY_LINE_DEADLINE, (&mut r).take(256).read_line(&mut line))
+                    .await;
+            if matches!(read, Ok(Ok(_))) && line.starts_with("READY") {
+                info!(announce = %line.trim().escape_debug(), "agent announced itself");
+                ready.send_if_modified(|v| {
+                    let first = v.is_none();
+                    if first {
+                        *v = Some(at);
+                    }
+                    first
+                });
+            } else {
+                debug!("ignoring a connection on the readiness port that did not say READY");
+            }
+        });
     }
 }
 
@@ -752,6 +864,7 @@ async fn watch_exit(
     qmp: Arc<Qmp>,
     exit: watch::Sender<Option<VmExit>>,
     stop_requested: Arc<AtomicBool>,
+    console_done: tokio::sync::oneshot::Receiver<ConsoleStats>,
 ) {
     let mut events = qmp.events();
     let shutdown_reason = Arc::new(std::sync::Mutex::new(None::<String>));
@@ -765,6 +878,8 @@ async fn watch_exit(
         }
     });
     let status = child.wait().await;
+    // the console's last bytes are on disk before anyone hears of the exit
+    let _ = tokio::time::timeout(CONSOLE_DRAIN_WAIT, console_done).await;
     // give the reader a moment to deliver the SHUTDOWN event that preceded the exit
     tokio::time::sleep(Duration::from_millis(20)).await;
     collector.abort();
@@ -815,17 +930,13 @@ async fn destroy_sandbox(uds: &Path, timeout: Duration) -> Result<(), String> {
     Ok(())
 }
 
-/// The last lines of a log, for error messages.
+/// The last lines of a log, for error messages (only its last few KiB are read).
 pub fn tail(path: &Path) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let start = lines.len().saturating_sub(8);
-    if lines.is_empty() {
-        "(empty)".into()
-    } else {
-        lines[start..].join(" | ")
-    }
+    console::tail(path)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -909,6 +1020,58 @@ mod tests {
         }
     }
 
+    /// A hostile guest opens many connections to the readiness port that
+    /// never speak: the agent's READY behind them is still seen at once
+    /// (one connection at a time, 2 s each, would take minutes), and after
+    /// it new connections are closed unread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readiness_port_is_not_blocked_by_silent_connections() {
+        use tokio::io::AsyncWriteExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("vsock.sock_1028");
+        let l = tokio::net::UnixListener::bind(&path).unwrap();
+        let (tx, mut rx) = watch::channel(None);
+        tokio::spawn(watch_ready(l, tx));
+        let mut silent = vec![];
+        for _ in 0..300 {
+            silent.push(tokio::net::UnixStream::connect(&path).await.unwrap());
+        }
+        let t0 = Instant::now();
+        let mut agent = tokio::net::UnixStream::connect(&path).await.unwrap();
+        agent.write_all(b"READY kata-agent test\n").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
+            .await
+            .expect("READY seen despite 300 silent connections")
+            .unwrap();
+        let took = t0.elapsed();
+        assert!(took < READY_LINE_DEADLINE, "{took:?}");
+        // a garbage connection after READY changes nothing and is closed
+        let mut late = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let _ = late.write_all(b"READY again\n").await;
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), late.read(&mut b))
+            .await
+            .expect("closed unread")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(rx.borrow().unwrap() <= t0 + took);
+        drop(silent);
+    }
+
+    #[test]
+    fn nofile_limit_fits_the_caps() {
+        let soft = crate::set_nofile_limit().unwrap();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit(2) into a valid struct.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        assert_eq!(lim.rlim_cur, soft);
+        assert_eq!(soft, crate::NOFILE_LIMIT.min(lim.rlim_max));
+        assert!(crate::NOFILE_LIMIT as usize > crate::vsock::MAX_CONNS);
+    }
+
     #[test]
     fn stat_start_time() {
         assert!(start_time(std::process::id()).is_some());
@@ -924,6 +1087,7 @@ mod tests {
             hypervisor_pid: 2,
             hypervisor_start: 3,
             cgroups: vec!["/x".into()],
+            uid_lock: Some("/run/kata/.uids/1879048192".into()),
         };
         s.save(&p).unwrap();
         assert_eq!(State::load(&p), Some(s));

@@ -8,7 +8,10 @@
 //! * port 5002: dial-back: reads a line `N PORT`, opens N concurrent connections
 //!   to host port PORT, writes `hello <i>\n` on each, expects it echoed, then
 //!   answers `ok <n>\n` (how many succeeded);
-//! * port 5003: power off.
+//! * port 5003: power off;
+//! * port 5004: console flood (a hostile guest filling the host's console log):
+//!   reads a line `N`, writes N bytes to `/dev/ttyS0` (the serial console),
+//!   answers `wrote <n> <ms>\n`.
 //!
 //! Nothing listens on 1024: a host `CONNECT 1024` must be refused.
 
@@ -38,6 +41,7 @@ fn main() {
         let echo = listen(5000);
         let dialback = listen(5002);
         let off = listen(5003);
+        let flood = listen(5004);
         tokio::spawn(kata_agent::announce(kata_proto::paths::ports::READY));
         tokio::spawn(async move {
             loop {
@@ -50,6 +54,13 @@ fn main() {
             loop {
                 if let Ok((s, _)) = dialback.accept().await {
                     tokio::spawn(serve_dialback(s));
+                }
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                if let Ok((s, _)) = flood.accept().await {
+                    tokio::spawn(serve_console_flood(s));
                 }
             }
         });
@@ -117,4 +128,45 @@ async fn serve_dialback(s: VsockStream) {
         }
     }
     let _ = s.get_mut().write_all(format!("ok {ok}\n").as_bytes()).await;
+}
+
+async fn serve_console_flood(s: VsockStream) {
+    let mut s = BufReader::new(s);
+    let mut line = String::new();
+    if s.read_line(&mut line).await.is_err() {
+        return;
+    }
+    let n: u64 = line.trim().parse().unwrap_or(0);
+    let t0 = std::time::Instant::now();
+    let wrote = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let Ok(mut tty) = std::fs::OpenOptions::new().write(true).open("/dev/ttyS0") else {
+            return 0u64;
+        };
+        let chunk: Vec<u8> = (0..64 * 1024)
+            .map(|i| {
+                if i % 64 == 63 {
+                    b'\n'
+                } else {
+                    b'A' + (i % 26) as u8
+                }
+            })
+            .collect();
+        let mut done = 0u64;
+        while done < n {
+            let want = (n - done).min(chunk.len() as u64) as usize;
+            match tty.write(&chunk[..want]) {
+                Ok(0) | Err(_) => break,
+                Ok(w) => done += w as u64,
+            }
+        }
+        done
+    })
+    .await
+    .unwrap_or(0);
+    let ms = t0.elapsed().as_millis();
+    let _ = s
+        .get_mut()
+        .write_all(format!("wrote {wrote} {ms}\n").as_bytes())
+        .await;
 }

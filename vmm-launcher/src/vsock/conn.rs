@@ -29,8 +29,18 @@ use super::packet::{self, op, Header, LineError, Op, HOST_CID, SHUTDOWN_SEND};
 pub const BUF_ALLOC: u32 = 256 * 1024;
 /// How long a host client may take to send its `CONNECT` line.
 pub const LINE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most connections (any state) at once.
+/// Most connections (any state, both directions) at once.
 pub const MAX_CONNS: usize = 4096;
+/// Most guest-initiated connections (any state) at once: the guest's
+/// REQUEST beyond it gets an RST, counted in [`Stats::refused_guest_conns`].
+pub const MAX_GUEST_CONNS: usize = 256;
+/// Most guest bytes held for slow host sockets, all connections of the VM
+/// together (buffer capacity, not just content). A guest packet that would
+/// go past it resets its connection ([`Stats::buffer_resets`]).
+pub const MAX_BUFFERED: usize = 16 << 20;
+/// `SO_SNDBUF` of the host sockets of guest-initiated connections: bounds
+/// what the kernel holds for each (it doubles the value).
+pub const GUEST_CONN_SNDBUF: usize = 32 * 1024;
 /// Most queued RSTs for packets that match no connection.
 const MAX_ORPHAN_RST: usize = 1024;
 /// First host port handed out to host-initiated connections.
@@ -169,7 +179,7 @@ impl Conn {
     }
 
     /// Writes as much of `to_host` as the socket takes, counting the guest
-    /// bytes forwarded.
+    /// bytes forwarded; an emptied buffer is freed.
     fn flush(&mut self) -> io::Result<()> {
         while self.writable && !self.to_host.is_empty() {
             let (a, _) = self.to_host.as_slices();
@@ -185,7 +195,15 @@ impl Conn {
                 Err(e) => return Err(e.into()),
             }
         }
+        if self.to_host.is_empty() && self.to_host.capacity() > 0 {
+            self.to_host = VecDeque::new();
+        }
         Ok(())
+    }
+
+    /// Heap bytes this connection holds for the host.
+    fn held(&self) -> usize {
+        self.to_host.capacity()
     }
 }
 
@@ -208,6 +226,25 @@ pub struct Stats {
     pub bad_packets: u64,
     /// Host clients closed because of a bad or late `CONNECT` line.
     pub bad_lines: u64,
+    /// Guest REQUESTs refused (RST) because the VM had [`MAX_GUEST_CONNS`]
+    /// guest-initiated connections (or [`MAX_CONNS`] in all).
+    pub refused_guest_conns: u64,
+    /// Connections reset because their guest data would have taken the
+    /// VM's buffered bytes past [`MAX_BUFFERED`].
+    pub buffer_resets: u64,
+}
+
+/// What the connection table holds, for limits and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Connections, any state.
+    pub conns: usize,
+    /// Of which guest-initiated.
+    pub guest_conns: usize,
+    /// Heap bytes held in guest-to-host buffers.
+    pub buffered: usize,
+    /// Most `buffered` ever was.
+    pub buffered_peak: usize,
 }
 
 /// The connection table and everything around it.
@@ -222,6 +259,9 @@ pub struct Muxer {
     free: Vec<usize>,
     next_gen: u32,
     live: usize,
+    guest_live: usize,
+    buffered: usize,
+    buffered_peak: usize,
     by_key: HashMap<(u32, u32), usize>,
     rx_queue: VecDeque<usize>,
     rst_queue: VecDeque<Header>,
@@ -268,6 +308,9 @@ impl Muxer {
             free: Vec::new(),
             next_gen: 1,
             live: 0,
+            guest_live: 0,
+            buffered: 0,
+            buffered_peak: 0,
             by_key: HashMap::new(),
             rx_queue: VecDeque::new(),
             rst_queue: VecDeque::new(),
@@ -289,6 +332,22 @@ impl Muxer {
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.live
+    }
+
+    /// Connections and held bytes now.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            conns: self.live,
+            guest_conns: self.guest_live,
+            buffered: self.buffered,
+            buffered_peak: self.buffered_peak,
+        }
+    }
+
+    /// Accounts a change of one connection's held bytes.
+    fn account(&mut self, before: usize, after: usize) {
+        self.buffered = self.buffered.saturating_sub(before) + after;
+        self.buffered_peak = self.buffered_peak.max(self.buffered);
     }
 
     /// Whether the guest side is up.
@@ -320,6 +379,10 @@ impl Muxer {
             self.awaiting_lines += 1;
             self.arm_timer();
         }
+        if !conn.host_initiated {
+            self.guest_live += 1;
+        }
+        self.account(0, conn.held());
         self.conns[slot] = Some(conn);
         self.live += 1;
         Ok(slot)
@@ -337,6 +400,10 @@ impl Muxer {
             return;
         };
         self.live -= 1;
+        if !conn.host_initiated {
+            self.guest_live -= 1;
+        }
+        self.account(conn.held(), 0);
         self.free.push(slot);
         let _ = self.epoll.ctl(
             ControlOperation::Delete,
@@ -522,6 +589,10 @@ impl Muxer {
         if c.peer_credit() > 0 {
             c.credit_requested = false;
         }
+        let held_before = c.held();
+        // what this connection may hold: the VM's budget less the others'
+        let room = MAX_BUFFERED.saturating_sub(self.buffered - held_before.min(self.buffered));
+        let stats = &mut self.stats;
         let fate = match op {
             Op::Request => {
                 debug!(?h, "vsock: REQUEST for an existing connection");
@@ -547,7 +618,7 @@ impl Muxer {
             }
             Op::Response => Fate::Reset,
             _ if c.state != State::Established => Fate::Reset,
-            Op::Rw => guest_data(c, payload),
+            Op::Rw => guest_data(c, payload, room, stats),
             Op::CreditUpdate => Fate::Keep,
             Op::CreditRequest => {
                 c.pending |= P_CREDIT_UPDATE;
@@ -566,6 +637,8 @@ impl Muxer {
                 Fate::Keep
             }
         };
+        let held_after = c.held();
+        self.account(held_before, held_after);
         match fate {
             Fate::Reset => self.remove(slot, true),
             Fate::Keep => {
@@ -596,13 +669,21 @@ impl Muxer {
     }
 
     fn guest_connect(&mut self, h: &Header) {
-        if self.live >= MAX_CONNS {
-            debug!("vsock: too many connections, refusing guest REQUEST");
+        if self.live >= MAX_CONNS || self.guest_live >= MAX_GUEST_CONNS {
+            self.stats.refused_guest_conns += 1;
+            let n = self.stats.refused_guest_conns;
+            if n.is_power_of_two() {
+                warn!(
+                    refused = n,
+                    guest_conns = self.guest_live,
+                    "vsock: the guest has too many connections open; refusing new ones"
+                );
+            }
             self.push_rst(rst_reply(h));
             return;
         }
         let path = kata_proto::paths::hybrid_listener_path(&self.uds_path, h.dst_port);
-        let stream = match connect_nonblocking(&path) {
+        let stream = match connect_nonblocking(&path, Some(GUEST_CONN_SNDBUF)) {
             Ok(s) => s,
             Err(e) => {
                 debug!(path = %path.display(), "vsock: guest connection to host port {} refused: {e}", h.dst_port);
@@ -752,7 +833,11 @@ impl Muxer {
                 }
             }
             State::Established => {
-                if let Err(e) = c.flush() {
+                let before = c.held();
+                let flushed = c.flush();
+                let after = c.held();
+                self.account(before, after);
+                if let Err(e) = flushed {
                     trace!("vsock: host write failed: {e}");
                     self.remove(slot, true);
                     return;
@@ -869,8 +954,9 @@ fn count_forwarded(c: &mut Conn, n: u32) {
     }
 }
 
-/// Guest data for an established connection.
-fn guest_data(c: &mut Conn, payload: &[u8]) -> Fate {
+/// Guest data for an established connection that may hold at most `room`
+/// bytes for the host.
+fn guest_data(c: &mut Conn, payload: &[u8], room: usize, stats: &mut Stats) -> Fate {
     if c.guest_send_done {
         debug!("vsock: guest sent data after SHUTDOWN(SEND)");
         return Fate::Reset;
@@ -904,7 +990,21 @@ fn guest_data(c: &mut Conn, payload: &[u8]) -> Fate {
             }
         }
     }
-    c.to_host.extend(rest);
+    if !rest.is_empty() {
+        let need = c.to_host.len() + rest.len();
+        if need.max(c.to_host.capacity()) > room {
+            stats.buffer_resets += 1;
+            if stats.buffer_resets.is_power_of_two() {
+                warn!(
+                    resets = stats.buffer_resets,
+                    "vsock: the VM's buffered guest data reached its cap ({MAX_BUFFERED} bytes); resetting the connection"
+                );
+            }
+            return Fate::Reset;
+        }
+        c.to_host.reserve_exact(rest.len());
+        c.to_host.extend(rest);
+    }
     if let Err(e) = c.flush() {
         trace!("vsock: host write failed: {e}");
         return Fate::Reset;
@@ -980,14 +1080,18 @@ fn produce(c: &mut Conn, guest_cid: u64, payload: &mut [u8]) -> (Option<(Header,
     (None, Fate::Keep)
 }
 
-/// `connect(2)` on a non-blocking unix socket: never waits for a full backlog.
-fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+/// `connect(2)` on a non-blocking unix socket: never waits for a full
+/// backlog. `sndbuf`: its `SO_SNDBUF`.
+fn connect_nonblocking(path: &Path, sndbuf: Option<usize>) -> io::Result<UnixStream> {
     let fd = socket::socket(
         socket::AddressFamily::Unix,
         socket::SockType::Stream,
         socket::SockFlag::SOCK_NONBLOCK | socket::SockFlag::SOCK_CLOEXEC,
         None,
     )?;
+    if let Some(n) = sndbuf {
+        socket::setsockopt(&fd, socket::sockopt::SndBuf, &n)?;
+    }
     let addr = socket::UnixAddr::new(path)?;
     socket::connect(fd.as_raw_fd(), &addr)?;
     Ok(UnixStream::from(fd))

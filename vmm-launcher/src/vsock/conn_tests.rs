@@ -505,3 +505,122 @@ fn many_concurrent_connections() {
     assert_eq!(h.mux.len(), 150);
     let _ = SHUTDOWN_RCV;
 }
+
+/// Resident memory of this process, in bytes.
+fn rss() -> usize {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: usize = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Bytes waiting in a socket's receive queue (what the kernel holds for it).
+fn queued(s: &UnixStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0);
+    n as usize
+}
+
+/// A hostile guest opens 2,000 connections to a host port whose listener
+/// accepts them but never reads, and sends each as much as its credit
+/// allows. The backend keeps at most MAX_GUEST_CONNS of them, refuses the
+/// rest with RST (counted), holds at most MAX_BUFFERED bytes for them (and
+/// the kernel at most 2 x GUEST_CONN_SNDBUF per connection), and host <->
+/// guest streams still work afterwards.
+#[test]
+fn hostile_guest_connection_flood_is_capped() {
+    const FLOOD: u32 = 2000;
+    let mut h = H::new(true);
+    let lpath = kata_proto::paths::hybrid_listener_path(&h.uds, 1028);
+    let l = UnixListener::bind(&lpath).unwrap();
+    l.set_nonblocking(true).unwrap();
+    let rss0 = rss();
+    let mut accepted = Vec::new();
+    let (mut ok, mut refused) = (Vec::new(), 0u32);
+    for i in 0..FLOOD {
+        let port = 10_000 + i;
+        h.guest(op::REQUEST, port, 1028, 0, b"");
+        for (hdr, _) in h.rx() {
+            match hdr.op {
+                op::RESPONSE => ok.push(hdr.dst_port),
+                op::RST => refused += 1,
+                o => panic!("unexpected op {o}"),
+            }
+        }
+        while let Ok((s, _)) = l.accept() {
+            accepted.push(s);
+        }
+    }
+    assert_eq!(
+        ok.len(),
+        MAX_GUEST_CONNS,
+        "the per-VM cap on guest connections"
+    );
+    assert_eq!(refused, FLOOD - MAX_GUEST_CONNS as u32);
+    assert_eq!(h.mux.stats.refused_guest_conns, u64::from(refused));
+    assert_eq!(h.mux.usage().guest_conns, MAX_GUEST_CONNS);
+
+    // each kept connection gets its whole credit, nobody reads on the host
+    let chunk = vec![0x5au8; packet::MAX_PAYLOAD];
+    for &port in &ok {
+        for _ in 0..BUF_ALLOC as usize / chunk.len() {
+            h.guest(op::RW, port, 1028, 0, &chunk);
+        }
+        h.rx();
+        assert!(
+            h.mux.usage().buffered <= MAX_BUFFERED,
+            "{:?}",
+            h.mux.usage()
+        );
+    }
+    let resets = h.mux.stats.buffer_resets;
+    let usage = h.mux.usage();
+    let kernel: usize = accepted.iter().map(queued).sum();
+    let rss_delta = rss().saturating_sub(rss0);
+    eprintln!(
+        "{FLOOD} guest connections: {} kept, {refused} refused, {resets} reset at the byte cap; \
+         held: {} KiB in the backend (peak {} KiB), {} KiB in kernel socket queues; RSS +{} KiB",
+        ok.len(),
+        usage.buffered >> 10,
+        usage.buffered_peak >> 10,
+        kernel >> 10,
+        rss_delta >> 10
+    );
+    assert!(usage.buffered_peak <= MAX_BUFFERED, "{usage:?}");
+    assert!(resets > 0, "the byte cap was reached and counted");
+    assert!(
+        kernel <= MAX_GUEST_CONNS * 2 * GUEST_CONN_SNDBUF,
+        "kernel-held bytes {kernel}"
+    );
+    // the old backend held ~256 KiB per connection for all 2,000: ~500 MiB
+    assert!(rss_delta < 64 << 20, "RSS grew by {rss_delta} bytes");
+
+    // the pod still works: a host-initiated stream both ways ...
+    let (mut c, hp) = h.connect(1024);
+    c.write_all(b"ping").unwrap();
+    let p = h.rx();
+    assert_eq!((ops(&p), p[0].1.as_slice()), (vec![op::RW], &b"ping"[..]));
+    h.guest(op::RW, 1024, hp, 0, b"pong");
+    assert_eq!(read_n(&mut c, 4), b"pong");
+    // ... and once the host closes the flood's sockets, guest connections again
+    drop(accepted);
+    h.rx();
+    assert_eq!(h.mux.usage().guest_conns, 0, "{:?}", h.mux.usage());
+    assert_eq!(h.mux.usage().buffered, 0);
+    h.guest(op::REQUEST, 9, 1028, 0, b"");
+    assert_eq!(ops(&h.rx()), [op::RESPONSE]);
+    let (mut s, _) = loop {
+        if let Ok(x) = l.accept() {
+            break x;
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    h.guest(op::RW, 9, 1028, 0, b"hello");
+    assert_eq!(read_n(&mut s, 5), b"hello");
+}

@@ -40,6 +40,9 @@ use vmm_sys_util::event::{
 };
 
 use conn::Muxer;
+pub use conn::{
+    Stats, Usage, BUF_ALLOC, GUEST_CONN_SNDBUF, MAX_BUFFERED, MAX_CONNS, MAX_GUEST_CONNS,
+};
 use device::{lock, VsockDevice, HOST_EVENT};
 
 /// Where the backend listens.
@@ -109,6 +112,7 @@ struct Running {
 /// A running vsock backend. Dropping it stops it.
 pub struct VsockBackend {
     cfg: VsockConfig,
+    muxer: Arc<Mutex<Muxer>>,
     active: Arc<AtomicBool>,
     running: Option<Running>,
 }
@@ -159,6 +163,13 @@ impl VsockBackend {
             path: cfg.uds_path.clone(),
             source,
         })?;
+        if let Err(source) = crate::files::chmod_nofollow(&cfg.uds_path, crate::files::FILE_MODE) {
+            let _ = std::fs::remove_file(&cfg.uds_path);
+            return Err(VsockError::Bind {
+                path: cfg.uds_path.clone(),
+                source,
+            });
+        }
         let muxer = match Muxer::new(uds, &cfg.uds_path, cfg.guest_cid) {
             Ok(m) => Arc::new(Mutex::new(m)),
             Err(e) => {
@@ -177,6 +188,12 @@ impl VsockBackend {
                 source: io::Error::other(e.to_string()),
             })
             .map_err(cleanup_uds)?;
+        crate::files::chmod_nofollow(&cfg.vhost_socket, crate::files::FILE_MODE)
+            .map_err(|source| VsockError::Bind {
+                path: cfg.vhost_socket.clone(),
+                source,
+            })
+            .map_err(cleanup_uds)?;
         let (stop_rx, stop_evt) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
                 .map_err(setup("eventfd"))
@@ -186,7 +203,7 @@ impl VsockBackend {
         let session = Arc::new(Mutex::new(None));
         let ctx = ServeCtx {
             listener,
-            muxer,
+            muxer: muxer.clone(),
             guest_cid: cfg.guest_cid,
             path: cfg.vhost_socket.clone(),
             active: active.clone(),
@@ -204,6 +221,7 @@ impl VsockBackend {
         info!(vhost = %cfg.vhost_socket.display(), uds = %cfg.uds_path.display(), "vsock backend listening");
         Ok(VsockBackend {
             cfg,
+            muxer,
             active,
             running: Some(Running {
                 thread,
@@ -224,6 +242,13 @@ impl VsockBackend {
         self.active.load(Ordering::Acquire)
     }
 
+    /// Connections and buffered bytes now, and the counters (refusals,
+    /// resets, bad input).
+    pub fn usage(&self) -> (Usage, Stats) {
+        let m = lock(&self.muxer);
+        (m.usage(), m.stats)
+    }
+
     /// The configuration it was started with.
     pub fn config(&self) -> &VsockConfig {
         &self.cfg
@@ -231,6 +256,16 @@ impl VsockBackend {
 
     fn stop(&mut self) {
         let Some(r) = self.running.take() else { return };
+        let (usage, stats) = self.usage();
+        if stats.refused_guest_conns + stats.buffer_resets + stats.bad_packets > 0 {
+            info!(
+                refused_guest_conns = stats.refused_guest_conns,
+                buffer_resets = stats.buffer_resets,
+                bad_packets = stats.bad_packets,
+                buffered_peak = usage.buffered_peak,
+                "vsock backend: the guest hit its caps"
+            );
+        }
         r.stop.store(true, Ordering::Release);
         let _ = r.stop_evt.notify();
         if let Some(h) = lock(&r.session).as_ref() {
