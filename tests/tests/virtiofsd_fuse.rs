@@ -707,3 +707,385 @@ fn forged_file_handles_reach_nothing_outside() {
     assert_eq!(tries, 500);
     assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host secret");
 }
+
+// ------------------------------------------------------------ hostile guest
+//
+// The FUSE client below (this test process, root, with CAP_FSETID) stands for
+// a guest kernel whose root is hostile: docs/virtiofsd.md, "What the guest can
+// and cannot do".
+
+/// The server process of a daemon (the supervisor's only child).
+fn server_pid(d: &Daemon) -> i32 {
+    let p = d.pid();
+    let children = fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap();
+    let pids: Vec<i32> = children
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 1, "children of {p}: {children:?}");
+    pids[0]
+}
+
+fn fd_count(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+fn status_kib(pid: i32, key: &str) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let l = s.lines().find(|l| l.starts_with(key)).unwrap();
+    l.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// (soft, hard) "Max open files" of `pid`.
+fn nofile(pid: i32) -> (u64, u64) {
+    let s = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let l = s.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let v: Vec<u64> = l
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (v[0], v[1])
+}
+
+fn refused(m: &MetricsResponse, name: &str) -> u64 {
+    m.ops.iter().find(|o| o.op == name).map_or(0, |o| {
+        assert_eq!(o.count, o.errors);
+        o.count
+    })
+}
+
+/// (2a) A setuid/setgid file of the image (made on the host side) is shown
+/// to the guest as it is; any write or truncation through the mount, by a
+/// root writer with CAP_FSETID (whose kernel asks for no privilege kill),
+/// leaves it without the bits on the host. Before: the daemon kept
+/// CAP_FSETID and the bits survived a write.
+#[test]
+fn guest_writes_and_truncates_clear_setid_bits_on_the_host() {
+    let d = Daemon::start(&["--cache", "none"]);
+    let image = |n: &str| {
+        fs::write(d.d(n), b"\x7fELF original").unwrap();
+        fs::set_permissions(d.d(n), fs::Permissions::from_mode(0o6755)).unwrap();
+    };
+    for n in ["su", "ping", "mount", "passwd", "chsh", "sudo"] {
+        image(n);
+    }
+    let host = |n: &str| fs::metadata(d.d(n)).unwrap().mode() & 0o7777;
+    // the image's bits are reported as they are (the guest enforces them)
+    assert_eq!(fs::metadata(d.m("su")).unwrap().mode() & 0o7777, 0o6755);
+
+    // WRITE in the middle, no truncation
+    let mut f = fs::OpenOptions::new().write(true).open(d.m("su")).unwrap();
+    assert_eq!(host("su"), 0o6755, "opening for writing changes nothing");
+    f.write_all(b"\x7fELF evil").unwrap();
+    drop(f);
+    assert_eq!(host("su"), 0o755, "WRITE");
+    // O_APPEND write
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(d.m("sudo"))
+        .unwrap();
+    f.write_all(b" more").unwrap();
+    drop(f);
+    assert_eq!(host("sudo"), 0o755, "append WRITE");
+    // truncate through an open file (SETATTR size with a handle)
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(d.m("ping"))
+        .unwrap();
+    f.set_len(3).unwrap();
+    drop(f);
+    assert_eq!(host("ping"), 0o755, "ftruncate");
+    // truncate by path (SETATTR size without a handle)
+    nix::unistd::truncate(&d.m("chsh"), 1).unwrap();
+    assert_eq!(host("chsh"), 0o755, "truncate");
+    // O_TRUNC open
+    drop(
+        fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(d.m("mount"))
+            .unwrap(),
+    );
+    assert_eq!(host("mount"), 0o755, "O_TRUNC");
+    // fallocate
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(d.m("passwd"))
+        .unwrap();
+    nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, 1 << 20).unwrap();
+    drop(f);
+    assert_eq!(host("passwd"), 0o755, "fallocate");
+    // and the guest cannot put them back
+    fs::set_permissions(d.m("su"), fs::Permissions::from_mode(0o6755)).unwrap();
+    assert_eq!(host("su"), 0o755, "chmod");
+    // what the guest sees agrees
+    assert_eq!(fs::metadata(d.m("su")).unwrap().mode() & 0o7777, 0o755);
+}
+
+/// (7b) The vhost-user and control sockets are 0600 whatever the umask the
+/// daemon was started with (here 000). Before: 0777 & ~umask.
+#[test]
+fn sockets_are_0600_whatever_the_umask() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    kata_tests::require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shared");
+    fs::create_dir(&dir).unwrap();
+    let sock = tmp.path().join("vhost.sock");
+    let ctl = tmp.path().join("ctl.sock");
+    let mut cmd = Command::new(kata_tests::bin("kata-virtiofsd"));
+    cmd.arg("--socket-path")
+        .arg(&sock)
+        .arg("--control-socket")
+        .arg(&ctl)
+        .arg("--shared-dir")
+        .arg(&dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: umask is async-signal-safe and touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    /// Kills the one daemon this test started.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(cmd.spawn().expect("kata-virtiofsd starts"));
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "READY");
+    for s in [&sock, &ctl] {
+        let m = fs::symlink_metadata(s).unwrap();
+        assert!(m.file_type().is_socket());
+        assert_eq!(m.mode() & 0o7777, 0o600, "{}", s.display());
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!sock.exists() && !ctl.exists());
+}
+
+/// (4) RLIMIT_NOFILE of the server is set from the caps: lowered to exactly
+/// what they need when more was inherited, and when the hard limit is too low
+/// for the defaults (and cannot be raised: no CAP_SYS_RESOURCE, or above
+/// fs.nr_open) the caps are lowered to fit it instead.
+#[test]
+fn rlimit_nofile_fits_the_caps() {
+    const RESERVE: u64 = 512;
+    // small caps: the limit is lowered to them
+    let d = Daemon::start(&["--max-handles", "1000", "--max-inodes", "3000"]);
+    let want = 1000 + 3000 + RESERVE;
+    assert_eq!(nofile(server_pid(&d)), (want, want));
+    drop(d);
+
+    // the defaults: 65,536 handles + 262,144 inodes + the reserve
+    let need = 65_536 + 262_144 + RESERVE;
+    let (_, hard) = nofile(std::process::id() as i32);
+    let nr_open: u64 = fs::read_to_string("/proc/sys/fs/nr_open")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let can_raise = caps_has_sys_resource() && nr_open >= need;
+    let d = Daemon::start(&[]);
+    let got = nofile(server_pid(&d));
+    if hard >= need || can_raise {
+        assert_eq!(got, (need, need));
+    } else {
+        // lowered caps: a quarter of the budget for handles
+        assert_eq!(got, (hard, hard));
+        let handles = (hard - RESERVE) / 4;
+        fs::write(d.m("f"), b"x").unwrap();
+        let mut held = Vec::new();
+        let err = loop {
+            match fs::File::open(d.m("f")) {
+                Ok(f) => held.push(f),
+                Err(e) => break e,
+            }
+            assert!(held.len() as u64 <= handles, "no cap at {handles}");
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::EMFILE));
+        assert_eq!(held.len() as u64, handles);
+    }
+}
+
+fn caps_has_sys_resource() -> bool {
+    let s = fs::read_to_string("/proc/self/status").unwrap();
+    let l = s.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    let eff = u64::from_str_radix(l.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    // CAP_SYS_RESOURCE is capability 24
+    eff & (1 << 24) != 0
+}
+
+/// (4) 100,000 OPENs without RELEASE through the mount: the daemon holds at
+/// most its handle cap (the rest are EMFILE, counted in Metrics), its fds
+/// stay under RLIMIT_NOFILE and its RSS under 64 MiB, and it still answers:
+/// LOOKUP, READ on a held file, and once files are closed (RELEASE) OPEN
+/// works again and the fds are closed. Before: one fd and one table entry
+/// per OPEN up to the inherited RLIMIT_NOFILE, then EMFILE for every other
+/// request needing an fd.
+#[test]
+fn a_hundred_thousand_opens_stay_under_the_caps() {
+    const HANDLES: usize = 8192;
+    const INODES: usize = 4096;
+    const OPENS: usize = 100_000;
+    const RSS_MAX_KIB: u64 = 64 * 1024;
+    let d = Daemon::start(&[
+        "--cache",
+        "auto",
+        "--max-handles",
+        &HANDLES.to_string(),
+        "--max-inodes",
+        &INODES.to_string(),
+    ]);
+    let server = server_pid(&d);
+    let (soft, _) = nofile(server);
+    fs::write(d.m("f"), b"still here").unwrap();
+    fs::write(d.m("g"), b"other").unwrap();
+    let (fds0, rss0) = (fd_count(server), status_kib(server, "VmRSS:"));
+
+    let mut held = Vec::new();
+    let mut emfile = 0;
+    let t = Instant::now();
+    for _ in 0..OPENS {
+        match fs::File::open(d.m("f")) {
+            Ok(f) => held.push(f),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "{e}");
+                emfile += 1;
+            }
+        }
+    }
+    let took = t.elapsed();
+    let (fds1, rss1, hwm) = (
+        fd_count(server),
+        status_kib(server, "VmRSS:"),
+        status_kib(server, "VmHWM:"),
+    );
+    eprintln!(
+        "{OPENS} OPENs in {took:?}: held {}, EMFILE {emfile}; server fds {fds0} -> {fds1} \
+         (RLIMIT_NOFILE {soft}), RSS {rss0} -> {rss1} KiB (peak {hwm})",
+        held.len()
+    );
+    assert_eq!(held.len(), HANDLES);
+    assert_eq!(emfile, OPENS - HANDLES);
+    assert!(fds1 as u64 <= soft, "{fds1} fds over the limit {soft}");
+    assert!(fds1 <= fds0 + HANDLES + 8, "fds {fds0} -> {fds1}");
+    assert!(hwm < RSS_MAX_KIB, "RSS peak {hwm} KiB");
+
+    // still answering: LOOKUP and GETATTR, READ through a held file
+    assert_eq!(fs::metadata(d.m("g")).unwrap().len(), 5);
+    let mut buf = String::new();
+    held[0].read_to_string(&mut buf).unwrap();
+    assert_eq!(buf, "still here");
+    assert_eq!(
+        errno(fs::File::open(d.m("g"))),
+        libc::EMFILE,
+        "the budget is spent"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let m = rt.block_on(async { d.client().await.metrics(()).await.unwrap().into_inner() });
+    assert_eq!(refused(&m, "REFUSED_HANDLES"), (OPENS - HANDLES + 1) as u64);
+    assert_eq!(refused(&m, "REFUSED_INODES"), 0);
+
+    // RELEASE (sent by the kernel shortly after close) gives the budget back
+    held.truncate(HANDLES - 100);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut again = Vec::new();
+    while again.len() < 100 {
+        match fs::File::open(d.m("g")) {
+            Ok(f) => again.push(f),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EMFILE));
+                assert!(Instant::now() < deadline, "RELEASE gave nothing back");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    let mut buf = String::new();
+    again[0].read_to_string(&mut buf).unwrap();
+    assert_eq!(buf, "other");
+    drop(again);
+    drop(held);
+    // every fd closed again
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fd_count(server) > fds0 + 8 {
+        assert!(
+            Instant::now() < deadline,
+            "server fds still {} (from {fds0})",
+            fd_count(server)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (4) LOOKUP without FORGET through the mount: a guest holding more inodes
+/// than the cap gets ENFILE for new names (counted), the daemon's fds stay
+/// bounded, names it already holds still work, and once the kernel forgets
+/// (drop_caches) the room is back.
+#[test]
+fn inodes_held_stop_at_the_cap() {
+    const INODES: usize = 500;
+    let d = Daemon::start(&["--cache", "always", "--max-inodes", &INODES.to_string()]);
+    let server = server_pid(&d);
+    for i in 0..1000 {
+        fs::write(d.d(&format!("f{i}")), b"").unwrap();
+    }
+    let fds0 = fd_count(server);
+    // every stat needs a LOOKUP; nothing of the host's dentries is held by
+    // anyone but the kernel's FUSE inodes
+    let mut enfile = 0;
+    let mut ok = 0;
+    for i in 0..1000 {
+        match fs::metadata(d.m(&format!("f{i}"))) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENFILE), "{e}");
+                enfile += 1;
+            }
+        }
+    }
+    // the root is one of the inodes held
+    assert!(ok < INODES, "{ok} inodes held past a cap of {INODES}");
+    assert!(
+        enfile >= 1000 - (INODES - 1),
+        "{enfile} refusals, {ok} held"
+    );
+    let fds1 = fd_count(server);
+    assert!(fds1 <= fds0 + INODES, "fds {fds0} -> {fds1}");
+    // a name already held still works
+    assert!(fs::metadata(d.m("f0")).is_ok());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let m = rt.block_on(async { d.client().await.metrics(()).await.unwrap().into_inner() });
+    assert!(refused(&m, "REFUSED_INODES") >= enfile as u64);
+
+    // the kernel drops its unused dentries and inodes: FORGET gives the room
+    // back and the fds are closed
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+        if fs::metadata(d.m("f999")).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no room after drop_caches");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(fd_count(server) < fds1, "FORGET closed no fd");
+}

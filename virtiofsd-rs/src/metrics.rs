@@ -15,7 +15,8 @@
 //! reported as two extra entries of the `ops` list (the proto has no field of
 //! its own for them): `REFUSED_HANDLES` (OPEN, CREATE, OPENDIR answered
 //! `EMFILE`) and `REFUSED_INODES` (lookups answered `ENFILE`), each with
-//! `count` = `errors` = the refusals and no latency histogram; like the
+//! `count` = `errors` = the refusals and a histogram without bounds (one
+//! bucket holding them all, latency sum 0: nothing is timed); like the
 //! opcodes, they appear once non-zero.
 
 use std::cell::Cell;
@@ -260,11 +261,15 @@ impl Metrics {
         let (handles, inodes) = self.refusals();
         for (name, n) in [(REFUSED_HANDLES, handles), (REFUSED_INODES, inodes)] {
             if n > 0 {
+                // no bounds and one bucket holding them all: the histogram's
+                // shape rules hold, no latency is made up
                 ops.push(OpStats {
                     op: name.to_string(),
                     count: n,
                     errors: n,
-                    ..Default::default()
+                    latency_bounds_us: Vec::new(),
+                    latency_counts: vec![n],
+                    latency_sum_us: 0,
                 });
             }
         }
@@ -349,6 +354,8 @@ mod tests {
         let s = m.snapshot();
         let h = s.ops.iter().find(|o| o.op == REFUSED_HANDLES).unwrap();
         assert_eq!((h.count, h.errors), (2, 2));
+        assert_eq!(h.latency_counts.len(), h.latency_bounds_us.len() + 1);
+        assert_eq!(h.latency_counts.iter().sum::<u64>(), h.count);
         let i = s.ops.iter().find(|o| o.op == REFUSED_INODES).unwrap();
         assert_eq!((i.count, i.errors), (4, 4));
     }
