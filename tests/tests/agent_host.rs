@@ -770,7 +770,7 @@ async fn sandbox_storages_and_sigterm_cleanup() {
             container_id: "s".into(),
             storages: vec![Storage {
                 driver: "nfs".into(),
-                mount_point: "/x".into(),
+                mount_point: a.dir.path().join("state/x").display().to_string(),
                 ..Default::default()
             }],
             oci_spec_json: with_args(spec(&a.rootfs, &[]), &["true"]).to_string(),
