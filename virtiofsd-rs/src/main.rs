@@ -133,6 +133,10 @@ struct Cli {
 /// Most worker threads accepted.
 const MAX_THREADS: usize = 64;
 
+/// The server's exit code (and so the supervisor's) when the guest broke a
+/// virtio-fs queue: the device cannot serve any more (see src/device.rs).
+const EXIT_DEVICE_BROKEN: i32 = 3;
+
 /// Everything the supervisor prepared for the server.
 struct Prepared {
     cli: Cli,
@@ -641,7 +645,14 @@ fn serve_vhost(
     use vhost::vhost_user::Error as VuError;
     use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 
-    let backend = Arc::new(device::FsBackend::new(fs, metrics, threads)?);
+    let on_broken: device::OnBroken = Box::new(|what| {
+        // nothing to flush: a reply either reached the guest or never will
+        tracing::error!(
+            "exiting with {EXIT_DEVICE_BROKEN}: the guest broke its virtio-fs queue ({what})"
+        );
+        std::process::exit(EXIT_DEVICE_BROKEN);
+    });
+    let backend = Arc::new(device::FsBackend::new(fs, metrics, threads, on_broken)?);
     let mem = vm_memory::GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::<()>::new());
     let mut daemon = VhostUserDaemon::new(NAME.to_string(), backend, mem)
         .map_err(|e| anyhow::anyhow!("vhost-user daemon: {e}"))?;
