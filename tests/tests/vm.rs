@@ -482,3 +482,160 @@ async fn containers_run_in_the_guest() {
 
     vm.destroy_through_agent(&mut c).await;
 }
+
+/// Bytes the hostile guest writes to its serial console: 8x the launcher's
+/// console cap. The emulated UART under TCG moves about 0.3 MiB/s here, so
+/// 200 MiB would take over ten minutes; 200 MiB through the same pipe and
+/// writer is the launcher's unit test `console_flood_stays_within_the_cap`.
+const CONSOLE_FLOOD: u64 = 8 * kata_vmm_launcher::console::CONSOLE_CAP;
+
+/// A guest root writing megabytes to /dev/ttyS0 (`cat /dev/zero >
+/// /dev/ttyS0`) leaves the host's console log within its cap while it
+/// writes and after, and the VM still answers on vsock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_guest_console_flood_stays_capped() {
+    use kata_vmm_launcher::console::{rotated_path, CONSOLE_CAP};
+    let vm = TestVm::boot("e2e-console", Some("/usr/bin/kata-test-guest")).await;
+    let log = vm.dir().join("console.log");
+    let on_disk = {
+        let log = log.clone();
+        move || -> u64 {
+            [log.clone(), rotated_path(&log)]
+                .iter()
+                .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+                .sum()
+        }
+    };
+    let mut ctl = BufReader::new(dialer::dial(&vm.addr(5004), DIAL).await.unwrap());
+    ctl.get_mut()
+        .write_all(format!("{CONSOLE_FLOOD}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    let mut max_seen = 0;
+    let t0 = std::time::Instant::now();
+    {
+        let read = ctl.read_line(&mut answer);
+        tokio::pin!(read);
+        loop {
+            tokio::select! {
+                r = &mut read => { r.unwrap(); break; }
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    max_seen = max_seen.max(on_disk());
+                    assert!(t0.elapsed() < Duration::from_secs(600), "the flood did not end in 10 min");
+                }
+            }
+        }
+    }
+    let w: Vec<u64> = answer
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(w[0], CONSOLE_FLOOD, "{answer:?}");
+    eprintln!(
+        "guest console: {} MiB written in {} ms ({:.2} MiB/s); on disk at most {} KiB",
+        CONSOLE_FLOOD >> 20,
+        w[1],
+        (CONSOLE_FLOOD as f64 / 1048576.0) / (w[1].max(1) as f64 / 1000.0),
+        max_seen.max(on_disk()) >> 10
+    );
+    assert!(max_seen <= CONSOLE_CAP, "{max_seen}");
+    assert!(on_disk() <= CONSOLE_CAP, "{}", on_disk());
+    assert!(rotated_path(&log).exists(), "the cap was reached");
+    let tail = std::fs::read_to_string(&log).unwrap();
+    assert!(tail.starts_with("[kata-vmm-launcher: console log rotated"));
+    echo_once(&vm, b"after the console flood").await;
+
+    let mut vm = vm;
+    let exit = vm
+        .launcher
+        .client
+        .stop_vm(StopVmRequest { timeout_seconds: 5 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(exit.reason, "stopped", "{exit:?}");
+    let dir = vm.dir();
+    vm.launcher.client.shutdown(()).await.unwrap();
+    vm.launcher.child.wait().await.unwrap();
+    assert_nothing_left(&dir, &vm.cgroup, vm.created.hypervisor_pid);
+}
+
+/// What the launcher leaves on the host for a running VM is root's alone by
+/// explicit mode (not the umask): sockets and state files 0600, directories
+/// 0700; the one directory the jailed QEMU reaches (vm/) and its sockets
+/// belong to QEMU's own uid, allocated from the reserved range (outside every
+/// subordinate id range of the host) and held by a lock file until the VM
+/// is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_files_are_private_and_qemu_has_a_reserved_uid() {
+    use std::os::unix::fs::MetadataExt;
+    // a permissive umask in the caller must not widen anything
+    // SAFETY: umask(2) only changes this test process's file mode mask.
+    let old = unsafe { libc::umask(0) };
+    let mut vm = TestVm::boot("e2e-modes", Some("/usr/bin/kata-test-guest")).await;
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let dir = vm.dir();
+    let pid = vm.created.hypervisor_pid;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap()
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect()
+    };
+    let uid = ids("Uid:")[0];
+    assert!(
+        ids("Uid:").iter().chain(&ids("Gid:")).all(|&u| u == uid),
+        "{status}"
+    );
+    let range = kata_vmm_launcher::uids::UidRange::default();
+    assert!(
+        (range.first..range.first + range.count).contains(&uid),
+        "QEMU's uid {uid} is in the reserved range"
+    );
+    assert!(!kata_vmm_launcher::uids::Excluded::host().contains(uid));
+    let lock = kata_vmm_launcher::uids::default_lock_dir().join(uid.to_string());
+    assert!(lock.exists(), "{} holds the uid", lock.display());
+    let st = kata_vmm_launcher::vm::State::load(&vm.launcher.paths).unwrap();
+    assert_eq!(st.uid_lock.as_deref(), Some(lock.as_path()));
+
+    let vm_dir = dir.join("vm");
+    let expect = [
+        (dir.clone(), 0o700, 0),
+        (dir.join("root"), 0o700, 0),
+        (vm_dir.clone(), 0o700, uid),
+        (dir.join("launcher.sock"), 0o600, 0),
+        (dir.join("launcher.json"), 0o600, 0),
+        (dir.join("console.log"), 0o600, 0),
+        (dir.join("vsock.sock"), 0o600, 0),
+        (dir.join("vsock.sock_1028"), 0o600, 0),
+        (vm_dir.join("qmp.sock"), 0o600, uid),
+        (vm_dir.join("vhost-vsock.sock"), 0o600, uid),
+    ];
+    for (p, mode, owner) in &expect {
+        let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(
+            (m.mode() & 0o7777, m.uid()),
+            (*mode, *owner),
+            "{}: mode {:o}",
+            p.display(),
+            m.mode() & 0o7777
+        );
+    }
+    echo_once(&vm, b"private").await;
+    vm.launcher
+        .client
+        .stop_vm(StopVmRequest { timeout_seconds: 2 })
+        .await
+        .unwrap();
+    vm.launcher.client.shutdown(()).await.unwrap();
+    vm.launcher.child.wait().await.unwrap();
+    assert_nothing_left(&dir, &vm.cgroup, pid);
+    assert!(!lock.exists(), "the uid is released with the VM");
+}
