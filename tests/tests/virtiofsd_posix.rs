@@ -623,6 +623,44 @@ fn setid_bits_follow_the_daemons_policy() {
     assert_eq!(run(&m), vec!["755", "2775"], "mount");
 }
 
+/// A file that already has setuid/setgid (an image's `su`), written or
+/// truncated by root: the kernel keeps the bits for a writer with
+/// CAP_FSETID; through the mount they are cleared on the host whatever the
+/// writer's capabilities. A deliberate difference (the daemon runs without
+/// CAP_FSETID: nothing a guest writes may stay setuid/setgid on the host;
+/// docs/virtiofsd.md). The bits are set from the host side on both, as an
+/// image layer has them.
+#[test]
+fn root_writes_keep_setid_on_a_local_fs_and_clear_it_through_the_mount() {
+    let d = Daemon::start(&["--cache", "none"]);
+    let (m, k) = bases(&d, "setid-write");
+    let host_m = d.d("setid-write");
+    let run = |b: &Path, host: &Path| {
+        let mut l = Log::new();
+        for (n, op) in [("w", 0), ("t", 1), ("o", 2)] {
+            fs::write(host.join(n), b"\x7fELF").unwrap();
+            fs::set_permissions(host.join(n), fs::Permissions::from_mode(0o6755)).unwrap();
+            let f = b.join(n);
+            match op {
+                0 => {
+                    let fd = open(&f, libc::O_WRONLY, 0).unwrap();
+                    write_all(&fd, b"more");
+                }
+                1 => nix::unistd::truncate(&f, 1).unwrap(),
+                _ => drop(open(&f, libc::O_WRONLY | libc::O_TRUNC, 0).unwrap()),
+            }
+            l.push(format!("{n}: {:o}", perm(&lstat(&host.join(n)))));
+        }
+        l
+    };
+    assert_eq!(run(&k, &k), vec!["w: 6755", "t: 6755", "o: 6755"], "kernel");
+    assert_eq!(
+        run(&m, &host_m),
+        vec!["w: 755", "t: 755", "o: 755"],
+        "mount"
+    );
+}
+
 #[test]
 fn umask_on_create_mkdir_mknod() {
     let d = Daemon::start(&[]);
