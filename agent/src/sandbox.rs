@@ -75,6 +75,9 @@ pub fn mount_storage(s: &Storage, bases: &[PathBuf]) -> Result<PathBuf, Status> 
         BeneathError::Sys { .. } => Status::internal(format!("{what}: {e}")),
         _ => Status::permission_denied(format!("{what}: {e}")),
     };
+    // the bases are the agent's own (/run is its tmpfs): made if missing
+    std::fs::create_dir_all(base)
+        .map_err(|e| Status::internal(format!("creating {}: {e}", base.display())))?;
     let point = beneath::open_dir(base, &target, Some(0o755))
         .map_err(|e| denied("storage mount_point", e))?;
     let on = beneath::proc_path(&point);

@@ -169,3 +169,65 @@ pub fn kill_and_delete(c: &crate::containerd::Containerd, id: &str) {
     c.ctr_ok(&["task", "delete", id]);
     c.ctr_ok(&["container", "delete", id]);
 }
+
+/// Runs `script` as root in the guest of pod `id` through the agent's debug
+/// console (vsock port 1026; the pod's configuration must enable it) and
+/// returns what it printed (stdout and stderr). This is the test's hostile
+/// guest: root in the VM, as a container that escaped would be.
+pub fn guest_shell(id: &str, script: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const END: &str = "__kata_test_end__";
+    let addr = kata_proto::dialer::Address::Hybrid {
+        path: kata_proto::paths::SandboxPaths::new(id).vsock_uds(),
+        port: kata_proto::paths::ports::DEBUG_CONSOLE,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut s = kata_proto::dialer::dial(&addr, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("debug console of pod {id}: {e}"));
+        let line = format!("{{ {script} ; }} 2>&1; echo {END}\n");
+        s.write_all(line.as_bytes())
+            .await
+            .expect("write to the console");
+        let mut out = Vec::new();
+        let read = async {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = s.read(&mut buf).await.expect("read the console");
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&out).contains(&format!("{END}\n")) {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .unwrap_or_else(|_| panic!("the guest shell did not finish {script:?}"));
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let text = text.split(END).next().unwrap_or_default();
+        text.replace("kata# ", "")
+    })
+}
+
+/// The mount points at or below `dir` with their per-mount options
+/// (mountinfo's sixth field) and super options.
+pub fn mount_options_under(dir: &Path) -> Vec<(PathBuf, String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let p = PathBuf::from(f.get(4)?);
+            let sep = f.iter().position(|x| *x == "-")?;
+            let sup = f.get(sep + 3).copied().unwrap_or_default().to_string();
+            p.starts_with(dir)
+                .then(|| (p, f.get(5).copied().unwrap_or_default().to_string(), sup))
+        })
+        .collect()
+}
