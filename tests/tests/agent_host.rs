@@ -944,7 +944,10 @@ async fn host_named_paths_never_lead_out_through_symlinks() {
         !mounts.contains(&outside.display().to_string()),
         "nothing mounted outside: {mounts}"
     );
-    assert!(!outside.join("m").exists(), "no mount point created outside");
+    assert!(
+        !outside.join("m").exists(),
+        "no mount point created outside"
+    );
 
     // CopyFile through a symlinked directory, and onto a symlink
     let file = |path: std::path::PathBuf| CopyFileRequest {
@@ -964,7 +967,10 @@ async fn host_named_paths_never_lead_out_through_symlinks() {
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     std::fs::write(outside.join("victim"), b"host").unwrap();
     std::os::unix::fs::symlink(outside.join("victim"), state.join("shared/link")).unwrap();
-    let e = c.copy_file(file(state.join("shared/link"))).await.unwrap_err();
+    let e = c
+        .copy_file(file(state.join("shared/link")))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     // a symlink entry is replaced by a link, never followed by the chown
     c.copy_file(CopyFileRequest {
