@@ -9,10 +9,16 @@ pub fn err(code: Code, message: impl ToString) -> Error {
     Error::RpcStatus(get_status(code, message))
 }
 
-/// An agent (gRPC) error as a ttrpc error with the same code.
-pub fn from_status(s: tonic::Status) -> Error {
+/// A gRPC (launcher, agent) status as a ttrpc error with the same code;
+/// `who` prefixes the message (`guest agent`, `launcher`).
+pub fn from_status(who: &str, s: &tonic::Status) -> Error {
+    err(grpc_code(s.code()), format!("{who}: {}", s.message()))
+}
+
+/// The ttrpc code of a gRPC code (the same numbering).
+pub fn grpc_code(c: tonic::Code) -> Code {
     use tonic::Code as G;
-    let code = match s.code() {
+    match c {
         G::Ok => Code::OK,
         G::Cancelled => Code::CANCELLED,
         G::InvalidArgument => Code::INVALID_ARGUMENT,
@@ -30,6 +36,5 @@ pub fn from_status(s: tonic::Status) -> Error {
         G::DataLoss => Code::DATA_LOSS,
         G::Unauthenticated => Code::UNAUTHENTICATED,
         G::Unknown => Code::UNKNOWN,
-    };
-    err(code, format!("guest agent: {}", s.message()))
+    }
 }

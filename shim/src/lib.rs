@@ -6,6 +6,7 @@
 //! guest, joins containerd's FIFOs to the agent's stdio streams and
 //! publishes the task events. `delete` cleans a pod whose shim died.
 
+pub mod agent;
 pub mod error;
 pub mod guest_events;
 pub mod io;

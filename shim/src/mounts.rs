@@ -21,7 +21,37 @@ use std::fs;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+/// Why a host mount step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// The step.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The tree is not as expected.
+    #[error("{0}")]
+    State(String),
+}
+
+type Result<T, E = MountError> = std::result::Result<T, E>;
+
+/// `with_context` for any error that is an `io::Error` (nix's included).
+trait Context<T> {
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: Into<std::io::Error>> Context<T> for std::result::Result<T, E> {
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| MountError::Io {
+            what: what(),
+            source: e.into(),
+        })
+    }
+}
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 /// The flags every mount below the host-only tree carries.
@@ -103,11 +133,15 @@ fn make_point(p: &Path, dir: bool) -> Result<()> {
         match fs::DirBuilder::new().mode(0o700).create(p) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let meta = fs::symlink_metadata(p)?;
+                let meta =
+                    fs::symlink_metadata(p).with_context(|| format!("checking {}", p.display()))?;
                 if meta.is_dir() {
                     Ok(())
                 } else {
-                    bail!("{} exists and is not a directory", p.display())
+                    Err(MountError::State(format!(
+                        "{} exists and is not a directory",
+                        p.display()
+                    )))
                 }
             }
             Err(e) => Err(e).with_context(|| format!("creating {}", p.display())),
@@ -191,11 +225,11 @@ pub fn mount_rootfs(m: &containerd_shim::protos::types::mount::Mount, target: &P
         target,
     )
     .map_err(|e| {
-        anyhow::anyhow!(
+        MountError::State(format!(
             "mounting the {} rootfs at {}: {e}",
             m.type_,
             target.display()
-        )
+        ))
     })
 }
 
@@ -251,11 +285,11 @@ pub fn unmount_and_remove(dir: &Path) -> Result<()> {
     }
     let left = mounts_below(dir);
     if !left.is_empty() {
-        bail!(
+        return Err(MountError::State(format!(
             "{} is still mounted; not removing {}",
             left[0].display(),
             dir.display()
-        );
+        )));
     }
     match fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),

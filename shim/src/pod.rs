@@ -5,26 +5,89 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
-use kata_proto::agent::agent_service_client::AgentServiceClient;
 use kata_proto::agent::{CreateSandboxRequest, DestroySandboxRequest, Storage};
 use kata_proto::config::Config;
 use kata_proto::dialer::Address;
 use kata_proto::launcher::launcher_client::LauncherClient;
 use kata_proto::launcher::{Accelerator, CreateVmRequest, StartVmRequest, StopVmRequest, VmSpec};
 use kata_proto::paths::{ports, SandboxPaths};
-use kata_vmm_launcher::client::{die_with_parent, LauncherProcess};
+use kata_vmm_launcher::client::{die_with_parent, LauncherProcess, LiveLauncher};
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
+use crate::agent::AgentError;
+use crate::error::{grpc_code, Code};
 use crate::mounts;
 use crate::spec::GUEST_SHARE;
 
-/// The agent client type.
-pub type Agent = AgentServiceClient<Channel>;
+pub use crate::agent::AgentClient as Agent;
+
+/// Why a pod could not be brought up. Launcher and agent errors keep their
+/// gRPC code, so containerd sees the code the helper meant.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    /// The launcher refused or failed a call.
+    #[error("launcher: {what}: {}", .status.message())]
+    Launcher {
+        /// The step.
+        what: &'static str,
+        /// Its answer.
+        status: tonic::Status,
+    },
+    /// The agent failed a call.
+    #[error("{what}: {source}")]
+    Agent {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        source: AgentError,
+    },
+    /// The configuration names something unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A host-side step failed.
+    #[error("{what}: {why}")]
+    Host {
+        /// The step.
+        what: String,
+        /// Why.
+        why: String,
+    },
+}
+
+impl PodError {
+    fn host(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PodError {
+        let what = what.into();
+        move |e| PodError::Host {
+            what,
+            why: e.to_string(),
+        }
+    }
+
+    /// The containerd (ttrpc) code.
+    pub fn code(&self) -> Code {
+        match self {
+            PodError::Launcher { status, .. } => grpc_code(status.code()),
+            PodError::Agent { source, .. } => source.code(),
+            PodError::Config(_) => Code::INVALID_ARGUMENT,
+            PodError::Host { .. } => Code::INTERNAL,
+        }
+    }
+}
+
+impl From<crate::mounts::MountError> for PodError {
+    fn from(e: crate::mounts::MountError) -> Self {
+        PodError::Host {
+            what: "preparing the pod's mounts".into(),
+            why: e.to_string(),
+        }
+    }
+}
+
+type Result<T, E = PodError> = std::result::Result<T, E>;
 
 /// What the shim keeps on disk so that `shim delete` can clean a pod whose
 /// shim was SIGKILLed.
@@ -49,15 +112,19 @@ impl PodState {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let tmp = paths.dir.join(".shim.json.tmp");
+        let json = serde_json::to_vec(self).map_err(std::io::Error::from);
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&tmp)?
-            .write_all(&serde_json::to_vec(self)?)?;
-        std::fs::rename(tmp, Self::file(paths))?;
-        Ok(())
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&json?))
+            .and_then(|_| std::fs::rename(&tmp, Self::file(paths)))
+            .map_err(PodError::host(format!(
+                "writing {}",
+                Self::file(paths).display()
+            )))
     }
 
     /// Reads the state of the pod in `paths`.
@@ -118,8 +185,11 @@ pub struct Timings {
 
 async fn spawn_virtiofsd(cfg: &Config, id: &str, paths: &SandboxPaths) -> Result<Child> {
     let q = &cfg.hypervisor.qemu;
-    let bin = q.virtio_fs_daemon_path().map_err(|e| anyhow!(e))?;
-    std::fs::create_dir_all(paths.vm_dir())?;
+    let bin = q.virtio_fs_daemon_path().map_err(PodError::Config)?;
+    std::fs::create_dir_all(paths.vm_dir()).map_err(PodError::host(format!(
+        "creating {}",
+        paths.vm_dir().display()
+    )))?;
     let mut cmd = Command::new(&bin);
     cmd.arg("--socket-path")
         .arg(paths.virtiofsd_socket())
@@ -138,12 +208,18 @@ async fn spawn_virtiofsd(cfg: &Config, id: &str, paths: &SandboxPaths) -> Result
     die_with_parent(&mut cmd);
     let mut child = cmd
         .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let out = child.stdout.take().context("kata-virtiofsd stdout")?;
-    if let Err(e) = kata_proto::wait_ready_line(out, Duration::from_secs(10)).await {
+        .map_err(PodError::host(format!("starting {}", bin.display())))?;
+    let ready = match child.stdout.take() {
+        Some(out) => kata_proto::wait_ready_line(out, Duration::from_secs(10)).await,
+        None => Err("no stdout".into()),
+    };
+    if let Err(why) = ready {
         let _ = child.start_kill();
         let _ = child.wait().await;
-        return Err(anyhow!("{}: {e}", bin.display()));
+        return Err(PodError::Host {
+            what: format!("starting {}", bin.display()),
+            why,
+        });
     }
     Ok(child)
 }
@@ -215,11 +291,11 @@ impl Pod {
         state.save(paths)?;
         let shared = q.shared_fs == kata_proto::config::SharedFs::VirtioFs;
         let mut virtiofs_socket = String::new();
-        let launcher_bin = q.launcher_path().map_err(|e| anyhow!(e))?;
+        let launcher_bin = q.launcher_path().map_err(PodError::Config)?;
         // kata-virtiofsd and the launcher start side by side
         let fs = async {
             if !shared {
-                return anyhow::Ok(None);
+                return Ok(None);
             }
             mounts::make_share(&paths.host_mounts_dir(), &paths.shared_dir())?;
             Ok(Some(spawn_virtiofsd(cfg, id, paths).await?))
@@ -227,7 +303,10 @@ impl Pod {
         let launcher = async {
             LauncherProcess::spawn(&launcher_bin, id, &paths.dir, Duration::from_secs(10))
                 .await
-                .with_context(|| format!("starting {}", launcher_bin.display()))
+                .map_err(|e| PodError::Host {
+                    what: format!("starting {}", launcher_bin.display()),
+                    why: format!("{e:#}"),
+                })
         };
         let (fs, launcher) = tokio::join!(fs, launcher);
         // whatever started is kept in `children`, for the teardown
@@ -235,7 +314,7 @@ impl Pod {
             Ok(Some(child)) => {
                 state.virtiofsd_pid = child.id().unwrap_or(0);
                 state.virtiofsd_start =
-                    kata_vmm_launcher::vm::start_time(state.virtiofsd_pid).unwrap_or(0);
+                    kata_proto::process::start_time(state.virtiofsd_pid).unwrap_or(0);
                 children.virtiofsd = Some(child);
                 state.save(paths)?;
                 virtiofs_socket = paths.virtiofsd_socket().display().to_string();
@@ -280,7 +359,10 @@ impl Pod {
                 spec: Some(spec),
             })
             .await
-            .map_err(|s| anyhow!("creating the VM: {}", s.message()))?
+            .map_err(|status| PodError::Launcher {
+                what: "creating the VM",
+                status,
+            })?
             .into_inner();
         let host_prepare = t0.elapsed();
         let hypervisor_start = Duration::from_micros(created.hypervisor_start_us);
@@ -290,7 +372,10 @@ impl Pod {
                 agent_ready_timeout_seconds: cfg.agent.kata.dial_timeout.max(1) as u32,
             })
             .await
-            .map_err(|s| anyhow!("starting the VM: {}", s.message()))?;
+            .map_err(|status| PodError::Launcher {
+                what: "starting the VM",
+                status,
+            })?;
         let guest_boot = t1.elapsed();
         let t2 = Instant::now();
         let agent_addr = Address::Hybrid {
@@ -299,8 +384,11 @@ impl Pod {
         };
         let ch = kata_proto::dialer::channel(&agent_addr, Duration::from_secs(10))
             .await
-            .context("connecting to the agent")?;
-        let mut agent = AgentServiceClient::new(ch);
+            .map_err(|e| PodError::Host {
+                what: "connecting to the agent".into(),
+                why: e.to_string(),
+            })?;
+        let agent = Agent::new(ch, Duration::from_millis(cfg.agent.kata.request_timeout_ms));
         let mut storages = Vec::new();
         if shared {
             storages.push(Storage {
@@ -311,19 +399,22 @@ impl Pod {
                 ..Default::default()
             });
         }
-        let create = agent.create_sandbox(CreateSandboxRequest {
-            hostname: hostname.into(),
-            storages,
-            sandbox_id: id.into(),
-            disable_guest_seccomp: cfg.runtime.disable_guest_seccomp,
-            kernel_modules: cfg.agent.kata.kernel_modules.clone(),
-            ..Default::default()
-        });
         let limit = Duration::from_secs(cfg.agent.kata.dial_timeout.max(1));
-        tokio::time::timeout(limit, create)
+        agent
+            .with_deadline(limit)
+            .create_sandbox(CreateSandboxRequest {
+                hostname: hostname.into(),
+                storages,
+                sandbox_id: id.into(),
+                disable_guest_seccomp: cfg.runtime.disable_guest_seccomp,
+                kernel_modules: cfg.agent.kata.kernel_modules.clone(),
+                ..Default::default()
+            })
             .await
-            .map_err(|_| anyhow!("CreateSandbox in the guest: no answer within {limit:?}"))?
-            .map_err(|s| anyhow!("CreateSandbox in the guest: {}", s.message()))?;
+            .map_err(|source| PodError::Agent {
+                what: "CreateSandbox in the guest",
+                source,
+            })?;
         let timings = Timings {
             host_prepare,
             helpers,
@@ -399,13 +490,12 @@ impl Pod {
     /// Stops the VM (through the agent if it answers) and every helper, and
     /// removes the sandbox directory, its mounts and cgroups.
     pub async fn destroy(&self) {
-        let mut agent = self.agent();
-        let graceful = tokio::time::timeout(
-            Duration::from_secs(5),
-            agent.destroy_sandbox(DestroySandboxRequest {}),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
+        let graceful = self
+            .agent
+            .with_deadline(Duration::from_secs(5))
+            .destroy_sandbox(DestroySandboxRequest {})
+            .await
+            .is_ok();
         if graceful {
             let mut launcher = self.launcher.clone();
             let _ = tokio::time::timeout(Duration::from_secs(10), launcher.wait_vm(())).await;
@@ -436,7 +526,7 @@ async fn teardown_children(paths: &SandboxPaths, c: &mut Children) {
         }
     }
     // the launcher removes its own things; after a kill, what it left
-    if let Err(e) = kata_vmm_launcher::vm::cleanup(paths) {
+    if let Err(e) = kata_vmm_launcher::client::cleanup(paths, LiveLauncher::Refuse) {
         warn!("launcher cleanup: {e}");
     }
     if let Some(mut child) = c.virtiofsd.take() {
@@ -459,7 +549,6 @@ fn remove_dir(paths: &SandboxPaths) {
         }
     }
     let _ = std::fs::remove_file(PodState::file(paths));
-    kata_vmm_launcher::vm::remove_sandbox_files(paths);
     if paths.dir.exists() {
         if let Err(e) = mounts::unmount_and_remove(&paths.dir) {
             warn!("{e:#}");
@@ -470,22 +559,12 @@ fn remove_dir(paths: &SandboxPaths) {
 /// Cleans a pod whose shim is dead: its launcher, hypervisor, kata-virtiofsd,
 /// mounts, cgroups and directory.
 pub async fn cleanup_dead(paths: &SandboxPaths) {
-    use kata_vmm_launcher::vm::{is_launcher, kill_if_same, start_time};
-    if let Some(st) = kata_vmm_launcher::vm::State::load(paths) {
-        // the state file records no start time of the launcher: a live pid
-        // is ours only if it still runs kata-vmm-launcher
-        let pid = st.launcher_pid;
-        if pid != std::process::id() && is_launcher(pid) {
-            if let Some(start) = start_time(pid) {
-                kill_if_same(pid, start);
-            }
-        }
-    }
-    if let Err(e) = kata_vmm_launcher::vm::cleanup(paths) {
+    // its launcher, if it outlived the shim, is killed first
+    if let Err(e) = kata_vmm_launcher::client::cleanup(paths, LiveLauncher::Kill) {
         warn!("launcher cleanup: {e}");
     }
     if let Some(st) = PodState::load(paths) {
-        kill_if_same(st.virtiofsd_pid, st.virtiofsd_start);
+        kata_proto::process::kill_if_same(st.virtiofsd_pid, st.virtiofsd_start);
     }
     remove_dir(paths);
 }

@@ -244,6 +244,10 @@ pub struct Agents {
 pub struct Agent {
     /// Seconds to wait for the agent to answer after boot.
     pub dial_timeout: u64,
+    /// Milliseconds the shim waits for the agent to answer one request
+    /// (Kata runtime-rs's key); the event waits (WaitProcess, GetOOMEvent)
+    /// have no deadline.
+    pub request_timeout_ms: u64,
     /// Agent debug logs.
     pub enable_debug: bool,
     /// Start the debug console (vsock port 1026).
@@ -259,6 +263,7 @@ impl Default for Agent {
     fn default() -> Self {
         Self {
             dial_timeout: 45,
+            request_timeout_ms: 60_000,
             enable_debug: false,
             debug_console_enabled: false,
             kernel_modules: Vec::new(),
@@ -515,6 +520,12 @@ impl Config {
         let a = &self.agent.kata;
         if a.dial_timeout == 0 {
             return Err("agent.kata.dial_timeout = 0: must be at least 1 second".into());
+        }
+        if a.request_timeout_ms < 100 {
+            return Err(format!(
+                "agent.kata.request_timeout_ms = {}: must be at least 100",
+                a.request_timeout_ms
+            ));
         }
         for (i, m) in a.kernel_modules.iter().enumerate() {
             check_kernel_module(m)

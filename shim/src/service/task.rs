@@ -1,510 +1,6 @@
-//! containerd's task API (shim v2, ttrpc) over one pod: containers and
-//! processes map to the agent's RPCs, stdio to the agent's streams, and the
-//! task events go back to containerd.
+//! containerd's task API calls, one method each, over the pod's agent.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
-
-use async_trait::async_trait;
-use containerd_shim::api;
-use containerd_shim::asynchronous::ExitSignal;
-use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
-    TaskResumed, TaskStart,
-};
-use containerd_shim::protos::protobuf::well_known_types::any::Any;
-use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
-use containerd_shim::protos::shim_async::Task;
-use containerd_shim::protos::topics;
-use containerd_shim::protos::ttrpc::r#async::TtrpcContext;
-use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::TtrpcResult;
-use kata_proto::agent as pb;
-use kata_proto::config::Config;
-use oci_spec::runtime::Spec;
-use tokio::sync::{watch, Mutex};
-use tracing::{info, warn};
-
-use crate::error::{err, from_status, Code};
-use crate::guest_events::{forward_oom, RateLimit, OOM_BURST, OOM_PER_SEC};
-use crate::io::{self as stdio, Copies, Paths};
-use crate::pod::{Pod, Size};
-use crate::spec::{self as ocispec, Role};
-use crate::{mounts, options};
-
-/// Bundle file naming the pod of a container, read by `shim delete` after a
-/// crash.
-pub const SANDBOX_FILE: &str = "kata-rs-sandbox";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PState {
-    Created,
-    Running,
-    Stopped,
-}
-
-#[derive(Debug, Clone)]
-struct Exit {
-    status: u32,
-    at: Timestamp,
-}
-
-struct Proc {
-    cid: String,
-    exec_id: String,
-    io: Paths,
-    process_json: String,
-    state: StdMutex<PState>,
-    exit: watch::Sender<Option<Exit>>,
-    copies: Mutex<Option<Copies>>,
-}
-
-impl Proc {
-    fn new(cid: &str, exec_id: &str, io: Paths, process_json: String) -> Arc<Proc> {
-        Arc::new(Proc {
-            cid: cid.into(),
-            exec_id: exec_id.into(),
-            io,
-            process_json,
-            state: StdMutex::new(PState::Created),
-            exit: watch::channel(None).0,
-            copies: Mutex::new(None),
-        })
-    }
-
-    fn state(&self) -> PState {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn set_state(&self, s: PState) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
-    }
-
-    fn exit_info(&self) -> Option<Exit> {
-        self.exit.borrow().clone()
-    }
-}
-
-struct Ctr {
-    id: String,
-    bundle: String,
-    owner: bool,
-    init: Arc<Proc>,
-    execs: StdMutex<HashMap<String, Arc<Proc>>>,
-    paused: AtomicBool,
-}
-
-impl Ctr {
-    fn process(&self, exec_id: &str) -> TtrpcResult<Arc<Proc>> {
-        if exec_id.is_empty() {
-            return Ok(self.init.clone());
-        }
-        self.execs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(exec_id)
-            .cloned()
-            .ok_or_else(|| {
-                err(
-                    Code::NOT_FOUND,
-                    format!("exec {exec_id} of container {} does not exist", self.id),
-                )
-            })
-    }
-}
-
-struct Inner {
-    namespace: String,
-    publisher: RemotePublisher,
-    exit: Arc<ExitSignal>,
-    pod: Mutex<Option<Arc<Pod>>>,
-    destroying: AtomicBool,
-    containers: StdMutex<HashMap<String, Arc<Ctr>>>,
-}
-
-/// The task service of one shim (one pod).
-#[derive(Clone)]
-pub struct Service(Arc<Inner>);
-
-fn now() -> Timestamp {
-    containerd_shim::util::timestamp().unwrap_or_default()
-}
-
-impl Service {
-    /// A service publishing to containerd through `publisher`.
-    pub fn new(namespace: &str, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Service {
-        Service(Arc::new(Inner {
-            namespace: namespace.into(),
-            publisher,
-            exit,
-            pod: Mutex::new(None),
-            destroying: AtomicBool::new(false),
-            containers: StdMutex::new(HashMap::new()),
-        }))
-    }
-
-    async fn publish(&self, topic: &str, ev: Box<dyn MessageDyn>) {
-        let ctx = containerd_shim::protos::ttrpc::context::Context::default();
-        if let Err(e) = self
-            .0
-            .publisher
-            .publish(ctx, topic, &self.0.namespace, ev)
-            .await
-        {
-            warn!("publishing {topic}: {e}");
-        }
-    }
-
-    fn container(&self, id: &str) -> TtrpcResult<Arc<Ctr>> {
-        self.0
-            .containers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
-            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id} does not exist")))
-    }
-
-    async fn pod(&self) -> TtrpcResult<Arc<Pod>> {
-        self.0
-            .pod
-            .lock()
-            .await
-            .clone()
-            .ok_or_else(|| err(Code::FAILED_PRECONDITION, "the pod of this shim is gone"))
-    }
-
-    /// Marks `p` exited with `status` (once) and tells containerd.
-    async fn exited(&self, p: &Arc<Proc>, status: u32, pid: u32) {
-        if p.exit_info().is_some() {
-            return;
-        }
-        let at = now();
-        p.set_state(PState::Stopped);
-        p.exit.send_replace(Some(Exit {
-            status,
-            at: at.clone(),
-        }));
-        info!(container = %p.cid, exec = %p.exec_id, status, "process exited");
-        let id = if p.exec_id.is_empty() {
-            p.cid.clone()
-        } else {
-            p.exec_id.clone()
-        };
-        self.publish(
-            topics::TASK_EXIT_EVENT_TOPIC,
-            Box::new(TaskExit {
-                container_id: p.cid.clone(),
-                id,
-                pid,
-                exit_status: status,
-                exited_at: MessageField::some(at),
-                ..Default::default()
-            }),
-        )
-        .await;
-    }
-
-    /// Waits for `p` in the guest, drains its outputs, reports its exit.
-    fn spawn_waiter(&self, pod: Arc<Pod>, p: Arc<Proc>) {
-        let svc = self.clone();
-        tokio::spawn(async move {
-            let mut agent = pod.agent();
-            let status = match agent
-                .wait_process(pb::WaitProcessRequest {
-                    container_id: p.cid.clone(),
-                    exec_id: p.exec_id.clone(),
-                })
-                .await
-            {
-                Ok(r) => r.into_inner().status as u32,
-                Err(s) => {
-                    warn!(container = %p.cid, "WaitProcess: {}", s.message());
-                    255
-                }
-            };
-            if let Some(c) = p.copies.lock().await.as_mut() {
-                c.finish(Duration::from_secs(10)).await;
-            }
-            svc.exited(&p, status, pod.hypervisor_pid).await;
-        });
-    }
-
-    /// Watches the pod: a VM or helper that dies ends every process (exit
-    /// 255) so containerd never waits on a task that cannot finish; OOM kills
-    /// in the guest become TaskOOM events.
-    fn spawn_pod_watch(&self, pod: Arc<Pod>) {
-        let svc = self.clone();
-        let p2 = pod.clone();
-        tokio::spawn(async move {
-            let why = pod.failed().await;
-            if svc.0.destroying.load(Ordering::SeqCst) {
-                return;
-            }
-            warn!("pod failed: {why}");
-            // what is left of the VM is of no use: stop it now, Delete cleans
-            pod.stop_vm().await;
-            let all: Vec<Arc<Ctr>> = svc
-                .0
-                .containers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .cloned()
-                .collect();
-            for c in all {
-                let execs: Vec<_> = c
-                    .execs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .values()
-                    .cloned()
-                    .collect();
-                for p in execs.iter().chain(std::iter::once(&c.init)) {
-                    if p.state() != PState::Stopped {
-                        svc.exited(p, 255, pod.hypervisor_pid).await;
-                    }
-                }
-            }
-        });
-        let svc = self.clone();
-        tokio::spawn(async move {
-            let agent = p2.agent();
-            let limit = RateLimit::new(OOM_BURST, OOM_PER_SEC, std::time::Instant::now());
-            let next = || {
-                let mut agent = agent.clone();
-                async move {
-                    let ev = agent.get_oom_event(pb::GetOomEventRequest {}).await.ok()?;
-                    Some(ev.into_inner().container_id)
-                }
-            };
-            let owns = |cid: &str| {
-                svc.0
-                    .containers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains_key(cid)
-            };
-            let publish = |cid: String| {
-                let svc = svc.clone();
-                async move {
-                    info!(container = %cid, "OOM kill in the guest");
-                    svc.publish(
-                        topics::TASK_OOM_EVENT_TOPIC,
-                        Box::new(TaskOOM {
-                            container_id: cid,
-                            ..Default::default()
-                        }),
-                    )
-                    .await;
-                }
-            };
-            forward_oom(limit, next, owns, publish).await;
-        });
-    }
-
-    async fn create_pod(&self, id: &str, spec: &Spec, opts: Option<&Any>) -> TtrpcResult<Arc<Pod>> {
-        let explicit = opts.and_then(options::config_path);
-        let (mut cfg, source) = Config::discover_with_source(explicit.as_deref())
-            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
-        if let Some(ann) = spec.annotations() {
-            cfg.apply_annotations(ann)
-                .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
-        }
-        let name = source
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "the built-in configuration".into());
-        cfg.check_files()
-            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("configuration {name}: {e}")))?;
-        let size = cfg.vm_size_for(kata_proto::config::Workload::of_sandbox(spec));
-        let hostname = spec.hostname().clone().unwrap_or_default();
-        let pod = Pod::create(
-            id,
-            cfg,
-            Size {
-                vcpus: size.vcpus,
-                memory_mib: size.memory_mib,
-            },
-            &hostname,
-        )
-        .await
-        .map_err(|e| err(Code::UNKNOWN, format!("creating the pod VM: {e:#}")))?;
-        Ok(Arc::new(pod))
-    }
-
-    /// Mounts the rootfs and binds, creates the container in the guest,
-    /// attaches the init's stdio. Undoes its mounts on failure.
-    async fn create_in_pod(
-        &self,
-        pod: &Arc<Pod>,
-        req: &api::CreateTaskRequest,
-        spec: Spec,
-        init: &Arc<Proc>,
-    ) -> TtrpcResult<()> {
-        let cid = &req.id;
-        let cdir = pod.container_dir(cid);
-        let res = async {
-            let root_rel = spec
-                .root()
-                .as_ref()
-                .map(|r| r.path().clone())
-                .unwrap_or_else(|| PathBuf::from("rootfs"));
-            let guest = ocispec::to_guest(spec, cid).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
-            for d in &guest.dropped {
-                warn!(container = %cid, "mount left out: {d}");
-            }
-            let rootfs = cdir.join("rootfs");
-            let internal = |e: anyhow::Error| err(Code::INTERNAL, format!("{e:#}"));
-            match req.rootfs.as_slice() {
-                [] => {
-                    let src = Path::new(&req.bundle).join(root_rel);
-                    mounts::bind(&src, &rootfs, false, &pod.paths.dir.join("staging"))
-                        .map_err(internal)?
-                }
-                [m] => mounts::mount_rootfs(m, &rootfs).map_err(internal)?,
-                many => {
-                    return Err(err(
-                        Code::INVALID_ARGUMENT,
-                        format!("{} rootfs mounts: only one is supported", many.len()),
-                    ))
-                }
-            }
-            for (n, m) in guest.mounts.iter().enumerate() {
-                let staging = pod.paths.dir.join(format!("staging-{cid}-{n}"));
-                mounts::bind(&m.source, &cdir.join(&m.relative), m.readonly, &staging)
-                    .map_err(|e| err(Code::INVALID_ARGUMENT, format!("{e:#}")))?;
-            }
-            let json = serde_json::to_string(&guest.spec)
-                .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
-            let mut agent = pod.agent();
-            agent
-                .create_container(pb::CreateContainerRequest {
-                    container_id: cid.clone(),
-                    oci_spec_json: json,
-                    ..Default::default()
-                })
-                .bounded()
-                .await?;
-            let attach = async {
-                let mut copies = stdio::attach_outputs(&pod.agent_addr, cid, "", &init.io).await?;
-                stdio::attach_stdin(&mut copies, &pod.agent_addr, cid, "", &init.io).await?;
-                anyhow::Ok(copies)
-            };
-            match attach.await {
-                Ok(c) => *init.copies.lock().await = Some(c),
-                Err(e) => {
-                    let _ = agent
-                        .remove_container(pb::RemoveContainerRequest {
-                            container_id: cid.clone(),
-                            timeout: 0,
-                        })
-                        .await;
-                    return Err(err(Code::INTERNAL, format!("{e:#}")));
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if res.is_err() {
-            if let Err(e) = mounts::unmount_and_remove(&cdir) {
-                warn!("{e:#}");
-            }
-        }
-        res
-    }
-
-    /// Pause or Resume: the container's freezer in the guest, and the event.
-    async fn set_paused(&self, id: &str, pause: bool) -> TtrpcResult<api::Empty> {
-        let c = self.container(id)?;
-        let mut agent = self.pod().await?.agent();
-        let container_id = id.to_string();
-        let (topic, ev): (&str, Box<dyn MessageDyn>) = if pause {
-            agent
-                .pause_container(pb::PauseContainerRequest {
-                    container_id: container_id.clone(),
-                })
-                .bounded()
-                .await?;
-            let ev = TaskPaused {
-                container_id,
-                ..Default::default()
-            };
-            (topics::TASK_PAUSED_EVENT_TOPIC, Box::new(ev))
-        } else {
-            agent
-                .resume_container(pb::ResumeContainerRequest {
-                    container_id: container_id.clone(),
-                })
-                .bounded()
-                .await?;
-            let ev = TaskResumed {
-                container_id,
-                ..Default::default()
-            };
-            (topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev))
-        };
-        c.paused.store(pause, Ordering::SeqCst);
-        self.publish(topic, ev).await;
-        Ok(api::Empty::default())
-    }
-
-    async fn destroy_pod(&self) {
-        self.0.destroying.store(true, Ordering::SeqCst);
-        let pod = self.0.pod.lock().await.take();
-        if let Some(pod) = pod {
-            pod.destroy().await;
-        }
-    }
-}
-
-/// How long the shim waits for the agent to answer a call (WaitProcess and
-/// GetOOMEvent excepted: they wait for events): a guest that hangs or stalls
-/// makes the call fail, never the shim hang.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// An agent call bounded by [`AGENT_TIMEOUT`], its error as a ttrpc error.
-trait Bounded<T> {
-    async fn bounded(self) -> Result<tonic::Response<T>, containerd_shim::protos::ttrpc::Error>;
-}
-
-impl<F, T> Bounded<T> for F
-where
-    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    async fn bounded(self) -> Result<tonic::Response<T>, containerd_shim::protos::ttrpc::Error> {
-        match tokio::time::timeout(AGENT_TIMEOUT, self).await {
-            Ok(r) => r.map_err(from_status),
-            Err(_) => Err(err(
-                Code::DEADLINE_EXCEEDED,
-                format!("the guest agent did not answer within {AGENT_TIMEOUT:?}"),
-            )),
-        }
-    }
-}
-
-fn load_spec(bundle: &str) -> TtrpcResult<Spec> {
-    let p = Path::new(bundle).join("config.json");
-    Spec::load(&p).map_err(|e| {
-        err(
-            Code::INVALID_ARGUMENT,
-            format!("reading the OCI spec {}: {e}", p.display()),
-        )
-    })
-}
-
-fn status_of(p: &Proc, paused: bool) -> api::Status {
-    match p.state() {
-        PState::Created => api::Status::CREATED,
-        PState::Running if paused => api::Status::PAUSED,
-        PState::Running => api::Status::RUNNING,
-        PState::Stopped => api::Status::STOPPED,
-    }
-}
+use super::*;
 
 #[async_trait]
 impl Task for Service {
@@ -628,18 +124,17 @@ impl Task for Service {
                 format!("process {} of {} was already started", req.exec_id, req.id),
             ));
         }
-        let mut agent = pod.agent();
+        let agent = pod.agent();
         if req.exec_id.is_empty() {
             if let Err(e) = agent
                 .start_container(pb::StartContainerRequest {
                     container_id: req.id.clone(),
                 })
-                .bounded()
                 .await
             {
                 // its init is gone: the task is stopped, Delete works
                 self.exited(&p, 255, pod.hypervisor_pid).await;
-                return Err(e);
+                return Err(e.into());
             }
         } else {
             agent
@@ -652,7 +147,6 @@ impl Task for Service {
                     }),
                     ..Default::default()
                 })
-                .bounded()
                 .await?;
             let attach = async {
                 let mut copies =
@@ -754,15 +248,14 @@ impl Task for Service {
         }
         let pod = self.0.pod.lock().await.clone();
         if let Some(pod) = &pod {
-            let mut agent = pod.agent();
-            let _ = tokio::time::timeout(
-                Duration::from_secs(10),
-                agent.remove_container(pb::RemoveContainerRequest {
+            let agent = pod.agent();
+            let _ = agent
+                .with_deadline(Duration::from_secs(10))
+                .remove_container(pb::RemoveContainerRequest {
                     container_id: req.id.clone(),
                     timeout: 5,
-                }),
-            )
-            .await;
+                })
+                .await;
             if let Some(copies) = c.init.copies.lock().await.as_mut() {
                 copies.close_stdin();
             }
@@ -842,16 +335,14 @@ impl Task for Service {
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
         self.container(&req.id)?;
-        let mut agent = self.pod().await?.agent();
+        let agent = self.pod().await?.agent();
         let r = agent
             .list_processes(pb::ListProcessesRequest {
                 container_id: req.id.clone(),
                 format: "json".into(),
                 args: vec![],
             })
-            .bounded()
-            .await?
-            .into_inner();
+            .await?;
         Ok(api::PidsResponse {
             processes: r
                 .pids
@@ -898,7 +389,7 @@ impl Task for Service {
             // never started: nothing runs in the guest yet but its init waits
             // for the start signal; ending it makes the task stopped
             let pod = self.pod().await?;
-            let mut agent = pod.agent();
+            let agent = pod.agent();
             let _ = agent
                 .remove_container(pb::RemoveContainerRequest {
                     container_id: req.id.clone(),
@@ -908,7 +399,7 @@ impl Task for Service {
             self.exited(&p, 128 + req.signal, pod.hypervisor_pid).await;
             return Ok(api::Empty::default());
         }
-        let mut agent = self.pod().await?.agent();
+        let agent = self.pod().await?.agent();
         agent
             .signal_process(pb::SignalProcessRequest {
                 container_id: req.id.clone(),
@@ -916,7 +407,6 @@ impl Task for Service {
                 signal: req.signal,
                 all: req.all,
             })
-            .bounded()
             .await?;
         Ok(api::Empty::default())
     }
@@ -978,7 +468,7 @@ impl Task for Service {
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
         self.container(&req.id)?.process(&req.exec_id)?;
-        let mut agent = self.pod().await?.agent();
+        let agent = self.pod().await?.agent();
         agent
             .tty_win_resize(pb::TtyWinResizeRequest {
                 container_id: req.id.clone(),
@@ -986,7 +476,6 @@ impl Task for Service {
                 row: req.height,
                 column: req.width,
             })
-            .bounded()
             .await?;
         Ok(api::Empty::default())
     }
@@ -1022,7 +511,7 @@ impl Task for Service {
                 format!("the resources are not valid OCI LinuxResources: {e}"),
             )
         })?;
-        let mut agent = self.pod().await?.agent();
+        let agent = self.pod().await?.agent();
         agent
             .update_container(pb::UpdateContainerRequest {
                 container_id: req.id.clone(),
@@ -1030,7 +519,6 @@ impl Task for Service {
                     oci_resources_json: json,
                 }),
             })
-            .bounded()
             .await?;
         Ok(api::Empty::default())
     }
@@ -1063,14 +551,12 @@ impl Task for Service {
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
         self.container(&req.id)?;
-        let mut agent = self.pod().await?.agent();
+        let agent = self.pod().await?.agent();
         let r = agent
             .stats_container(pb::StatsContainerRequest {
                 container_id: req.id.clone(),
             })
-            .bounded()
-            .await?
-            .into_inner();
+            .await?;
         let any = crate::stats::to_any(&r).map_err(|e| err(Code::INTERNAL, e))?;
         Ok(api::StatsResponse {
             stats: MessageField::some(any),
