@@ -16,7 +16,7 @@
 //! error returned from `handle_event` ends vhost-user-backend's vring thread
 //! for good while the daemon lives on and the guest waits forever; so the
 //! backend calls its `on_broken` hook once, from the thread that found it, and
-//! the daemon exits with an error (src/main.rs) that the shim sees as the
+//! the daemon exits with an error (src/server.rs) that the shim sees as the
 //! pod failing.
 
 use std::io;
