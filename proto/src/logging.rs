@@ -8,7 +8,8 @@
 //! a guest can trigger at will is logged at `debug` or below, or rate-limited.
 
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::{Format, Writer};
@@ -87,4 +88,198 @@ where
 /// Sets the sandbox id printed on every line; only the first call counts.
 pub fn set_sandbox_id(id: &str) {
     let _ = SANDBOX.set(id.to_string());
+}
+
+/// Lines a rate-limited call site logs per period before it goes quiet
+/// ([`warn_limited!`](crate::warn_limited) and its siblings).
+pub const LIMITED_BURST: u32 = 10;
+/// The period of those call sites: after a quiet spell, the first line of the
+/// next period carries `suppressed = <lines dropped>`.
+pub const LIMITED_PERIOD: Duration = Duration::from_secs(60);
+
+/// A rate limit for log lines a guest (or any outside party) can trigger at
+/// will: the first `burst` lines of each `period` pass; the rest are counted,
+/// and the first line let through afterwards reports how many were dropped.
+/// One per call site (the `*_limited!` macros make a `static` one each) or one
+/// per kind of event shared by several call sites.
+#[derive(Debug)]
+pub struct RateLimit {
+    burst: u32,
+    period: Duration,
+    window: Mutex<Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    start: Option<Instant>,
+    passed: u32,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    /// `burst` lines per `period`.
+    pub const fn new(burst: u32, period: Duration) -> Self {
+        Self {
+            burst,
+            period,
+            window: Mutex::new(Window {
+                start: None,
+                passed: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// Whether a line may be logged now: `Some(n)` with the lines dropped
+    /// since the last one let through (0 usually), `None` to drop this one.
+    pub fn check(&self) -> Option<u64> {
+        self.check_at(Instant::now())
+    }
+
+    fn check_at(&self, now: Instant) -> Option<u64> {
+        // a poisoned lock only means a panic elsewhere mid-update: go on
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if w.start
+            .is_none_or(|s| now.saturating_duration_since(s) >= self.period)
+        {
+            w.start = Some(now);
+            w.passed = 0;
+        }
+        if w.passed < self.burst {
+            w.passed += 1;
+            Some(std::mem::take(&mut w.suppressed))
+        } else {
+            w.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// Re-exported for the `*_limited!` macros, so that their users need not
+/// name `tracing` themselves.
+#[doc(hidden)]
+pub use tracing as __tracing;
+
+/// Logs at `level` through a rate limit of this call site's own
+/// ([`LIMITED_BURST`] lines per [`LIMITED_PERIOD`]); a line let through after
+/// dropped ones carries `suppressed = <count>`. Lines below the enabled level
+/// are neither logged nor counted. Use it (or [`warn_limited!`](crate::warn_limited),
+/// ...) for every line a guest can trigger.
+#[macro_export]
+macro_rules! log_limited {
+    ($level:expr, $($arg:tt)+) => {{
+        if $crate::logging::__tracing::enabled!($level) {
+            static LIMIT: $crate::logging::RateLimit = $crate::logging::RateLimit::new(
+                $crate::logging::LIMITED_BURST,
+                $crate::logging::LIMITED_PERIOD,
+            );
+            match LIMIT.check() {
+                Some(0) => $crate::logging::__tracing::event!($level, $($arg)+),
+                Some(suppressed) => {
+                    $crate::logging::__tracing::event!($level, suppressed, $($arg)+)
+                }
+                None => {}
+            }
+        }
+    }};
+}
+
+/// [`log_limited!`](crate::log_limited) at `error` level.
+#[macro_export]
+macro_rules! error_limited {
+    ($($arg:tt)+) => { $crate::log_limited!($crate::logging::__tracing::Level::ERROR, $($arg)+) };
+}
+
+/// [`log_limited!`](crate::log_limited) at `warn` level.
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)+) => { $crate::log_limited!($crate::logging::__tracing::Level::WARN, $($arg)+) };
+}
+
+/// [`log_limited!`](crate::log_limited) at `info` level.
+#[macro_export]
+macro_rules! info_limited {
+    ($($arg:tt)+) => { $crate::log_limited!($crate::logging::__tracing::Level::INFO, $($arg)+) };
+}
+
+/// [`log_limited!`](crate::log_limited) at `debug` level.
+#[macro_export]
+macro_rules! debug_limited {
+    ($($arg:tt)+) => { $crate::log_limited!($crate::logging::__tracing::Level::DEBUG, $($arg)+) };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A writer into memory for a subscriber under test.
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buf {
+        type Writer = Buf;
+        fn make_writer(&'a self) -> Buf {
+            self.clone()
+        }
+    }
+
+    /// Makes this thread's subscriber write to memory; returns what was
+    /// written so far, and the guard that keeps the subscriber.
+    fn capture(_json: bool) -> (impl Fn() -> String, tracing::subscriber::DefaultGuard) {
+        let buf = Buf::default();
+        let sub = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new("info"))
+            .with_writer(buf.clone())
+            .finish();
+        let guard = tracing::subscriber::set_default(sub);
+        let lines = move || String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        (lines, guard)
+    }
+
+    #[test]
+    fn first_burst_then_quiet_then_the_count() {
+        let l = RateLimit::new(3, Duration::from_secs(10));
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(l.check_at(t0), Some(0));
+        }
+        for i in 1..=5 {
+            assert_eq!(l.check_at(t0 + Duration::from_secs(i)), None);
+        }
+        // a new period: the first line reports the 5 dropped, then none
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(l.check_at(t1), Some(5));
+        assert_eq!(l.check_at(t1), Some(0));
+        assert_eq!(l.check_at(t1), Some(0));
+        assert_eq!(l.check_at(t1), None);
+        assert_eq!(l.check_at(t1 + Duration::from_secs(30)), Some(1));
+    }
+
+    #[test]
+    fn the_macros_log_the_burst_and_the_count() {
+        let (lines, _guard) = capture(false);
+        for i in 0..(LIMITED_BURST + 7) {
+            crate::warn_limited!("guest did {i}");
+        }
+        let out = lines();
+        assert_eq!(
+            out.matches("guest did").count(),
+            LIMITED_BURST as usize,
+            "{out}"
+        );
+        assert!(!out.contains("suppressed"), "{out}");
+    }
 }

@@ -72,7 +72,7 @@ fn serve_chain(
                 match res {
                     Ok(n) => n,
                     Err(e) => {
-                        tracing::debug!("bad FUSE request: {e}");
+                        kata_proto::debug_limited!("bad FUSE request: {e}");
                         0
                     }
                 }
@@ -80,7 +80,7 @@ fn serve_chain(
             _ => {
                 // descriptors outside guest memory, or lengths that overflow
                 metrics.finish(true);
-                tracing::debug!("bad descriptor chain");
+                kata_proto::debug_limited!("bad descriptor chain");
                 0
             }
         }
@@ -89,7 +89,7 @@ fn serve_chain(
         Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
         Err(_) => {
             metrics.finish(true);
-            tracing::warn!("a FUSE request panicked; dropped");
+            kata_proto::warn_limited!("a FUSE request panicked; dropped");
             0
         }
     }
@@ -106,7 +106,7 @@ fn complete(vring: &VringRwLock<Mem>, head: u16, len: u32, event_idx: bool) -> i
     let notify = !event_idx || vring.needs_notification().unwrap_or(true);
     if notify {
         if let Err(e) = vring.signal_used_queue() {
-            tracing::debug!("signalling the guest: {e}");
+            kata_proto::debug_limited!("signalling the guest: {e}");
         }
     }
     Ok(())

@@ -184,7 +184,7 @@ impl Drop for ScopedEgid {
         // SAFETY: as in `new`.
         let rc = unsafe { libc::syscall(libc::SYS_setresgid, -1i64, self.0 as i64, -1i64) };
         if rc != 0 {
-            tracing::error!(
+            kata_proto::error_limited!(
                 "restoring the thread's egid {}: {}",
                 self.0,
                 io::Error::last_os_error()
@@ -278,6 +278,7 @@ impl GuardedFs {
             Ok(_) => Ok(()),
             Err(_) => {
                 self.metrics.refuse_handle();
+                kata_proto::warn_limited!("the guest holds {max} handles (the cap): EMFILE");
                 self.refuse(libc::EMFILE)
             }
         }
@@ -310,6 +311,10 @@ impl GuardedFs {
     fn check_inode_room(&self) -> io::Result<()> {
         if self.inner.inode_counts().0 >= self.policy.limits.inodes {
             self.metrics.refuse_inode();
+            kata_proto::warn_limited!(
+                "the guest holds {} inodes (the cap): ENFILE",
+                self.policy.limits.inodes
+            );
             return self.refuse(libc::ENFILE);
         }
         Ok(())

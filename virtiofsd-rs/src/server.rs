@@ -184,12 +184,12 @@ fn serve_fuse(
                                 Ok(res) => {
                                     metrics.finish(res.is_err());
                                     if let Err(e) = res {
-                                        tracing::debug!("bad FUSE request: {e}");
+                                        kata_proto::debug_limited!("bad FUSE request: {e}");
                                     }
                                 }
                                 Err(_) => {
                                     metrics.finish(true);
-                                    tracing::warn!("a FUSE request panicked; dropped");
+                                    kata_proto::warn_limited!("a FUSE request panicked; dropped");
                                 }
                             }
                         }
