@@ -17,3 +17,8 @@ pub mod service;
 pub mod shim;
 pub mod spec;
 pub mod stats;
+
+/// containerd's task API types and the ttrpc context, for tests that drive
+/// [`service::Service`] directly.
+pub use containerd_shim::protos::shim_async::Task;
+pub use containerd_shim::{api, protos};

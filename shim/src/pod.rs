@@ -156,7 +156,10 @@ pub struct Pod {
     pub agent_addr: Address,
     /// The hypervisor's pid (what containerd sees as the task's pid).
     pub hypervisor_pid: u32,
-    launcher: LauncherClient<Channel>,
+    /// The launcher, when the pod runs in a VM (None: a host-mode agent).
+    launcher: Option<LauncherClient<Channel>>,
+    /// Where the guest sees the share (container rootfs and binds).
+    pub guest_share: PathBuf,
     children: Mutex<Children>,
     /// Host-side time of the critical path of CreateVm+StartVm etc.
     pub timings: Timings,
@@ -259,13 +262,69 @@ impl Pod {
                 agent,
                 agent_addr,
                 hypervisor_pid,
-                launcher,
+                launcher: Some(launcher),
+                guest_share: GUEST_SHARE.into(),
                 children: Mutex::new(children),
                 timings,
             }),
             Err(e) => {
                 warn!("pod creation failed, removing what was made: {e:#}");
                 teardown_children(&paths, &mut children).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A pod whose agent already runs on this host (`kata-agent --listen
+    /// unix://...`): no VM, no launcher, no kata-virtiofsd. The share is
+    /// prepared as for a VM and the agent reads it where the host has it.
+    /// This is how the shim's task logic is tested without QEMU.
+    pub async fn attach_host_agent(id: &str, cfg: Config, agent_addr: Address) -> Result<Pod> {
+        let paths = SandboxPaths::new(id);
+        if paths.dir.exists() {
+            cleanup_dead(&paths).await;
+        }
+        let up = async {
+            mounts::private_dir(&paths.dir)?;
+            mounts::make_share(&paths.host_mounts_dir(), &paths.shared_dir())?;
+            let ch = kata_proto::dialer::channel(&agent_addr, Duration::from_secs(10))
+                .await
+                .map_err(|e| PodError::Host {
+                    what: "connecting to the agent".into(),
+                    why: e.to_string(),
+                })?;
+            let agent = Agent::new(ch, Duration::from_millis(cfg.agent.kata.request_timeout_ms));
+            agent
+                .create_sandbox(CreateSandboxRequest {
+                    sandbox_id: id.into(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|source| PodError::Agent {
+                    what: "CreateSandbox",
+                    source,
+                })?;
+            Ok(agent)
+        };
+        match up.await {
+            Ok(agent) => Ok(Pod {
+                id: id.into(),
+                guest_share: paths.shared_dir(),
+                paths,
+                config: cfg,
+                agent,
+                agent_addr,
+                hypervisor_pid: 0,
+                launcher: None,
+                children: Mutex::new(Children {
+                    launcher: None,
+                    launcher_client: None,
+                    virtiofsd: None,
+                }),
+                timings: Timings::default(),
+            }),
+            Err(e) => {
+                remove_dir(&paths);
                 Err(e)
             }
         }
@@ -448,7 +507,10 @@ impl Pod {
     /// Resolves when the VM ended (poweroff, crash, kill) or the launcher or
     /// kata-virtiofsd died: whatever makes the pod unusable.
     pub async fn failed(&self) -> String {
-        let mut launcher = self.launcher.clone();
+        let Some(mut launcher) = self.launcher.clone() else {
+            // a host-mode agent: the pod fails with the agent only
+            return std::future::pending().await;
+        };
         let vm = async move {
             match launcher.wait_vm(()).await {
                 Ok(r) => {
@@ -479,7 +541,9 @@ impl Pod {
 
     /// Stops the VM at once (the pod failed).
     pub async fn stop_vm(&self) {
-        let mut l = self.launcher.clone();
+        let Some(mut l) = self.launcher.clone() else {
+            return;
+        };
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
             l.stop_vm(StopVmRequest { timeout_seconds: 1 }),
@@ -497,8 +561,9 @@ impl Pod {
             .await
             .is_ok();
         if graceful {
-            let mut launcher = self.launcher.clone();
-            let _ = tokio::time::timeout(Duration::from_secs(10), launcher.wait_vm(())).await;
+            if let Some(mut launcher) = self.launcher.clone() {
+                let _ = tokio::time::timeout(Duration::from_secs(10), launcher.wait_vm(())).await;
+            }
         }
         let mut c = self.children.lock().await;
         teardown_children(&self.paths, &mut c).await;

@@ -81,15 +81,16 @@ fn is_bind(m: &Mount) -> bool {
             .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
 }
 
-/// The directory of container `id` in the guest's view of the share.
-pub fn guest_container_dir(id: &str) -> PathBuf {
-    Path::new(GUEST_SHARE).join(id)
+/// The directory of container `id` in the guest's view of the share, which
+/// the guest mounts at `share` ([`GUEST_SHARE`] in a VM).
+pub fn guest_container_dir(share: &Path, id: &str) -> PathBuf {
+    share.join(id)
 }
 
 /// Rewrites `spec` of container `id` for the guest. The rootfs is expected at
 /// `<share>/<id>/rootfs`, bind sources at `<share>/<id>/mounts/<n>`.
-pub fn to_guest(mut spec: Spec, id: &str) -> Result<GuestSpec, String> {
-    let dir = guest_container_dir(id);
+pub fn to_guest(mut spec: Spec, id: &str, share: &Path) -> Result<GuestSpec, String> {
+    let dir = guest_container_dir(share, id);
     let readonly_root = spec
         .root()
         .as_ref()
@@ -213,15 +214,22 @@ mod tests {
 
     #[test]
     fn rootfs_and_binds_point_into_the_share() {
-        let g = to_guest(spec(base()), "c1").unwrap();
+        let g = to_guest(spec(base()), "c1", Path::new(GUEST_SHARE)).unwrap();
         let root = g.spec.root().as_ref().unwrap();
-        assert_eq!(root.path(), &guest_container_dir("c1").join("rootfs"));
+        assert_eq!(
+            root.path(),
+            &guest_container_dir(Path::new(GUEST_SHARE), "c1").join("rootfs")
+        );
         assert_eq!(root.readonly(), Some(true));
         let ms = g.spec.mounts().as_ref().unwrap();
         assert_eq!(ms.len(), 3, "{ms:?}");
         assert_eq!(
             ms[1].source().as_deref(),
-            Some(guest_container_dir("c1").join("mounts/1-data").as_path())
+            Some(
+                guest_container_dir(Path::new(GUEST_SHARE), "c1")
+                    .join("mounts/1-data")
+                    .as_path()
+            )
         );
         assert_eq!(ms[2].typ().as_deref(), Some("bind"));
         assert_eq!(
@@ -257,7 +265,7 @@ mod tests {
     fn relative_bind_sources_are_refused() {
         let mut j = base();
         j["mounts"][1]["source"] = "data".into();
-        let e = to_guest(spec(j), "c1").unwrap_err();
+        let e = to_guest(spec(j), "c1", Path::new(GUEST_SHARE)).unwrap_err();
         assert!(e.contains("/data") && e.contains("absolute"), "{e}");
     }
 

@@ -47,12 +47,46 @@ use state::{now, Ctr, Exit, Inner, PState, Proc};
 #[derive(Clone)]
 pub struct Service(Arc<Inner>);
 
+/// Where task events go.
+pub enum Events {
+    /// To containerd.
+    Containerd(RemotePublisher),
+    /// Kept, as (topic, event in text form), for tests.
+    Recorded(Arc<StdMutex<Vec<(String, String)>>>),
+}
+
+/// Where the pod's agent runs.
+#[derive(Debug, Clone)]
+pub enum PodSource {
+    /// In a VM that the shim starts (kata-virtiofsd, launcher, QEMU).
+    Vm,
+    /// Already running on this host at this address (tests of the task
+    /// logic without QEMU).
+    HostAgent(kata_proto::dialer::Address),
+}
+
 impl Service {
     /// A service publishing to containerd through `publisher`.
     pub fn new(namespace: &str, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Service {
+        Self::with(
+            namespace,
+            Events::Containerd(publisher),
+            PodSource::Vm,
+            exit,
+        )
+    }
+
+    /// A service with the given event sink and pod source.
+    pub fn with(
+        namespace: &str,
+        events: Events,
+        source: PodSource,
+        exit: Arc<ExitSignal>,
+    ) -> Service {
         Service(Arc::new(Inner {
             namespace: namespace.into(),
-            publisher,
+            events,
+            source,
             exit,
             pod: Mutex::new(None),
             destroying: AtomicBool::new(false),
@@ -61,14 +95,17 @@ impl Service {
     }
 
     async fn publish(&self, topic: &str, ev: Box<dyn MessageDyn>) {
-        let ctx = containerd_shim::protos::ttrpc::context::Context::default();
-        if let Err(e) = self
-            .0
-            .publisher
-            .publish(ctx, topic, &self.0.namespace, ev)
-            .await
-        {
-            warn!("publishing {topic}: {e}");
+        match &self.0.events {
+            Events::Containerd(publisher) => {
+                let ctx = containerd_shim::protos::ttrpc::context::Context::default();
+                if let Err(e) = publisher.publish(ctx, topic, &self.0.namespace, ev).await {
+                    warn!("publishing {topic}: {e}");
+                }
+            }
+            Events::Recorded(list) => list
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((topic.to_string(), ev.to_string())),
         }
     }
 
@@ -229,6 +266,12 @@ impl Service {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "the built-in configuration".into());
+        if let PodSource::HostAgent(addr) = &self.0.source {
+            let pod = Pod::attach_host_agent(id, cfg, addr.clone())
+                .await
+                .map_err(|e| err(e.code(), format!("attaching the host agent: {e}")))?;
+            return Ok(Arc::new(pod));
+        }
         cfg.check_files()
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("configuration {name}: {e}")))?;
         let size = cfg.vm_size_for(kata_proto::config::Workload::of_sandbox(spec));
@@ -264,7 +307,8 @@ impl Service {
                 .as_ref()
                 .map(|r| r.path().clone())
                 .unwrap_or_else(|| PathBuf::from("rootfs"));
-            let guest = ocispec::to_guest(spec, cid).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
+            let guest = ocispec::to_guest(spec, cid, &pod.guest_share)
+                .map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
             for d in &guest.dropped {
                 warn!(container = %cid, "mount left out: {d}");
             }

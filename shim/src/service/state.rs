@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex as StdMutex};
 
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::TtrpcResult;
 use tokio::sync::{watch, Mutex};
 
@@ -93,7 +92,8 @@ impl Ctr {
 
 pub(super) struct Inner {
     pub(super) namespace: String,
-    pub(super) publisher: RemotePublisher,
+    pub(super) events: super::Events,
+    pub(super) source: super::PodSource,
     pub(super) exit: Arc<ExitSignal>,
     pub(super) pod: Mutex<Option<Arc<Pod>>>,
     pub(super) destroying: AtomicBool,
