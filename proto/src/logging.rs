@@ -1,30 +1,41 @@
 //! The logging set-up of every kata-rs program: `tracing` to stderr, the level
 //! from `KATA_LOG` (else `RUST_LOG`, else `info`), plain text or JSON
-//! (`KATA_LOG_FORMAT=json`), and the sandbox id on every line.
+//! (`KATA_LOG_FORMAT=json`), the component and the sandbox id on every line:
+//!
+//! ```text
+//! kata-virtiofsd sandbox=pod1 2025-01-01T00:00:00.000000Z  INFO kata_virtiofsd::server: frontend connected
+//! {"component":"kata-virtiofsd","sandbox_id":"pod1","timestamp":"2025-01-01T00:00:00.000000Z","level":"INFO","fields":{"message":"frontend connected"},"target":"kata_virtiofsd::server"}
+//! ```
+//!
+//! (`sandbox=`/`"sandbox_id"` only once the id is known.)
 //!
 //! Level policy: `error` = the operation failed and the user sees it; `warn` =
 //! something unexpected that kata-rs recovered from; `info` = lifecycle steps (one
 //! line each); `debug` = per-request detail; `trace` = per-packet detail. Anything
-//! a guest can trigger at will is logged at `debug` or below, or rate-limited.
+//! a guest can trigger at will is logged at `debug` or below, or rate-limited
+//! ([`RateLimit`], [`warn_limited!`](crate::warn_limited) and its siblings).
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::format::{Format, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
+use tracing_subscriber::fmt::{
+    FmtContext, FormatEvent, FormatFields, MakeWriter, SubscriberBuilder,
+};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 static SANDBOX: OnceLock<String> = OnceLock::new();
 
-struct WithSandbox {
+/// Text lines: `<component> [sandbox=<id>] <tracing's default format>`.
+struct Text {
     component: &'static str,
     inner: Format,
 }
 
-impl<S, N> FormatEvent<S, N> for WithSandbox
+impl<S, N> FormatEvent<S, N> for Text
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
@@ -43,11 +54,84 @@ where
     }
 }
 
+/// JSON lines: tracing's JSON object with `component` and `sandbox_id` first.
+struct JsonLine {
+    component: &'static str,
+    inner: Format<Json>,
+}
+
+/// `s` as a JSON string.
+fn json_str(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+impl<S, N> FormatEvent<S, N> for JsonLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut line = String::new();
+        self.inner
+            .format_event(ctx, Writer::new(&mut line), event)?;
+        let Some(rest) = line.strip_prefix('{') else {
+            return writer.write_str(&line);
+        };
+        let mut ours = format!("{{\"component\":{}", json_str(self.component));
+        if let Some(id) = SANDBOX.get() {
+            write!(ours, ",\"sandbox_id\":{}", json_str(id))?;
+        }
+        writer.write_str(&ours)?;
+        if !rest.starts_with('}') {
+            writer.write_char(',')?;
+        }
+        writer.write_str(rest)
+    }
+}
+
 fn filter(default_level: &str) -> EnvFilter {
     let spec = std::env::var("KATA_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| default_level.to_string());
     EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new(default_level))
+}
+
+fn text<W>(
+    component: &'static str,
+    writer: W,
+) -> SubscriberBuilder<tracing_subscriber::fmt::format::DefaultFields, Text, EnvFilter, W>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(filter("info"))
+        .with_writer(writer)
+        .event_format(Text {
+            component,
+            inner: Format::default().with_ansi(false),
+        })
+}
+
+fn json<W>(
+    component: &'static str,
+    writer: W,
+) -> SubscriberBuilder<JsonFields, JsonLine, EnvFilter, W>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(filter("info"))
+        .with_writer(writer)
+        .fmt_fields(JsonFields::new())
+        .event_format(JsonLine {
+            component,
+            inner: Format::default().json(),
+        })
 }
 
 /// Installs the global subscriber. `sandbox_id` is printed on every line (it can
@@ -60,28 +144,16 @@ pub fn init(component: &'static str, sandbox_id: Option<&str>) {
 /// log FIFO containerd reads).
 pub fn init_with_writer<W>(component: &'static str, sandbox_id: Option<&str>, writer: W)
 where
-    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     if let Some(id) = sandbox_id {
         set_sandbox_id(id);
     }
-    let json = std::env::var("KATA_LOG_FORMAT").is_ok_and(|v| v == "json");
     // A second init in the same process (tests) keeps the first subscriber.
-    let _ = if json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter("info"))
-            .with_writer(writer)
-            .try_init()
+    let _ = if std::env::var("KATA_LOG_FORMAT").is_ok_and(|v| v == "json") {
+        json(component, writer).try_init()
     } else {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter("info"))
-            .with_writer(writer)
-            .event_format(WithSandbox {
-                component,
-                inner: Format::default().with_ansi(false),
-            })
-            .try_init()
+        text(component, writer).try_init()
     };
 }
 
@@ -238,13 +310,13 @@ mod tests {
 
     /// Makes this thread's subscriber write to memory; returns what was
     /// written so far, and the guard that keeps the subscriber.
-    fn capture(_json: bool) -> (impl Fn() -> String, tracing::subscriber::DefaultGuard) {
+    fn capture(json_lines: bool) -> (impl Fn() -> String, tracing::subscriber::DefaultGuard) {
         let buf = Buf::default();
-        let sub = tracing_subscriber::fmt()
-            .with_env_filter(EnvFilter::new("info"))
-            .with_writer(buf.clone())
-            .finish();
-        let guard = tracing::subscriber::set_default(sub);
+        let guard = if json_lines {
+            tracing::subscriber::set_default(json("test-component", buf.clone()).finish())
+        } else {
+            tracing::subscriber::set_default(text("test-component", buf.clone()).finish())
+        };
         let lines = move || String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         (lines, guard)
     }
@@ -281,5 +353,39 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("suppressed"), "{out}");
+    }
+
+    #[test]
+    fn every_line_has_the_component_and_the_sandbox_id() {
+        set_sandbox_id("pod-\"1\"");
+        let (json_out, guard) = capture(true);
+        tracing::info!(answer = 42, "a \"quoted\" message");
+        tracing::warn!("second");
+        drop(guard);
+        let out = json_out();
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        for l in &lines {
+            assert_eq!(l["component"], "test-component", "{l}");
+            assert_eq!(l["sandbox_id"], "pod-\"1\"", "{l}");
+            assert!(l["timestamp"].is_string(), "{l}");
+        }
+        assert_eq!(lines[0]["level"], "INFO");
+        assert_eq!(lines[0]["fields"]["message"], "a \"quoted\" message");
+        assert_eq!(lines[0]["fields"]["answer"], 42);
+        assert_eq!(lines[1]["level"], "WARN");
+
+        let (text_out, guard) = capture(false);
+        tracing::info!("in text");
+        drop(guard);
+        let out = text_out();
+        assert!(
+            out.starts_with("test-component sandbox=pod-\"1\" "),
+            "{out}"
+        );
+        assert!(out.contains("INFO") && out.contains("in text"), "{out}");
     }
 }
