@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use kata_proto::config::Config;
+use kata_proto::config::{Config, ConfigError};
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -29,7 +29,7 @@ struct Helpers {
     virtio_fs_daemon: String,
 }
 
-fn resolved(r: Result<PathBuf, String>) -> String {
+fn resolved(r: Result<PathBuf, ConfigError>) -> String {
     match r {
         Ok(p) => p.display().to_string(),
         Err(e) => format!("(not found: {e})"),

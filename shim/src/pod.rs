@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use kata_proto::agent::{CreateSandboxRequest, DestroySandboxRequest, Storage};
-use kata_proto::config::Config;
+use kata_proto::config::{Config, ConfigError};
 use kata_proto::dialer::Address;
 use kata_proto::launcher::launcher_client::LauncherClient;
 use kata_proto::launcher::{Accelerator, CreateVmRequest, StartVmRequest, StopVmRequest, VmSpec};
@@ -47,7 +47,7 @@ pub enum PodError {
     },
     /// The configuration names something unusable.
     #[error("configuration: {0}")]
-    Config(String),
+    Config(ConfigError),
     /// A host-side step failed.
     #[error("{what}: {why}")]
     Host {

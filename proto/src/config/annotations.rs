@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use serde::de::value::{Error as ValueError, StrDeserializer};
 use serde::de::DeserializeOwned;
 
-use super::{check_kernel_module, is_clean_absolute, vcpus_from_f64, Config};
+use super::{check_kernel_module, is_clean_absolute, vcpus_from_f64, Config, ConfigError};
 
 /// Prefix of every configuration annotation.
 pub const ANNOTATION_PREFIX: &str = "io.katacontainers.config.";
@@ -84,57 +84,6 @@ const VIRTIOFSD_ANNOTATION_ARGS: &[&str] = &[
     "--readonly",
 ];
 
-/// Why the annotations of a pod were refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AnnotationError {
-    /// An `io.katacontainers.config.*` key kata-rs does not support.
-    #[error("annotation {annotation} is not supported by kata-rs")]
-    Unknown {
-        /// The annotation key.
-        annotation: String,
-    },
-    /// A restricted key whose name `enable_annotations` does not match.
-    #[error(
-        "annotation {annotation} is not allowed: add \"{key}\" to enable_annotations in {config} ([hypervisor.qemu])"
-    )]
-    NotAllowed {
-        /// The annotation key.
-        annotation: String,
-        /// Its name after the prefix, what `enable_annotations` must match.
-        key: String,
-        /// The configuration file.
-        config: String,
-    },
-    /// A value that does not parse.
-    #[error("annotation {annotation} = {value:?}: expected {expected}")]
-    BadValue {
-        /// The annotation key.
-        annotation: String,
-        /// Its value.
-        value: String,
-        /// What was expected.
-        expected: String,
-    },
-    /// A path the configuration does not allow.
-    #[error("annotation {annotation} = {value:?}: {reason}")]
-    PathNotAllowed {
-        /// The annotation key.
-        annotation: String,
-        /// The path asked for.
-        value: String,
-        /// Why it is refused.
-        reason: String,
-    },
-    /// A value that parses but leaves the configuration invalid.
-    #[error("annotation {annotation}: {message}")]
-    Invalid {
-        /// The annotation key.
-        annotation: String,
-        /// The validation error (starts with the configuration key).
-        message: String,
-    },
-}
-
 /// Which section an annotation belongs to.
 #[derive(Clone, Copy)]
 enum Section {
@@ -157,7 +106,7 @@ impl Config {
     pub fn apply_annotations(
         &mut self,
         annotations: &HashMap<String, String>,
-    ) -> Result<(), AnnotationError> {
+    ) -> Result<(), ConfigError> {
         let mut keys: Vec<&String> = annotations
             .keys()
             .filter(|k| k.starts_with(ANNOTATION_PREFIX))
@@ -166,7 +115,7 @@ impl Config {
         let mut next = self.clone();
         for annotation in keys {
             let value = &annotations[annotation];
-            let unknown = || AnnotationError::Unknown {
+            let unknown = || ConfigError::UnknownAnnotation {
                 annotation: annotation.clone(),
             };
             let rest = &annotation[ANNOTATION_PREFIX.len()..];
@@ -179,7 +128,7 @@ impl Config {
                 _ => return Err(unknown()),
             };
             if restricted && !self.annotation_enabled(key) {
-                return Err(AnnotationError::NotAllowed {
+                return Err(ConfigError::AnnotationNotAllowed {
                     annotation: annotation.clone(),
                     key: key.into(),
                     config: self.source_display(),
@@ -193,14 +142,14 @@ impl Config {
             match set {
                 Ok(()) => {}
                 Err(Problem::Value(expected)) => {
-                    return Err(AnnotationError::BadValue {
+                    return Err(ConfigError::BadAnnotation {
                         annotation: annotation.clone(),
                         value: value.clone(),
                         expected,
                     })
                 }
                 Err(Problem::Path(reason)) => {
-                    return Err(AnnotationError::PathNotAllowed {
+                    return Err(ConfigError::AnnotationPathNotAllowed {
                         annotation: annotation.clone(),
                         value: value.clone(),
                         reason,
@@ -208,9 +157,9 @@ impl Config {
                 }
             }
             next.validate()
-                .map_err(|message| AnnotationError::Invalid {
+                .map_err(|problem| ConfigError::AnnotationInvalid {
                     annotation: annotation.clone(),
-                    message,
+                    problem: Box::new(problem),
                 })?;
         }
         *self = next;

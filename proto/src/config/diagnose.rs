@@ -9,10 +9,10 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{Agent, Config, Qemu, Runtime};
+use super::{Agent, Config, ConfigError, Qemu, Runtime};
 
 /// Text to [`Config`] (not yet validated).
-pub(super) fn parse(text: &str) -> Result<Config, String> {
+pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         let at = e
             .span()
@@ -22,11 +22,19 @@ pub(super) fn parse(text: &str) -> Result<Config, String> {
             })
             .unwrap_or_default();
         let message: Vec<&str> = e.message().lines().map(str::trim).collect();
-        format!("TOML syntax error{at}: {}", message.join("; "))
+        ConfigError::Parse {
+            file: None,
+            key: None,
+            problem: format!("TOML syntax error{at}: {}", message.join("; ")),
+        }
     })?;
     match Config::deserialize(toml::Value::Table(table.clone())) {
         Ok(cfg) => Ok(cfg),
-        Err(e) => Err(find_key(&table).unwrap_or_else(|| e.message().trim().to_string())),
+        Err(e) => Err(find_key(&table).unwrap_or_else(|| ConfigError::Parse {
+            file: None,
+            key: None,
+            problem: e.message().trim().to_string(),
+        })),
     }
 }
 
@@ -39,14 +47,15 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// The first problem, named by its key; `None` if none is found this way.
-fn find_key(table: &toml::Table) -> Option<String> {
+fn find_key(table: &toml::Table) -> Option<ConfigError> {
     for (k, v) in table {
         let problem = match k.as_str() {
             "hypervisor" => sections(k, v, &[("qemu", section::<Qemu>)]),
             "agent" => sections(k, v, &[("kata", section::<Agent>)]),
             "runtime" => section::<Runtime>(k, v),
-            _ => Err(format!(
-                "{k}: unknown key (kata-rs reads [hypervisor.qemu], [agent.kata] and [runtime])"
+            _ => Err(at(
+                k,
+                "unknown key (kata-rs reads [hypervisor.qemu], [agent.kata] and [runtime])",
             )),
         };
         if let Err(e) = problem {
@@ -57,13 +66,17 @@ fn find_key(table: &toml::Table) -> Option<String> {
 }
 
 /// Checks one section's value.
-type SectionCheck = fn(&str, &toml::Value) -> Result<(), String>;
+type SectionCheck = fn(&str, &toml::Value) -> Result<(), ConfigError>;
 
 /// `[name.*]` holding the named sub-sections only.
-fn sections(name: &str, v: &toml::Value, known: &[(&str, SectionCheck)]) -> Result<(), String> {
+fn sections(
+    name: &str,
+    v: &toml::Value,
+    known: &[(&str, SectionCheck)],
+) -> Result<(), ConfigError> {
     let t = v
         .as_table()
-        .ok_or_else(|| format!("{name}: expected a table, found {}", v.type_str()))?;
+        .ok_or_else(|| at(name, format!("expected a table, found {}", v.type_str())))?;
     for (k, sub) in t {
         let path = format!("{name}.{k}");
         match known.iter().find(|(n, _)| n == k) {
@@ -71,9 +84,9 @@ fn sections(name: &str, v: &toml::Value, known: &[(&str, SectionCheck)]) -> Resu
             None => {
                 let names: Vec<String> =
                     known.iter().map(|(n, _)| format!("[{name}.{n}]")).collect();
-                return Err(format!(
-                    "{path}: unknown section (kata-rs reads {} only)",
-                    names.join(", ")
+                return Err(at(
+                    path,
+                    format!("unknown section (kata-rs reads {} only)", names.join(", ")),
                 ));
             }
         }
@@ -82,28 +95,37 @@ fn sections(name: &str, v: &toml::Value, known: &[(&str, SectionCheck)]) -> Resu
 }
 
 /// A section of type `T`: each key on its own, so the error names it.
-fn section<T>(name: &str, v: &toml::Value) -> Result<(), String>
+fn section<T>(name: &str, v: &toml::Value) -> Result<(), ConfigError>
 where
     T: DeserializeOwned + Serialize + Default,
 {
     let t = v
         .as_table()
-        .ok_or_else(|| format!("{name}: expected a table, found {}", v.type_str()))?;
+        .ok_or_else(|| at(name, format!("expected a table, found {}", v.type_str())))?;
     let known = toml::Table::try_from(T::default()).unwrap_or_default();
     for (k, value) in t {
         if !known.contains_key(k) {
             let hint = closest(k, known.keys().map(String::as_str))
                 .map(|c| format!(" (did you mean {c}?)"))
                 .unwrap_or_default();
-            return Err(format!("{name}.{k}: unknown key{hint}"));
+            return Err(at(format!("{name}.{k}"), format!("unknown key{hint}")));
         }
         let mut one = toml::Table::new();
         one.insert(k.clone(), value.clone());
         if let Err(e) = T::deserialize(toml::Value::Table(one)) {
-            return Err(format!("{name}.{k}: {}", e.message().trim()));
+            return Err(at(format!("{name}.{k}"), e.message().trim()));
         }
     }
     Ok(())
+}
+
+/// A problem with `key`.
+fn at(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Parse {
+        file: None,
+        key: Some(key.into()),
+        problem: problem.into(),
+    }
 }
 
 /// The known key nearest to a misspelt one (at most 2 edits away).
@@ -149,7 +171,9 @@ mod tests {
 
     #[test]
     fn syntax_error_has_line() {
-        let e = parse("[runtime]\nenable_debug = \n").unwrap_err();
+        let e = parse("[runtime]\nenable_debug = \n")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("TOML syntax error at line 2"), "{e}");
     }
 }

@@ -24,12 +24,14 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 mod annotations;
 mod diagnose;
+mod error;
 mod sizing;
 
 pub use annotations::{
-    AnnotationError, AGENT_ANNOTATION_PREFIX, ANNOTATION_PREFIX, HYPERVISOR_ANNOTATION_PREFIX,
+    AGENT_ANNOTATION_PREFIX, ANNOTATION_PREFIX, HYPERVISOR_ANNOTATION_PREFIX,
     RUNTIME_ANNOTATION_PREFIX,
 };
+pub use error::ConfigError;
 pub use sizing::{
     VmSize, Workload, SANDBOX_CPU_PERIOD_ANNOTATION, SANDBOX_CPU_QUOTA_ANNOTATION,
     SANDBOX_MEMORY_ANNOTATION,
@@ -326,27 +328,6 @@ pub enum InterworkingModel {
     None,
 }
 
-/// Why the configuration could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("configuration {path}: {source}")]
-    Read {
-        /// Which file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not valid (syntax, unknown key, wrong type, bad value).
-    #[error("configuration {path}: {message}")]
-    Invalid {
-        /// Which file.
-        path: PathBuf,
-        /// What is wrong, starting with the key.
-        message: String,
-    },
-}
-
 impl Config {
     /// Parses a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -354,17 +335,14 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        let mut cfg = Self::parse(&text).map_err(|message| ConfigError::Invalid {
-            path: path.into(),
-            message,
-        })?;
+        let mut cfg = Self::parse(&text).map_err(|e| e.in_file(path))?;
         cfg.source = Some(path.into());
         Ok(cfg)
     }
 
     /// Parses configuration text; the error starts with the key, e.g.
     /// `hypervisor.qemu.default_memory: invalid type: string "big", expected u64`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let cfg = diagnose::parse(text)?;
         cfg.validate()?;
         Ok(cfg)
@@ -423,25 +401,29 @@ impl Config {
     /// Checks values that need no file system: ranges, names, absolute paths,
     /// regular expressions. [`Config::parse`] and [`Config::apply_annotations`]
     /// call it; the error starts with the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        use ConfigError as E;
         let q = &self.hypervisor.qemu;
         if !matches!(q.accelerator.as_str(), "kvm" | "tcg" | "auto") {
-            return Err(format!(
-                "hypervisor.qemu.accelerator = {:?}: must be \"kvm\", \"tcg\" or \"auto\"",
-                q.accelerator
+            return Err(E::bad(
+                "hypervisor.qemu.accelerator",
+                &q.accelerator,
+                "must be \"kvm\", \"tcg\" or \"auto\"",
             ));
         }
         if !matches!(q.machine_type.as_str(), "q35" | "pc" | "microvm") {
-            return Err(format!(
-                "hypervisor.qemu.machine_type = {:?}: must be \"q35\", \"pc\" or \"microvm\"",
-                q.machine_type
+            return Err(E::bad(
+                "hypervisor.qemu.machine_type",
+                &q.machine_type,
+                "must be \"q35\", \"pc\" or \"microvm\"",
             ));
         }
         absolute("hypervisor.qemu.path", &q.path, false)?;
         if !q.path.starts_with("/usr/") {
-            return Err(format!(
-                "hypervisor.qemu.path = {:?}: must be under /usr (the launcher's jail exposes /usr only)",
-                q.path
+            return Err(E::bad(
+                "hypervisor.qemu.path",
+                &q.path,
+                "must be under /usr (the launcher's jail exposes /usr only)",
             ));
         }
         absolute("hypervisor.qemu.kernel", &q.kernel, false)?;
@@ -453,36 +435,45 @@ impl Config {
         )?;
         absolute("hypervisor.qemu.launcher", &q.launcher, true)?;
         if q.default_vcpus == 0 {
-            return Err("hypervisor.qemu.default_vcpus = 0: a VM needs at least one vCPU".into());
+            return Err(E::bad(
+                "hypervisor.qemu.default_vcpus",
+                0,
+                "a VM needs at least one vCPU",
+            ));
         }
         if q.default_maxvcpus > MAX_VCPUS {
-            return Err(format!(
-                "hypervisor.qemu.default_maxvcpus = {}: QEMU takes at most {MAX_VCPUS}",
-                q.default_maxvcpus
+            return Err(E::bad(
+                "hypervisor.qemu.default_maxvcpus",
+                q.default_maxvcpus,
+                format!("QEMU takes at most {MAX_VCPUS}"),
             ));
         }
         if q.default_vcpus > MAX_VCPUS {
-            return Err(format!(
-                "hypervisor.qemu.default_vcpus = {}: QEMU takes at most {MAX_VCPUS}",
-                q.default_vcpus
+            return Err(E::bad(
+                "hypervisor.qemu.default_vcpus",
+                q.default_vcpus,
+                format!("QEMU takes at most {MAX_VCPUS}"),
             ));
         }
         if q.default_maxvcpus > 0 && q.default_vcpus > q.default_maxvcpus {
-            return Err(format!(
-                "hypervisor.qemu.default_vcpus = {}: more than default_maxvcpus = {}",
-                q.default_vcpus, q.default_maxvcpus
+            return Err(E::bad(
+                "hypervisor.qemu.default_vcpus",
+                q.default_vcpus,
+                format!("more than default_maxvcpus = {}", q.default_maxvcpus),
             ));
         }
         if q.default_memory < MIN_MEMORY_MIB {
-            return Err(format!(
-                "hypervisor.qemu.default_memory = {}: the guest needs at least {MIN_MEMORY_MIB} MiB",
-                q.default_memory
+            return Err(E::bad(
+                "hypervisor.qemu.default_memory",
+                q.default_memory,
+                format!("the guest needs at least {MIN_MEMORY_MIB} MiB"),
             ));
         }
         if q.virtio_fs_cache_size != 0 {
-            return Err(format!(
-                "hypervisor.qemu.virtio_fs_cache_size = {}: DAX is not supported by kata-rs, use 0",
-                q.virtio_fs_cache_size
+            return Err(E::bad(
+                "hypervisor.qemu.virtio_fs_cache_size",
+                q.virtio_fs_cache_size,
+                "DAX is not supported by kata-rs, use 0",
             ));
         }
         for (i, arg) in q.virtio_fs_extra_args.iter().enumerate() {
@@ -490,15 +481,19 @@ impl Config {
                 .iter()
                 .find(|r| arg == *r || arg.strip_prefix(*r).is_some_and(|s| s.starts_with('=')))
             {
-                return Err(format!(
-                    "hypervisor.qemu.virtio_fs_extra_args[{i}] = {arg:?}: {r} is set by kata-rs itself"
+                return Err(E::bad(
+                    format!("hypervisor.qemu.virtio_fs_extra_args[{i}]"),
+                    arg,
+                    format!("{r} is set by kata-rs itself"),
                 ));
             }
         }
         for (i, re) in q.enable_annotations.iter().enumerate() {
             if let Err(e) = regex_lite::Regex::new(re) {
-                return Err(format!(
-                    "hypervisor.qemu.enable_annotations[{i}] = {re:?}: not a regular expression: {e}"
+                return Err(E::bad(
+                    format!("hypervisor.qemu.enable_annotations[{i}]"),
+                    re,
+                    format!("not a regular expression: {e}"),
                 ));
             }
         }
@@ -511,43 +506,58 @@ impl Config {
         ] {
             for (i, g) in globs.iter().enumerate() {
                 if !g.starts_with('/') {
-                    return Err(format!(
-                        "hypervisor.qemu.{key}[{i}] = {g:?}: must be an absolute path pattern"
+                    return Err(E::bad(
+                        format!("hypervisor.qemu.{key}[{i}]"),
+                        g,
+                        "must be an absolute path pattern",
                     ));
                 }
             }
         }
         let a = &self.agent.kata;
         if a.dial_timeout == 0 {
-            return Err("agent.kata.dial_timeout = 0: must be at least 1 second".into());
+            return Err(E::bad(
+                "agent.kata.dial_timeout",
+                0,
+                "must be at least 1 second",
+            ));
         }
         if a.request_timeout_ms < 100 {
-            return Err(format!(
-                "agent.kata.request_timeout_ms = {}: must be at least 100",
-                a.request_timeout_ms
+            return Err(E::bad(
+                "agent.kata.request_timeout_ms",
+                a.request_timeout_ms,
+                "must be at least 100",
             ));
         }
         for (i, m) in a.kernel_modules.iter().enumerate() {
             check_kernel_module(m)
-                .map_err(|why| format!("agent.kata.kernel_modules[{i}] = {m:?}: {why}"))?;
+                .map_err(|why| E::bad(format!("agent.kata.kernel_modules[{i}]"), m, why))?;
         }
         let r = &self.runtime;
         for (i, f) in r.experimental.iter().enumerate() {
             if !EXPERIMENTAL_FEATURES.contains(&f.as_str()) {
-                return Err(format!(
-                    "runtime.experimental[{i}] = {f:?}: unknown feature (kata-rs has {})",
-                    if EXPERIMENTAL_FEATURES.is_empty() {
-                        "no experimental features".to_string()
-                    } else {
-                        EXPERIMENTAL_FEATURES.join(", ")
-                    }
+                return Err(E::bad(
+                    format!("runtime.experimental[{i}]"),
+                    f,
+                    format!(
+                        "unknown feature (kata-rs has {})",
+                        if EXPERIMENTAL_FEATURES.is_empty() {
+                            "no experimental features".to_string()
+                        } else {
+                            EXPERIMENTAL_FEATURES.join(", ")
+                        }
+                    ),
                 ));
             }
         }
         if r.disable_new_netns && r.internetworking_model != InterworkingModel::None {
-            return Err(format!(
-                "runtime.disable_new_netns = true: needs internetworking_model = \"none\" (it is {:?})",
-                r.internetworking_model.as_str()
+            return Err(E::bad(
+                "runtime.disable_new_netns",
+                true,
+                format!(
+                    "needs internetworking_model = \"none\" (it is {:?})",
+                    r.internetworking_model.as_str()
+                ),
             ));
         }
         Ok(())
@@ -559,11 +569,14 @@ impl Config {
     /// (tools read configurations written for other machines); the shim calls
     /// it when it creates a pod. Every problem is reported, `; `-separated,
     /// each starting with the key.
-    pub fn check_files(&self) -> Result<(), String> {
+    pub fn check_files(&self) -> Result<(), ConfigError> {
         let q = &self.hypervisor.qemu;
         let check = |key: &str, shown: &Path, path: &Path, executable: bool| {
-            check_file(path, executable)
-                .map_err(|why| format!("hypervisor.qemu.{key} = {shown:?}: {why}"))
+            check_file(path, executable).map_err(|problem| ConfigError::MissingFile {
+                key: format!("hypervisor.qemu.{key}"),
+                path: shown.to_path_buf(),
+                problem,
+            })
         };
         let launcher = q
             .launcher_path()
@@ -580,11 +593,11 @@ impl Config {
                     .and_then(|p| check("virtio_fs_daemon", &q.virtio_fs_daemon, &p, true)),
             );
         }
-        let problems: Vec<String> = results.into_iter().filter_map(Result::err).collect();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
+        let mut problems: Vec<ConfigError> = results.into_iter().filter_map(Result::err).collect();
+        match problems.len() {
+            0 => Ok(()),
+            1 => Err(problems.remove(0)),
+            _ => Err(ConfigError::Several(problems)),
         }
     }
 }
@@ -598,13 +611,13 @@ impl Qemu {
 
     /// The kata-vmm-launcher to run: `launcher`, else [`LAUNCHER_NAME`] next
     /// to the running program (the shim), else the first in `$PATH`.
-    pub fn launcher_path(&self) -> Result<PathBuf, String> {
+    pub fn launcher_path(&self) -> Result<PathBuf, ConfigError> {
         resolve_helper("launcher", &self.launcher, LAUNCHER_NAME)
     }
 
     /// The kata-virtiofsd to run: `virtio_fs_daemon`, else [`VIRTIOFSD_NAME`]
     /// next to the running program, else the first in `$PATH`.
-    pub fn virtio_fs_daemon_path(&self) -> Result<PathBuf, String> {
+    pub fn virtio_fs_daemon_path(&self) -> Result<PathBuf, ConfigError> {
         resolve_helper("virtio_fs_daemon", &self.virtio_fs_daemon, VIRTIOFSD_NAME)
     }
 }
@@ -638,7 +651,7 @@ macro_rules! eq_name {
 eq_name!(SharedFs, VirtioFsCache, InterworkingModel);
 
 /// `configured` if set, else `name` next to the running program, else in `$PATH`.
-fn resolve_helper(key: &str, configured: &Path, name: &str) -> Result<PathBuf, String> {
+fn resolve_helper(key: &str, configured: &Path, name: &str) -> Result<PathBuf, ConfigError> {
     if !configured.as_os_str().is_empty() {
         return Ok(configured.to_path_buf());
     }
@@ -654,21 +667,25 @@ fn resolve_helper(key: &str, configured: &Path, name: &str) -> Result<PathBuf, S
     }) {
         return Ok(found);
     }
-    Err(format!(
-        "hypervisor.qemu.{key} is empty and {name} is neither next to {} nor in $PATH",
-        exe.map(|e| e.display().to_string())
-            .unwrap_or_else(|| "the running program".into())
-    ))
+    Err(ConfigError::HelperNotFound {
+        key: format!("hypervisor.qemu.{key}"),
+        name: name.into(),
+        beside: exe
+            .map(|e| e.display().to_string())
+            .unwrap_or_else(|| "the running program".into()),
+    })
 }
 
 /// An absolute path with no `.` or `..` component (`optional`: or empty).
-fn absolute(key: &str, p: &Path, optional: bool) -> Result<(), String> {
+fn absolute(key: &str, p: &Path, optional: bool) -> Result<(), ConfigError> {
     if optional && p.as_os_str().is_empty() {
         return Ok(());
     }
     if !is_clean_absolute(p) {
-        return Err(format!(
-            "{key} = {p:?}: must be an absolute path without . or .. components"
+        return Err(ConfigError::bad(
+            key,
+            p,
+            "must be an absolute path without . or .. components",
         ));
     }
     Ok(())

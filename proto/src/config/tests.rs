@@ -14,7 +14,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 fn err(text: &str) -> String {
-    Config::parse(text).unwrap_err()
+    Config::parse(text).unwrap_err().to_string()
 }
 
 #[test]
@@ -414,7 +414,7 @@ fn config_check_files() {
     c.hypervisor.qemu.kernel = "/nope".into();
     c.hypervisor.qemu.initrd = d.to_path_buf();
     c.hypervisor.qemu.virtio_fs_daemon = write(d, "not-exec", "x");
-    let e = c.check_files().unwrap_err();
+    let e = c.check_files().unwrap_err().to_string();
     assert!(
         e.contains("hypervisor.qemu.kernel = \"/nope\": the file does not exist"),
         "{e}"
@@ -429,7 +429,7 @@ fn config_check_files() {
     );
     // Without virtio-fs the daemon is not needed.
     c.hypervisor.qemu.shared_fs = SharedFs::None;
-    let e = c.check_files().unwrap_err();
+    let e = c.check_files().unwrap_err().to_string();
     assert!(!e.contains("virtio_fs_daemon"), "{e}");
 }
 
@@ -440,7 +440,7 @@ fn config_helper_lookup() {
     match q.launcher_path() {
         Ok(p) => assert!(p.ends_with(LAUNCHER_NAME), "{p:?}"),
         Err(e) => assert!(
-            e.starts_with(
+            e.to_string().starts_with(
                 "hypervisor.qemu.launcher is empty and kata-vmm-launcher is neither next to"
             ),
             "{e}"
@@ -449,7 +449,8 @@ fn config_helper_lookup() {
     match q.virtio_fs_daemon_path() {
         Ok(p) => assert!(p.ends_with(VIRTIOFSD_NAME), "{p:?}"),
         Err(e) => assert!(
-            e.starts_with("hypervisor.qemu.virtio_fs_daemon is empty"),
+            e.to_string()
+                .starts_with("hypervisor.qemu.virtio_fs_daemon is empty"),
             "{e}"
         ),
     }
@@ -462,5 +463,60 @@ fn config_clean_paths() {
     }
     for bad in ["", "usr/bin", "/a/../b", "/a/./b", "/a//b", "/..", "/a/.."] {
         assert!(!is_clean_absolute(Path::new(bad)), "{bad}");
+    }
+}
+
+#[test]
+fn config_errors_are_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "c.toml",
+        "[hypervisor.qemu]\ndefault_memory = 32\n",
+    );
+    let e = Config::load(&p).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::BadValue { file: Some(f), key, value, .. }
+            if f == &p && key == "hypervisor.qemu.default_memory" && value == "32"),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "configuration {}: hypervisor.qemu.default_memory = 32: the guest needs at least {MIN_MEMORY_MIB} MiB",
+            p.display()
+        )
+    );
+    let p = write(dir.path(), "k.toml", "[runtime]\nenable_debgu = true\n");
+    let e = Config::load(&p).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Parse { file: Some(f), key: Some(k), .. }
+            if f == &p && k == "runtime.enable_debgu"),
+        "{e:?}"
+    );
+    let e = Config::parse("[runtime\n").unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ConfigError::Parse {
+                file: None,
+                key: None,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = Config::load(&dir.path().join("missing.toml")).unwrap_err();
+    assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
+
+    let mut c = Config::default();
+    c.hypervisor.qemu.path = "/nope/qemu".into();
+    c.hypervisor.qemu.kernel = "/nope/kernel".into();
+    match c.check_files().unwrap_err() {
+        ConfigError::Several(all) => {
+            assert!(all.iter().any(|e| matches!(e,
+                ConfigError::MissingFile { key, .. } if key == "hypervisor.qemu.kernel")));
+        }
+        e => panic!("{e:?}"),
     }
 }

@@ -14,7 +14,7 @@ fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         .collect()
 }
 
-fn apply(c: &mut Config, pairs: &[(&str, &str)]) -> Result<(), AnnotationError> {
+fn apply(c: &mut Config, pairs: &[(&str, &str)]) -> Result<(), ConfigError> {
     c.apply_annotations(&annotations(pairs))
 }
 
@@ -54,7 +54,9 @@ fn config_annotations_hypervisor_need_enable_annotations() {
     // Full match only: "memory" does not enable "default_memory".
     let mut c = cfg("enable_annotations = [\"memory\", \"default\"]");
     let e = apply(&mut c, &[(&hv("default_memory"), "1024")]).unwrap_err();
-    assert!(matches!(e, AnnotationError::NotAllowed { ref key, .. } if key == "default_memory"));
+    assert!(
+        matches!(e, ConfigError::AnnotationNotAllowed { ref key, .. } if key == "default_memory")
+    );
 
     // ".*" enables everything.
     let mut c = cfg("enable_annotations = [\".*\"]");
@@ -121,7 +123,7 @@ fn config_annotations_agent_and_runtime() {
         let a = format!("io.katacontainers.config.runtime.{key}");
         let e = apply(&mut cfg(""), &[(&a, "true")]).unwrap_err();
         assert!(
-            matches!(e, AnnotationError::NotAllowed { .. }),
+            matches!(e, ConfigError::AnnotationNotAllowed { .. }),
             "{key}: {e}"
         );
     }
@@ -249,7 +251,7 @@ fn config_annotations_are_revalidated() {
     ] {
         let e = apply(&mut c, &[(&hv(key), v)]).unwrap_err();
         assert!(
-            matches!(&e, AnnotationError::Invalid { message, .. } if message.contains(want)),
+            matches!(&e, ConfigError::AnnotationInvalid { problem, .. } if problem.to_string().contains(want)),
             "{e}"
         );
     }
@@ -292,7 +294,7 @@ fn config_annotations_kernel_params_and_extra_args_append() {
     ] {
         let v = serde_json::to_string(&[bad]).unwrap();
         let e = apply(&mut c, &[(&hv("virtio_fs_extra_args"), &v)]).unwrap_err();
-        assert!(matches!(e, AnnotationError::BadValue { .. }), "{bad}: {e}");
+        assert!(matches!(e, ConfigError::BadAnnotation { .. }), "{bad}: {e}");
     }
 }
 
@@ -342,7 +344,7 @@ fn config_annotations_paths_must_match_globs() {
         assert!(
             matches!(
                 e,
-                AnnotationError::PathNotAllowed { .. } | AnnotationError::BadValue { .. }
+                ConfigError::AnnotationPathNotAllowed { .. } | ConfigError::BadAnnotation { .. }
             ),
             "{key} = {v}: {e}"
         );
