@@ -20,7 +20,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
+use tracing_subscriber::fmt::format::{DefaultFields, Format, Json, JsonFields, Writer};
 use tracing_subscriber::fmt::{
     FmtContext, FormatEvent, FormatFields, MakeWriter, SubscriberBuilder,
 };
@@ -29,35 +29,16 @@ use tracing_subscriber::EnvFilter;
 
 static SANDBOX: OnceLock<String> = OnceLock::new();
 
-/// Text lines: `<component> [sandbox=<id>] <tracing's default format>`.
-struct Text {
+/// One line: `<component> [sandbox=<id>] <tracing's default format>` in text,
+/// tracing's JSON object with `component` and `sandbox_id` first in JSON.
+struct Line {
     component: &'static str,
-    inner: Format,
+    format: LineFormat,
 }
 
-impl<S, N> FormatEvent<S, N> for Text
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        write!(writer, "{} ", self.component)?;
-        if let Some(id) = SANDBOX.get() {
-            write!(writer, "sandbox={id} ")?;
-        }
-        self.inner.format_event(ctx, writer, event)
-    }
-}
-
-/// JSON lines: tracing's JSON object with `component` and `sandbox_id` first.
-struct JsonLine {
-    component: &'static str,
-    inner: Format<Json>,
+enum LineFormat {
+    Text(Format),
+    Json(Format<Json>),
 }
 
 /// `s` as a JSON string.
@@ -65,7 +46,7 @@ fn json_str(s: &str) -> String {
     serde_json::Value::from(s).to_string()
 }
 
-impl<S, N> FormatEvent<S, N> for JsonLine
+impl<S, N> FormatEvent<S, N> for Line
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
@@ -76,9 +57,18 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
+        let json = match &self.format {
+            LineFormat::Text(text) => {
+                write!(writer, "{} ", self.component)?;
+                if let Some(id) = SANDBOX.get() {
+                    write!(writer, "sandbox={id} ")?;
+                }
+                return text.format_event(ctx, writer, event);
+            }
+            LineFormat::Json(json) => json,
+        };
         let mut line = String::new();
-        self.inner
-            .format_event(ctx, Writer::new(&mut line), event)?;
+        json.format_event(ctx, Writer::new(&mut line), event)?;
         let Some(rest) = line.strip_prefix('{') else {
             return writer.write_str(&line);
         };
@@ -101,37 +91,30 @@ fn filter(default_level: &str) -> EnvFilter {
     EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new(default_level))
 }
 
+/// The subscriber of every program, text lines, to `writer`.
 fn text<W>(
     component: &'static str,
     writer: W,
-) -> SubscriberBuilder<tracing_subscriber::fmt::format::DefaultFields, Text, EnvFilter, W>
+) -> SubscriberBuilder<DefaultFields, Line, EnvFilter, W>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
+    let format = LineFormat::Text(Format::default().with_ansi(false));
     tracing_subscriber::fmt()
         .with_env_filter(filter("info"))
         .with_writer(writer)
-        .event_format(Text {
-            component,
-            inner: Format::default().with_ansi(false),
-        })
+        .event_format(Line { component, format })
 }
 
-fn json<W>(
-    component: &'static str,
-    writer: W,
-) -> SubscriberBuilder<JsonFields, JsonLine, EnvFilter, W>
+/// As [`text`], JSON lines.
+fn json<W>(component: &'static str, writer: W) -> SubscriberBuilder<JsonFields, Line, EnvFilter, W>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    tracing_subscriber::fmt()
-        .with_env_filter(filter("info"))
-        .with_writer(writer)
+    let format = LineFormat::Json(Format::default().json());
+    text(component, writer)
         .fmt_fields(JsonFields::new())
-        .event_format(JsonLine {
-            component,
-            inner: Format::default().json(),
-        })
+        .event_format(Line { component, format })
 }
 
 /// Installs the global subscriber. `sandbox_id` is printed on every line (it can
