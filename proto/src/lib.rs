@@ -5,13 +5,15 @@
 //! * [`dialer`]: the one way to reach a guest port (AF_VSOCK, hybrid vsock) or a
 //!   host-mode agent (unix socket), also as a tonic channel;
 //! * [`config`], [`paths`], [`logging`]: configuration, well-known paths and ports,
-//!   and the tracing set-up every program uses.
+//!   and the tracing set-up every program uses;
+//! * [`process`]: telling one host process from a later one with its pid.
 
 pub mod config;
 pub mod dialer;
 pub mod host;
 pub mod logging;
 pub mod paths;
+pub mod process;
 pub mod stdio;
 
 /// The agent API (Kata's agent.proto names and meaning).

@@ -369,7 +369,7 @@ pub async fn run(
 /// Whether a cgroup of this path exists in any hierarchy.
 pub fn cgroup_exists(path: &str) -> bool {
     let rel = path.trim_start_matches('/');
-    kata_vmm_launcher::cgroup::hierarchies()
+    kata_vmm_launcher::client::cgroup_hierarchies()
         .iter()
         .any(|h| h.join(rel).exists())
 }

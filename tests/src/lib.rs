@@ -288,7 +288,7 @@ pub fn assert_nothing_left(dir: &Path, cgroup: &str, hypervisor_pid: u32) {
         "the sandbox directory {} is still there",
         dir.display()
     );
-    for h in kata_vmm_launcher::cgroup::hierarchies() {
+    for h in kata_vmm_launcher::client::cgroup_hierarchies() {
         let p = h.join(cgroup);
         assert!(!p.exists(), "the cgroup {} is still there", p.display());
     }

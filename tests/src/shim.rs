@@ -50,10 +50,7 @@ pub fn pod_processes(id: &str) -> Vec<(u32, String)> {
     let needle_id = format!("--sandbox-id\0{id}\0");
     let needle_dir = format!("{}/", dir.dir.display());
     let needle_shim = format!("-id\0{id}\0");
-    let mut hv = None;
-    if let Some(st) = kata_vmm_launcher::vm::State::load(&dir) {
-        hv = Some(st.hypervisor_pid);
-    }
+    let hv = kata_vmm_launcher::client::hypervisor_pid(&dir);
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -94,7 +91,7 @@ pub fn assert_pod_gone(id: &str, timeout: Duration) {
         for m in crate::containerd::mounts_under(&dir) {
             left.push(format!("mount {}", m.display()));
         }
-        for h in kata_vmm_launcher::cgroup::hierarchies() {
+        for h in kata_vmm_launcher::client::cgroup_hierarchies() {
             let p = h.join(format!("kata_{id}"));
             if p.exists() {
                 left.push(format!("cgroup {}", p.display()));

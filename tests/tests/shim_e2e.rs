@@ -320,9 +320,8 @@ fn crash(c: &Containerd, image: &str, id: &str, victim: &str) {
     run_detached(c, image, id, &["sleep", "1000"]);
     let pid = match victim {
         "qemu" => {
-            kata_vmm_launcher::vm::State::load(&kata_proto::paths::SandboxPaths::new(id))
+            kata_vmm_launcher::client::hypervisor_pid(&kata_proto::paths::SandboxPaths::new(id))
                 .expect("launcher state")
-                .hypervisor_pid
         }
         name => {
             pod_processes(id)

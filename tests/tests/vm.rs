@@ -487,14 +487,14 @@ async fn containers_run_in_the_guest() {
 /// console cap. The emulated UART under TCG moves about 0.3 MiB/s here, so
 /// 200 MiB would take over ten minutes; 200 MiB through the same pipe and
 /// writer is the launcher's unit test `console_flood_stays_within_the_cap`.
-const CONSOLE_FLOOD: u64 = 8 * kata_vmm_launcher::console::CONSOLE_CAP;
+const CONSOLE_FLOOD: u64 = 8 * kata_vmm_launcher::client::CONSOLE_CAP;
 
 /// A guest root writing megabytes to /dev/ttyS0 (`cat /dev/zero >
 /// /dev/ttyS0`) leaves the host's console log within its cap while it
 /// writes and after, and the VM still answers on vsock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_guest_console_flood_stays_capped() {
-    use kata_vmm_launcher::console::{rotated_path, CONSOLE_CAP};
+    use kata_vmm_launcher::client::{console_rotated_path as rotated_path, CONSOLE_CAP};
     let vm = TestVm::boot("e2e-console", Some("/usr/bin/kata-test-guest")).await;
     let log = vm.dir().join("console.log");
     let on_disk = {
@@ -594,16 +594,18 @@ async fn sandbox_files_are_private_and_qemu_has_a_reserved_uid() {
         ids("Uid:").iter().chain(&ids("Gid:")).all(|&u| u == uid),
         "{status}"
     );
-    let range = kata_vmm_launcher::uids::UidRange::default();
+    use kata_vmm_launcher::client::{hypervisor_uid_lock, uids};
     assert!(
-        (range.first..range.first + range.count).contains(&uid),
+        uids::reserved_range().contains(&u64::from(uid)),
         "QEMU's uid {uid} is in the reserved range"
     );
-    assert!(!kata_vmm_launcher::uids::Excluded::host().contains(uid));
-    let lock = kata_vmm_launcher::uids::default_lock_dir().join(uid.to_string());
+    assert!(!uids::used_by_host(uid));
+    let lock = uids::lock_dir().join(uid.to_string());
     assert!(lock.exists(), "{} holds the uid", lock.display());
-    let st = kata_vmm_launcher::vm::State::load(&vm.launcher.paths).unwrap();
-    assert_eq!(st.uid_lock.as_deref(), Some(lock.as_path()));
+    assert_eq!(
+        hypervisor_uid_lock(&vm.launcher.paths).as_deref(),
+        Some(lock.as_path())
+    );
 
     let vm_dir = dir.join("vm");
     let expect = [

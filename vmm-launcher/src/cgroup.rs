@@ -9,7 +9,7 @@ use tracing::debug;
 
 /// Why a cgroup operation failed.
 #[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
+pub(crate) enum CgroupError {
     /// The path is not a plain relative path.
     #[error("cgroup path {0:?} must be relative, without '..' (e.g. \"kata-rs/<sandbox>\")")]
     BadPath(String),
@@ -24,7 +24,7 @@ pub enum CgroupError {
 }
 
 /// The cgroup hierarchy mount points of this host, from /proc/self/mountinfo.
-pub fn hierarchies() -> Vec<PathBuf> {
+pub(crate) fn hierarchies() -> Vec<PathBuf> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return vec![];
     };
@@ -50,7 +50,7 @@ fn parse_hierarchies(mountinfo: &str) -> Vec<PathBuf> {
 }
 
 /// Checks the relative path.
-pub fn validate(rel: &str) -> Result<(), CgroupError> {
+pub(crate) fn validate(rel: &str) -> Result<(), CgroupError> {
     let p = Path::new(rel);
     if rel.is_empty()
         || p.is_absolute()
@@ -65,7 +65,7 @@ pub fn validate(rel: &str) -> Result<(), CgroupError> {
 /// Creates `rel` under every hierarchy; returns the directories it created (the
 /// ones to remove at teardown), deepest last. Existing directories are reused
 /// and not returned.
-pub fn create(rel: &str) -> Result<Vec<PathBuf>, CgroupError> {
+pub(crate) fn create(rel: &str) -> Result<Vec<PathBuf>, CgroupError> {
     validate(rel)?;
     let mut created = vec![];
     for root in hierarchies() {
@@ -96,7 +96,7 @@ pub fn create(rel: &str) -> Result<Vec<PathBuf>, CgroupError> {
 }
 
 /// The `cgroup.procs` files of `rel` in every hierarchy.
-pub fn procs_files(rel: &str) -> Vec<PathBuf> {
+pub(crate) fn procs_files(rel: &str) -> Vec<PathBuf> {
     hierarchies()
         .into_iter()
         .map(|h| h.join(rel).join("cgroup.procs"))
@@ -105,7 +105,7 @@ pub fn procs_files(rel: &str) -> Vec<PathBuf> {
 
 /// Removes the directories (deepest first). Missing ones are fine; a cgroup that
 /// still has processes stays, and is reported.
-pub fn remove(dirs: &[PathBuf]) -> Vec<(PathBuf, io::Error)> {
+pub(crate) fn remove(dirs: &[PathBuf]) -> Vec<(PathBuf, io::Error)> {
     let mut failed = vec![];
     for d in dirs.iter().rev() {
         // A process that has just exited may still hold its cgroup for a

@@ -1,5 +1,9 @@
-//! Starting a launcher process and talking to it: what the shim, kata-ctl and the
-//! tests all do, written once.
+//! The launcher crate's public face: starting a launcher process and
+//! talking to it, cleaning up after a dead one ([`cleanup`]), and reading
+//! what a launcher records on the host (its state file, the console cap,
+//! the hypervisors' uids, the cgroup hierarchies). What the shim, kata-ctl
+//! and the tests all do, written once; nothing else of the crate is public
+//! but the fuzzing entry points (`vsock::packet`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -104,4 +108,59 @@ impl LauncherProcess {
             client: LauncherClient::new(ch),
         })
     }
+}
+
+pub use crate::leftovers::{cleanup, CleanupError, LiveLauncher};
+
+/// The hypervisor's pid a launcher recorded in the sandbox's state file
+/// (0 before it ran), if there is such a file.
+pub fn hypervisor_pid(paths: &SandboxPaths) -> Option<u32> {
+    crate::leftovers::State::load(paths).map(|s| s.hypervisor_pid)
+}
+
+/// The lock file of the hypervisor's uid a launcher recorded, if it
+/// allocated one from the reserved range.
+pub fn hypervisor_uid_lock(paths: &SandboxPaths) -> Option<PathBuf> {
+    crate::leftovers::State::load(paths).and_then(|s| s.uid_lock)
+}
+
+/// The uids the launcher gives hypervisors (`KATA_JAIL_UID_RANGE`, else
+/// the default), their lock directory, and whether the host uses a uid
+/// itself (a user, a group or a subordinate range: never handed out).
+pub mod uids {
+    use std::path::PathBuf;
+
+    use crate::uids::{Excluded, UidRange};
+
+    /// The reserved range, first to one past the last (the default if
+    /// `KATA_JAIL_UID_RANGE` does not parse: a launcher then refuses to
+    /// allocate).
+    pub fn reserved_range() -> std::ops::Range<u64> {
+        let r = UidRange::from_env().unwrap_or_default();
+        u64::from(r.first)..u64::from(r.first) + u64::from(r.count)
+    }
+
+    /// Where the locks of the allocated uids are, one file per uid.
+    pub fn lock_dir() -> PathBuf {
+        crate::uids::default_lock_dir()
+    }
+
+    /// Whether the host itself uses `uid` (never given to a hypervisor).
+    pub fn used_by_host(uid: u32) -> bool {
+        Excluded::host().contains(uid)
+    }
+}
+
+/// Most console bytes a launcher keeps on disk per VM (the console log and
+/// its older half together).
+pub const CONSOLE_CAP: u64 = crate::console::CONSOLE_CAP;
+
+/// The older half of a console log, next to it.
+pub fn console_rotated_path(console_log: &Path) -> PathBuf {
+    crate::console::rotated_path(console_log)
+}
+
+/// The cgroup hierarchies of this host, where a launcher makes the VM's cgroup.
+pub fn cgroup_hierarchies() -> Vec<PathBuf> {
+    crate::cgroup::hierarchies()
 }

@@ -20,26 +20,26 @@ use tracing::{info, warn};
 use crate::files;
 
 /// Most console bytes on disk per VM, `console.log` and `console.log.1` together.
-pub const CONSOLE_CAP: u64 = 1 << 20;
+pub(crate) const CONSOLE_CAP: u64 = 1 << 20;
 /// How much of the end of a log [`tail`] reads.
-pub const TAIL_BYTES: u64 = 8 * 1024;
+pub(crate) const TAIL_BYTES: u64 = 8 * 1024;
 /// Lines [`tail`] returns.
 const TAIL_LINES: usize = 8;
 
 /// Counters of a console log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ConsoleStats {
+pub(crate) struct ConsoleStats {
     /// Bytes received from the hypervisor.
-    pub received: u64,
+    pub(crate) received: u64,
     /// Bytes rotated away (no longer on disk).
-    pub dropped: u64,
+    pub(crate) dropped: u64,
     /// Rotations.
-    pub rotations: u64,
+    pub(crate) rotations: u64,
 }
 
 /// An append-only log that keeps at most `cap` bytes on disk (two halves).
 #[derive(Debug)]
-pub struct BoundedLog {
+pub(crate) struct BoundedLog {
     path: PathBuf,
     older: PathBuf,
     half: u64,
@@ -47,11 +47,11 @@ pub struct BoundedLog {
     size: u64,
     older_size: u64,
     /// Counters.
-    pub stats: ConsoleStats,
+    pub(crate) stats: ConsoleStats,
 }
 
 /// `<path>.1`, the older half of a console log.
-pub fn rotated_path(path: &Path) -> PathBuf {
+pub(crate) fn rotated_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".1");
     PathBuf::from(s)
@@ -60,7 +60,7 @@ pub fn rotated_path(path: &Path) -> PathBuf {
 impl BoundedLog {
     /// Opens `path` for appending (created 0600 if missing, never through a
     /// symlink); what is already there counts toward the cap.
-    pub fn open(path: &Path, cap: u64) -> io::Result<BoundedLog> {
+    pub(crate) fn open(path: &Path, cap: u64) -> io::Result<BoundedLog> {
         let cap = cap.max(8 * 1024);
         let file = files::private_file(path, true, false)?;
         let size = file.metadata()?.len();
@@ -81,7 +81,7 @@ impl BoundedLog {
 
     /// Appends `buf`, rotating as often as needed so that at most the cap is
     /// on disk.
-    pub fn write(&mut self, mut buf: &[u8]) -> io::Result<()> {
+    pub(crate) fn write(&mut self, mut buf: &[u8]) -> io::Result<()> {
         self.stats.received += buf.len() as u64;
         while !buf.is_empty() {
             let room = self.half.saturating_sub(self.size);
@@ -129,14 +129,14 @@ impl BoundedLog {
     }
 
     /// The path of the log.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 }
 
 /// A pipe for the hypervisor's console: (read end, blocking; write end,
 /// non-blocking). Both close on exec.
-pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2(2) fills the two-element array; the result is checked.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -157,7 +157,7 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// Copies everything from `from` into `log` until end of file (the last
 /// writer closed), on a thread of its own. The receiver gets the final
 /// counters once every byte was written.
-pub fn spawn_reader(
+pub(crate) fn spawn_reader(
     from: OwnedFd,
     mut log: BoundedLog,
 ) -> io::Result<tokio::sync::oneshot::Receiver<ConsoleStats>> {
@@ -202,7 +202,7 @@ pub fn spawn_reader(
 /// The last few lines of a log (read from its last [`TAIL_BYTES`], and from
 /// the end of `<path>.1` if the log itself is shorter), for error messages.
 /// Control characters are replaced: the guest wrote them.
-pub fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     fn last(path: &Path, n: u64) -> Vec<u8> {
         let Ok(mut f) = File::open(path) else {
             return vec![];

@@ -15,9 +15,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Mode of the launcher's directories.
-pub const DIR_MODE: u32 = 0o700;
+pub(crate) const DIR_MODE: u32 = 0o700;
 /// Mode of the launcher's sockets and state files.
-pub const FILE_MODE: u32 = 0o600;
+pub(crate) const FILE_MODE: u32 = 0o600;
 
 fn cpath(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
@@ -25,7 +25,7 @@ fn cpath(p: &Path) -> io::Result<CString> {
 
 /// An `O_PATH` descriptor of `path` itself (a final symlink is not followed;
 /// it is refused with `ELOOP`).
-pub fn open_nofollow(path: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn open_nofollow(path: &Path) -> io::Result<OwnedFd> {
     let c = cpath(path)?;
     // SAFETY: open(2) on a NUL-terminated path; the result is checked.
     let fd = unsafe {
@@ -52,7 +52,7 @@ pub fn open_nofollow(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Sets the owner of the object `fd` refers to (any type, `O_PATH` included).
-pub fn fchown_fd(fd: &OwnedFd, uid: u32, gid: u32) -> io::Result<()> {
+pub(crate) fn fchown_fd(fd: &OwnedFd, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: fchownat(2) with an empty path on a descriptor we own.
     let rc = unsafe {
         libc::fchownat(
@@ -72,7 +72,7 @@ pub fn fchown_fd(fd: &OwnedFd, uid: u32, gid: u32) -> io::Result<()> {
 /// Sets the mode of the object `fd` refers to. Works for an `O_PATH`
 /// descriptor of a socket (where `fchmod` does not): the chmod goes through
 /// `/proc/self/fd/N`, which names the object itself, not a path.
-pub fn fchmod_fd(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+pub(crate) fn fchmod_fd(fd: &OwnedFd, mode: u32) -> io::Result<()> {
     std::fs::set_permissions(
         format!("/proc/self/fd/{}", fd.as_raw_fd()),
         std::fs::Permissions::from_mode(mode),
@@ -80,19 +80,19 @@ pub fn fchmod_fd(fd: &OwnedFd, mode: u32) -> io::Result<()> {
 }
 
 /// Sets the mode of `path` (never through a symlink).
-pub fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
+pub(crate) fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
     fchmod_fd(&open_nofollow(path)?, mode)
 }
 
 /// Sets the owner of `path` (never through a symlink).
-pub fn chown_nofollow(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+pub(crate) fn chown_nofollow(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
     fchown_fd(&open_nofollow(path)?, uid, gid)
 }
 
 /// Creates the directory `path` if missing (its parents with
 /// [`DIR_MODE`] too), refuses a symlink, then sets its mode to `mode` and,
 /// if asked, its owner, through a descriptor of the directory.
-pub fn private_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
+pub(crate) fn private_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
     match std::fs::DirBuilder::new()
         .recursive(true)
         .mode(DIR_MODE)
@@ -114,7 +114,7 @@ pub fn private_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> io::Res
 
 /// Creates (or opens for appending) the regular file `path` with mode
 /// [`FILE_MODE`], never through a symlink, and sets the mode explicitly.
-pub fn private_file(path: &Path, append: bool, truncate: bool) -> io::Result<File> {
+pub(crate) fn private_file(path: &Path, append: bool, truncate: bool) -> io::Result<File> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .append(append)

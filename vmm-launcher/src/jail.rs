@@ -37,7 +37,7 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 /// Why the jail could not be prepared.
 #[derive(Debug, thiserror::Error)]
-pub enum JailError {
+pub(crate) enum JailError {
     /// A file the jail needs could not be opened.
     #[error("jail: {what} {path}: {source}")]
     Open {
@@ -55,23 +55,23 @@ pub enum JailError {
 
 /// What goes into the jail.
 #[derive(Debug, Clone)]
-pub struct JailSpec {
+pub(crate) struct JailSpec {
     /// Empty directory on the host used as the mount point of the jail's root.
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
     /// The sandbox's vm/ directory (bind-mounted read-write at /vm).
-    pub vm_dir: PathBuf,
+    pub(crate) vm_dir: PathBuf,
     /// Guest kernel (read-only at /boot/vmlinuz).
-    pub kernel: PathBuf,
+    pub(crate) kernel: PathBuf,
     /// Guest initrd (read-only at /boot/initrd.img).
-    pub initrd: PathBuf,
+    pub(crate) initrd: PathBuf,
     /// Network namespace to join.
-    pub netns: Option<PathBuf>,
+    pub(crate) netns: Option<PathBuf>,
     /// `cgroup.procs` files to write the child into.
-    pub cgroup_procs: Vec<PathBuf>,
+    pub(crate) cgroup_procs: Vec<PathBuf>,
     /// uid and gid of the hypervisor.
-    pub uid: u32,
+    pub(crate) uid: u32,
     /// Expose /dev/kvm (and add its group).
-    pub kvm: bool,
+    pub(crate) kvm: bool,
 }
 
 /// A directory to create or a bind mount to make inside the new root.
@@ -92,7 +92,7 @@ enum Step {
 
 /// A prepared jail; [`Jail::enter`] runs in the child.
 #[derive(Debug)]
-pub struct Jail {
+pub(crate) struct Jail {
     root: CString,
     steps: Vec<Step>,
     netns: Option<OwnedFd>,
@@ -108,7 +108,7 @@ fn cstr(p: &Path) -> CString {
 }
 
 /// The system calls the launcher's filter denies with EPERM.
-pub const DENIED_SYSCALLS: &[i64] = &[
+pub(crate) const DENIED_SYSCALLS: &[i64] = &[
     libc::SYS_mount,
     libc::SYS_umount2,
     libc::SYS_pivot_root,
@@ -166,7 +166,7 @@ pub const DENIED_SYSCALLS: &[i64] = &[
 /// `clone` flags that create namespaces; `clone` with any of them is denied
 /// with EPERM (`CLONE_NEWTIME` is only valid for `unshare` and `clone3`,
 /// both denied as a whole).
-pub const CLONE_NAMESPACE_FLAGS: &[libc::c_int] = &[
+pub(crate) const CLONE_NAMESPACE_FLAGS: &[libc::c_int] = &[
     libc::CLONE_NEWNS,
     libc::CLONE_NEWCGROUP,
     libc::CLONE_NEWUTS,
@@ -180,7 +180,7 @@ pub const CLONE_NAMESPACE_FLAGS: &[libc::c_int] = &[
 /// order: (1) the deny list and `clone` with a namespace flag, EPERM;
 /// (2) `clone3`, ENOSYS, so glibc falls back to `clone`, whose flags (1)
 /// can check.
-pub fn seccomp_programs() -> Result<Vec<BpfProgram>, JailError> {
+pub(crate) fn seccomp_programs() -> Result<Vec<BpfProgram>, JailError> {
     let err = |e: seccompiler::BackendError| JailError::Seccomp(e.to_string());
     let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
         DENIED_SYSCALLS.iter().map(|s| (*s, vec![])).collect();
@@ -223,7 +223,7 @@ pub fn seccomp_programs() -> Result<Vec<BpfProgram>, JailError> {
 
 /// Installs [`seccomp_programs`] on the calling thread (no allocation: the
 /// programs were built before).
-pub fn apply_seccomp(programs: &[BpfProgram]) -> io::Result<()> {
+pub(crate) fn apply_seccomp(programs: &[BpfProgram]) -> io::Result<()> {
     for p in programs {
         seccompiler::apply_filter(p).map_err(|e| io::Error::other(e.to_string()))?;
     }
@@ -232,7 +232,7 @@ pub fn apply_seccomp(programs: &[BpfProgram]) -> io::Result<()> {
 
 impl Jail {
     /// Opens and computes everything the child needs.
-    pub fn prepare(spec: &JailSpec) -> Result<Jail, JailError> {
+    pub(crate) fn prepare(spec: &JailSpec) -> Result<Jail, JailError> {
         let open = |what, path: &Path, write: bool| {
             std::fs::OpenOptions::new()
                 .read(!write)
@@ -342,7 +342,7 @@ impl Jail {
 
     /// Runs in the child between fork and exec: only system calls, no
     /// allocation. Any failure aborts the spawn with that error.
-    pub fn enter(&self) -> io::Result<()> {
+    pub(crate) fn enter(&self) -> io::Result<()> {
         fn check(rc: libc::c_int) -> io::Result<()> {
             if rc < 0 {
                 Err(io::Error::last_os_error())

@@ -1,17 +1,22 @@
 //! kata-vmm-launcher: runs one VM. It jails the hypervisor (QEMU), drives it over
 //! QMP, and serves the host end of the VM's vsock. The shim (or kata-ctl) talks
 //! to it over gRPC on `/run/kata/<sandbox>/launcher.sock`.
+//!
+//! Public: [`client`] (what the launcher's callers use), [`run`] with its
+//! error (what `main` calls), and `vsock::packet` (the fuzzing entry
+//! points). Everything else is the crate's own.
 
-pub mod cgroup;
+mod cgroup;
 pub mod client;
-pub mod console;
-pub mod files;
-pub mod jail;
-pub mod qemu;
-pub mod qmp;
-pub mod server;
-pub mod uids;
-pub mod vm;
+mod console;
+mod files;
+mod jail;
+mod leftovers;
+mod qemu;
+mod qmp;
+mod server;
+mod uids;
+mod vm;
 pub mod vsock;
 
 use std::sync::Arc;
@@ -23,9 +28,14 @@ use tokio::sync::Notify;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
+/// Why [`run`] failed.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct RunError(#[from] LauncherError);
+
 /// Why a launcher operation failed.
 #[derive(Debug, thiserror::Error)]
-pub enum LauncherError {
+pub(crate) enum LauncherError {
     /// The VM spec is not acceptable.
     #[error("invalid VM spec: {0}")]
     InvalidSpec(String),
@@ -59,16 +69,19 @@ pub enum LauncherError {
     /// The hypervisor's uid.
     #[error(transparent)]
     Uid(#[from] uids::UidError),
+    /// Leftovers of a previous launcher could not be removed.
+    #[error(transparent)]
+    Cleanup(#[from] leftovers::CleanupError),
 }
 
 /// Open files the launcher needs: every vsock connection it may hold
 /// ([`vsock::MAX_CONNS`]) plus its own sockets, the hypervisor's and the
 /// runtime's (QEMU inherits the limit and needs far fewer).
-pub const NOFILE_LIMIT: u64 = vsock::MAX_CONNS as u64 + 512;
+pub(crate) const NOFILE_LIMIT: u64 = vsock::MAX_CONNS as u64 + 512;
 
 /// Sets the soft RLIMIT_NOFILE to [`NOFILE_LIMIT`], within the hard limit
 /// (raising the hard limit needs CAP_SYS_RESOURCE). Returns the soft limit set.
-pub fn set_nofile_limit() -> std::io::Result<u64> {
+pub(crate) fn set_nofile_limit() -> std::io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -100,16 +113,16 @@ pub async fn run(
     sandbox_id: &str,
     paths: SandboxPaths,
     on_listening: impl FnOnce(),
-) -> Result<(), LauncherError> {
+) -> Result<(), RunError> {
     // what the launcher creates is root's alone: explicit modes below, and
     // this mask for the moment between a bind(2) and its chmod
     // SAFETY: umask(2) only changes this process's file mode mask.
     unsafe { libc::umask(0o077) };
-    let io = |what: String| move |e| LauncherError::Io(what, e);
+    let io = |what: String| move |e| RunError(LauncherError::Io(what, e));
     set_nofile_limit().map_err(io("setting RLIMIT_NOFILE".into()))?;
-    if vm::State::load(&paths).is_some() {
+    if leftovers::State::load(&paths).is_some() {
         warn!("removing the leftovers of a previous launcher of this sandbox");
-        vm::cleanup(&paths)?;
+        leftovers::cleanup(&paths, leftovers::LiveLauncher::Refuse).map_err(LauncherError::from)?;
     }
     files::private_dir(&paths.dir, files::DIR_MODE, None)
         .map_err(io(format!("creating {}", paths.dir.display())))?;
@@ -149,6 +162,6 @@ pub async fn run(
         warn!("launcher API server: {e}");
         vm.teardown().await;
     }
-    vm::remove_sandbox_files(&paths);
+    leftovers::remove_sandbox_files(&paths);
     Ok(())
 }

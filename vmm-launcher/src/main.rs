@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use kata_proto::paths::{validate_sandbox_id, SandboxPaths};
+use kata_vmm_launcher::client::LiveLauncher;
 
 /// Runs one pod VM: jailed QEMU, QMP, and the host end of its vsock.
 #[derive(Debug, Parser)]
@@ -42,7 +43,8 @@ fn main() -> std::process::ExitCode {
         None => SandboxPaths::new(&args.sandbox_id),
     };
     let result = match args.cmd.unwrap_or(Cmd::Serve) {
-        Cmd::Cleanup => kata_vmm_launcher::vm::cleanup(&paths),
+        Cmd::Cleanup => kata_vmm_launcher::client::cleanup(&paths, LiveLauncher::Refuse)
+            .map_err(|e| e.to_string()),
         Cmd::Serve => {
             let rt = match kata_proto::runtime() {
                 Ok(rt) => rt,
@@ -56,6 +58,7 @@ fn main() -> std::process::ExitCode {
                 let _ = writeln!(out, "READY");
                 let _ = out.flush();
             }))
+            .map_err(|e| e.to_string())
         }
     };
     match result {

@@ -7,46 +7,44 @@
 use kata_proto::launcher::Accelerator;
 
 /// Paths inside the jail.
-pub mod jailed {
+pub(crate) mod jailed {
     /// The guest kernel.
-    pub const KERNEL: &str = "/boot/vmlinuz";
+    pub(crate) const KERNEL: &str = "/boot/vmlinuz";
     /// The guest initramfs.
-    pub const INITRD: &str = "/boot/initrd.img";
-    /// The sandbox's vm/ directory.
-    pub const VM_DIR: &str = "/vm";
+    pub(crate) const INITRD: &str = "/boot/initrd.img";
     /// QMP socket (QEMU listens).
-    pub const QMP: &str = "/vm/qmp.sock";
+    pub(crate) const QMP: &str = "/vm/qmp.sock";
     /// vhost-user vsock socket (our backend listens, QEMU connects).
-    pub const VHOST_VSOCK: &str = "/vm/vhost-vsock.sock";
+    pub(crate) const VHOST_VSOCK: &str = "/vm/vhost-vsock.sock";
     /// vhost-user-fs socket (kata-virtiofsd listens, QEMU connects).
-    pub const VIRTIOFS: &str = "/vm/virtiofsd.sock";
+    pub(crate) const VIRTIOFS: &str = "/vm/virtiofsd.sock";
 }
 
 /// Everything that decides the command line.
 #[derive(Debug, Clone, PartialEq)]
-pub struct QemuArgs {
+pub(crate) struct QemuArgs {
     /// The sandbox id (VM name).
-    pub sandbox_id: String,
+    pub(crate) sandbox_id: String,
     /// vCPUs.
-    pub vcpus: u32,
+    pub(crate) vcpus: u32,
     /// Guest RAM in MiB.
-    pub memory_mib: u64,
+    pub(crate) memory_mib: u64,
     /// `q35`, `pc` or `microvm`.
-    pub machine_type: String,
+    pub(crate) machine_type: String,
     /// KVM or TCG (never Auto here: resolved before).
-    pub accelerator: Accelerator,
+    pub(crate) accelerator: Accelerator,
     /// Extra kernel parameters.
-    pub kernel_params: String,
+    pub(crate) kernel_params: String,
     /// `Some(cid)`: vhost-vsock with that CID; `None`: vhost-user vsock (hybrid).
-    pub vhost_vsock_cid: Option<u32>,
+    pub(crate) vhost_vsock_cid: Option<u32>,
     /// Host CPU kHz, for `tsc_early_khz` on microvm under TCG.
-    pub tsc_khz: Option<u64>,
+    pub(crate) tsc_khz: Option<u64>,
     /// The virtio-fs tag, when a vhost-user-fs backend serves the pod.
-    pub virtiofs_tag: Option<String>,
+    pub(crate) virtiofs_tag: Option<String>,
 }
 
 /// The kernel command line the launcher always passes (before the user's).
-pub fn base_kernel_params(a: &QemuArgs) -> String {
+pub(crate) fn base_kernel_params(a: &QemuArgs) -> String {
     // panic=1 + -no-reboot: a guest panic ends the VM instead of hanging it.
     let mut p = String::from(
         "console=ttyS0 panic=1 reboot=k quiet loglevel=4 rcupdate.rcu_expedited=1 \
@@ -64,7 +62,7 @@ pub fn base_kernel_params(a: &QemuArgs) -> String {
 }
 
 /// The arguments after the binary.
-pub fn command_line(a: &QemuArgs) -> Vec<String> {
+pub(crate) fn command_line(a: &QemuArgs) -> Vec<String> {
     let accel = match a.accelerator {
         Accelerator::Kvm => "kvm",
         _ => "tcg",

@@ -21,7 +21,7 @@ const MAX_LINE: usize = 1 << 20;
 
 /// Why a QMP exchange failed.
 #[derive(Debug, thiserror::Error)]
-pub enum QmpError {
+pub(crate) enum QmpError {
     /// Socket I/O.
     #[error("QMP socket {path}: {source}")]
     Io {
@@ -58,18 +58,18 @@ pub enum QmpError {
 
 /// An asynchronous event from QEMU (`SHUTDOWN`, `STOP`, `RESUME`, ...).
 #[derive(Debug, Clone)]
-pub struct Event {
+pub(crate) struct Event {
     /// The event name.
-    pub name: String,
+    pub(crate) name: String,
     /// Its data.
-    pub data: Value,
+    pub(crate) data: Value,
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
 
 /// A connected QMP session (capabilities negotiated).
 #[derive(Debug)]
-pub struct Qmp {
+pub(crate) struct Qmp {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     pending: Pending,
     next_id: std::sync::atomic::AtomicU64,
@@ -79,7 +79,7 @@ pub struct Qmp {
 
 impl Qmp {
     /// Connects to `path`, reads the greeting and enters command mode.
-    pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+    pub(crate) async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
         let io = |source| QmpError::Io {
             path: path.display().to_string(),
             source,
@@ -117,12 +117,12 @@ impl Qmp {
     }
 
     /// Subscribes to events from now on.
-    pub fn events(&self) -> broadcast::Receiver<Event> {
+    pub(crate) fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
 
     /// Runs `command` with optional `arguments`; returns its `return` value.
-    pub async fn execute(
+    pub(crate) async fn execute(
         &self,
         command: &str,
         arguments: Option<Value>,
@@ -173,7 +173,8 @@ impl Qmp {
     }
 
     /// `query-status`'s `status` ("running", "paused", "prelaunch", ...).
-    pub async fn status(&self) -> Result<String, QmpError> {
+    #[cfg(test)]
+    pub(crate) async fn status(&self) -> Result<String, QmpError> {
         let v = self.execute("query-status", None).await?;
         Ok(v["status"].as_str().unwrap_or("unknown").to_string())
     }

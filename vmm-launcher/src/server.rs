@@ -13,11 +13,11 @@ use crate::vm::Vm;
 use crate::LauncherError;
 
 /// The service.
-pub struct LauncherService {
+pub(crate) struct LauncherService {
     /// The one VM.
-    pub vm: Arc<Vm>,
+    pub(crate) vm: Arc<Vm>,
     /// Notified by `Shutdown` once everything is removed.
-    pub done: Arc<Notify>,
+    pub(crate) done: Arc<Notify>,
 }
 
 impl From<LauncherError> for Status {

@@ -25,18 +25,18 @@ use std::path::{Path, PathBuf};
 use tracing::{debug, warn};
 
 use crate::files;
-use crate::vm::start_time;
+use kata_proto::process::start_time;
 
 /// First uid of the default range.
-pub const DEFAULT_FIRST: u32 = 0x7000_0000;
+pub(crate) const DEFAULT_FIRST: u32 = 0x7000_0000;
 /// Size of the default range.
-pub const DEFAULT_COUNT: u32 = 65_536;
+pub(crate) const DEFAULT_COUNT: u32 = 65_536;
 /// The environment variable that moves the range: `FIRST:COUNT`.
-pub const RANGE_ENV: &str = "KATA_JAIL_UID_RANGE";
+pub(crate) const RANGE_ENV: &str = "KATA_JAIL_UID_RANGE";
 
 /// Why no uid could be had.
 #[derive(Debug, thiserror::Error)]
-pub enum UidError {
+pub(crate) enum UidError {
     /// The configured range is unusable.
     #[error("{RANGE_ENV}={0:?}: {1}")]
     Range(String, String),
@@ -60,11 +60,11 @@ pub enum UidError {
 
 /// A range of uids (used as gids too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UidRange {
+pub(crate) struct UidRange {
     /// The first uid.
-    pub first: u32,
+    pub(crate) first: u32,
     /// How many.
-    pub count: u32,
+    pub(crate) count: u32,
 }
 
 impl Default for UidRange {
@@ -78,7 +78,7 @@ impl Default for UidRange {
 
 impl UidRange {
     /// Parses `FIRST:COUNT`. Root's ids (0) and `(uid_t)-1` are refused.
-    pub fn parse(s: &str) -> Result<UidRange, UidError> {
+    pub(crate) fn parse(s: &str) -> Result<UidRange, UidError> {
         let bad = |why: &str| UidError::Range(s.into(), why.into());
         let (a, b) = s
             .trim()
@@ -96,7 +96,7 @@ impl UidRange {
     }
 
     /// The range from [`RANGE_ENV`], else the default.
-    pub fn from_env() -> Result<UidRange, UidError> {
+    pub(crate) fn from_env() -> Result<UidRange, UidError> {
         match std::env::var(RANGE_ENV) {
             Ok(s) if !s.trim().is_empty() => UidRange::parse(&s),
             _ => Ok(UidRange::default()),
@@ -111,12 +111,12 @@ impl UidRange {
 /// Ids the allocator never hands out: subordinate ranges and named users
 /// and groups of the host. Half-open intervals.
 #[derive(Debug, Clone, Default)]
-pub struct Excluded(Vec<(u64, u64)>);
+pub(crate) struct Excluded(Vec<(u64, u64)>);
 
 impl Excluded {
     /// What `/etc/subuid`, `/etc/subgid`, `/etc/passwd` and `/etc/group` of
     /// this host exclude (a missing file excludes nothing).
-    pub fn host() -> Excluded {
+    pub(crate) fn host() -> Excluded {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let mut e = Excluded::default();
         e.add_subids(&read("/etc/subuid"));
@@ -127,7 +127,7 @@ impl Excluded {
     }
 
     /// Adds the ranges of a subuid/subgid file (`name:first:count` lines).
-    pub fn add_subids(&mut self, text: &str) {
+    pub(crate) fn add_subids(&mut self, text: &str) {
         for l in text.lines() {
             let f: Vec<&str> = l.trim().split(':').collect();
             if let [_, first, count] = f[..] {
@@ -139,7 +139,7 @@ impl Excluded {
     }
 
     /// Adds the ids in the colon-separated `fields` of each line.
-    pub fn add_ids(&mut self, text: &str, fields: &[usize]) {
+    pub(crate) fn add_ids(&mut self, text: &str, fields: &[usize]) {
         for l in text.lines() {
             let f: Vec<&str> = l.split(':').collect();
             for &i in fields {
@@ -151,14 +151,14 @@ impl Excluded {
     }
 
     /// Whether `id` is excluded.
-    pub fn contains(&self, id: u32) -> bool {
+    pub(crate) fn contains(&self, id: u32) -> bool {
         let id = u64::from(id);
         self.0.iter().any(|&(a, b)| a <= id && id < b)
     }
 }
 
 /// Whether any process runs with `id` as one of its uids or gids.
-pub fn id_in_use(id: u32) -> bool {
+pub(crate) fn id_in_use(id: u32) -> bool {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return false;
     };
@@ -183,7 +183,7 @@ pub fn id_in_use(id: u32) -> bool {
 }
 
 /// Hands out uids of a range.
-pub struct UidAllocator {
+pub(crate) struct UidAllocator {
     range: UidRange,
     lock_dir: PathBuf,
     excluded: Excluded,
@@ -201,13 +201,13 @@ impl std::fmt::Debug for UidAllocator {
 
 /// The default lock directory: `<run dir>/.uids` (a sandbox id never starts
 /// with a dot, so this is no sandbox's directory).
-pub fn default_lock_dir() -> PathBuf {
+pub(crate) fn default_lock_dir() -> PathBuf {
     kata_proto::paths::run_dir().join(".uids")
 }
 
 impl UidAllocator {
     /// An allocator over `range`, its locks in `lock_dir`.
-    pub fn new(
+    pub(crate) fn new(
         range: UidRange,
         lock_dir: PathBuf,
         excluded: Excluded,
@@ -223,7 +223,7 @@ impl UidAllocator {
 
     /// This host's allocator: the range from the environment, the host's
     /// exclusions, the default lock directory, running processes checked.
-    pub fn host() -> Result<UidAllocator, UidError> {
+    pub(crate) fn host() -> Result<UidAllocator, UidError> {
         Ok(UidAllocator::new(
             UidRange::from_env()?,
             default_lock_dir(),
@@ -233,7 +233,7 @@ impl UidAllocator {
     }
 
     /// Takes a free uid, starting the search at a hash of `sandbox_id`.
-    pub fn allocate(&self, sandbox_id: &str) -> Result<UidLease, UidError> {
+    pub(crate) fn allocate(&self, sandbox_id: &str) -> Result<UidLease, UidError> {
         files::private_dir(&self.lock_dir, files::DIR_MODE, None).map_err(|source| {
             UidError::LockDir {
                 path: self.lock_dir.clone(),
@@ -342,7 +342,7 @@ fn recorded_hypervisor(text: &str) -> Option<(u32, u64)> {
 
 /// A uid held for one VM; released (its lock file removed) when dropped.
 #[derive(Debug)]
-pub struct UidLease {
+pub(crate) struct UidLease {
     uid: u32,
     file: File,
     path: PathBuf,
@@ -350,17 +350,17 @@ pub struct UidLease {
 
 impl UidLease {
     /// The uid (and gid).
-    pub fn uid(&self) -> u32 {
+    pub(crate) fn uid(&self) -> u32 {
         self.uid
     }
 
     /// The lock file.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Records the hypervisor running with this uid (0: none yet).
-    pub fn record(&mut self, hypervisor_pid: u32, hypervisor_start: u64) -> io::Result<()> {
+    pub(crate) fn record(&mut self, hypervisor_pid: u32, hypervisor_start: u64) -> io::Result<()> {
         let me = std::process::id();
         let text = format!(
             "launcher {me} {} hypervisor {hypervisor_pid} {hypervisor_start}\n",
@@ -384,7 +384,7 @@ impl Drop for UidLease {
 
 /// Removes the lock file `path` of a dead launcher unless someone holds it
 /// or the hypervisor it records still runs.
-pub fn release_stale(path: &Path) {
+pub(crate) fn release_stale(path: &Path) {
     let Ok(mut f) = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)

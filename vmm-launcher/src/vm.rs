@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use kata_proto::launcher::{Accelerator, VmExit, VmSpec};
 use kata_proto::paths::{self, ports, SandboxPaths};
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{watch, Mutex};
 use tracing::{debug, info, warn};
@@ -21,11 +20,13 @@ use tracing::{debug, info, warn};
 use crate::console::{self, BoundedLog, ConsoleStats, CONSOLE_CAP};
 use crate::files::{self, DIR_MODE, FILE_MODE};
 use crate::jail::{Jail, JailSpec};
+use crate::leftovers::{remove_sandbox_files, State};
 use crate::qemu::{self, QemuArgs};
 use crate::qmp::Qmp;
-use crate::uids::{self, UidAllocator, UidLease};
+use crate::uids::{UidAllocator, UidLease};
 use crate::vsock::{VsockBackend, VsockConfig};
 use crate::{cgroup, LauncherError};
+use kata_proto::process::start_time;
 
 /// Deadline of one QMP command.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,56 +42,11 @@ const READY_LINE_DEADLINE: Duration = Duration::from_secs(2);
 /// How long the exit report waits for the console's last bytes.
 const CONSOLE_DRAIN_WAIT: Duration = Duration::from_secs(2);
 
-/// What the launcher writes to `launcher.json`, so `cleanup` can undo a VM whose
-/// launcher died.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct State {
-    /// The launcher's pid.
-    pub launcher_pid: u32,
-    /// The hypervisor's pid, 0 before it runs.
-    pub hypervisor_pid: u32,
-    /// The hypervisor's start time (field 22 of /proc/PID/stat), to tell a
-    /// reused pid from ours.
-    pub hypervisor_start: u64,
-    /// cgroup directories the launcher created.
-    pub cgroups: Vec<PathBuf>,
-    /// The lock file of the hypervisor's uid (see [`crate::uids`]), if one
-    /// was allocated.
-    #[serde(default)]
-    pub uid_lock: Option<PathBuf>,
-}
-
-impl State {
-    /// Reads the state file of `paths`, if any.
-    pub fn load(paths: &SandboxPaths) -> Option<State> {
-        let text = std::fs::read_to_string(paths.launcher_state()).ok()?;
-        serde_json::from_str(&text).ok()
-    }
-
-    fn save(&self, paths: &SandboxPaths) -> std::io::Result<()> {
-        use std::io::Write;
-        let tmp = paths.dir.join(".launcher.json.tmp");
-        let mut f = files::private_file(&tmp, false, true)?;
-        f.write_all(&serde_json::to_vec(self).unwrap_or_default())?;
-        drop(f);
-        std::fs::rename(tmp, paths.launcher_state())
-    }
-}
-
-/// Start time of `pid` (clock ticks since boot), if it runs.
-pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // the command name may hold spaces and parentheses: fields start after the last ')'
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 /// The VM's running parts.
 struct Running {
     pid: u32,
     qmp: Arc<Qmp>,
     vsock: Option<VsockBackend>,
-    accel: Accelerator,
     vsock_uds: PathBuf,
     paused: bool,
     started: bool,
@@ -98,7 +54,7 @@ struct Running {
 }
 
 /// The launcher's one VM.
-pub struct Vm {
+pub(crate) struct Vm {
     sandbox_id: String,
     paths: SandboxPaths,
     inner: Mutex<Option<Running>>,
@@ -113,7 +69,7 @@ pub struct Vm {
 
 impl Vm {
     /// A launcher for `sandbox_id` in `paths`, nothing created yet.
-    pub fn new(sandbox_id: &str, paths: SandboxPaths) -> Vm {
+    pub(crate) fn new(sandbox_id: &str, paths: SandboxPaths) -> Vm {
         Vm {
             sandbox_id: sandbox_id.into(),
             inner: Mutex::new(None),
@@ -129,12 +85,6 @@ impl Vm {
             uid_lease: std::sync::Mutex::new(None),
             paths,
         }
-    }
-
-    /// Uses `a` for the hypervisor's uid instead of this host's allocator
-    /// ([`UidAllocator::host`], made at the first create).
-    pub fn set_uid_allocator(&self, a: UidAllocator) {
-        *lock(&self.uids) = Some(a);
     }
 
     /// The uid the hypervisor gets: the spec's, or a free one of the range.
@@ -172,7 +122,7 @@ impl Vm {
     /// Prepares the jailed, paused hypervisor with the vsock backend listening.
     /// Creates the VM, paused; returns the hypervisor's pid, the hybrid vsock
     /// socket, the accelerator and how long the hypervisor took to start.
-    pub async fn create(
+    pub(crate) async fn create(
         &self,
         spec: VmSpec,
     ) -> Result<(u32, PathBuf, Accelerator, Duration), LauncherError> {
@@ -375,7 +325,6 @@ impl Vm {
             pid,
             qmp,
             vsock,
-            accel,
             vsock_uds,
             paused: true,
             started: false,
@@ -384,7 +333,7 @@ impl Vm {
     }
 
     /// Lets the vCPUs run; waits up to `ready_timeout` for the agent's announcement.
-    pub async fn start(&self, ready_timeout: Duration) -> Result<u64, LauncherError> {
+    pub(crate) async fn start(&self, ready_timeout: Duration) -> Result<u64, LauncherError> {
         let t0 = Instant::now();
         {
             let mut inner = self.inner.lock().await;
@@ -447,7 +396,7 @@ impl Vm {
     }
 
     /// Pauses (`pause = true`) or resumes the vCPUs.
-    pub async fn set_paused(&self, pause: bool) -> Result<(), LauncherError> {
+    pub(crate) async fn set_paused(&self, pause: bool) -> Result<(), LauncherError> {
         let mut inner = self.inner.lock().await;
         let r = inner
             .as_mut()
@@ -463,7 +412,7 @@ impl Vm {
     }
 
     /// Graceful stop (the agent's `DestroySandbox`), then `quit`, then SIGKILL.
-    pub async fn stop(&self, timeout: Duration) -> Result<VmExit, LauncherError> {
+    pub(crate) async fn stop(&self, timeout: Duration) -> Result<VmExit, LauncherError> {
         let timeout = if timeout.is_zero() {
             STOP_TIMEOUT
         } else {
@@ -516,7 +465,7 @@ impl Vm {
     }
 
     /// Waits for the VM to exit.
-    pub async fn wait(&self) -> Result<VmExit, LauncherError> {
+    pub(crate) async fn wait(&self) -> Result<VmExit, LauncherError> {
         if self.inner.lock().await.is_none() && self.exit.borrow().is_none() {
             return Err(LauncherError::State("no VM: call CreateVm first".into()));
         }
@@ -529,7 +478,7 @@ impl Vm {
     }
 
     /// "created", "running", "paused" or "exited", the pid, the vsock socket, readiness.
-    pub async fn status(&self) -> (String, u32, String, bool) {
+    pub(crate) async fn status(&self) -> (String, u32, String, bool) {
         let inner = self.inner.lock().await;
         let ready = self.ready.borrow().is_some();
         if self.exit.borrow().is_some() {
@@ -554,13 +503,8 @@ impl Vm {
         }
     }
 
-    /// The accelerator in use.
-    pub async fn accelerator(&self) -> Option<Accelerator> {
-        self.inner.lock().await.as_ref().map(|r| r.accel)
-    }
-
     /// Stops the VM if it runs and removes every resource of the sandbox.
-    pub async fn teardown(&self) {
+    pub(crate) async fn teardown(&self) {
         let has_vm = self.inner.lock().await.is_some();
         if has_vm && self.exit.borrow().is_none() {
             let _ = self.stop(Duration::from_secs(3)).await;
@@ -581,85 +525,6 @@ impl Vm {
         remove_sandbox_files(&self.paths);
         info!("sandbox resources removed");
     }
-}
-
-/// Removes what a launcher puts in the sandbox directory, then the directory if
-/// it is empty (the shim may keep files of its own there).
-pub fn remove_sandbox_files(p: &SandboxPaths) {
-    let _ = std::fs::remove_dir_all(p.vm_dir());
-    let _ = std::fs::remove_dir(p.jail_root());
-    for f in [
-        p.vsock_uds(),
-        paths::hybrid_listener_path(&p.vsock_uds(), ports::READY),
-        p.launcher_socket(),
-        p.launcher_state(),
-        p.console_log(),
-        console::rotated_path(&p.console_log()),
-        p.dir.join(".launcher.json.tmp"),
-    ] {
-        let _ = std::fs::remove_file(f);
-    }
-    let _ = std::fs::remove_dir(&p.dir);
-}
-
-/// Undoes what a dead launcher left: kills its hypervisor (if the pid is still
-/// ours), removes its cgroups and files. Refuses while the launcher runs.
-pub fn cleanup(p: &SandboxPaths) -> Result<(), LauncherError> {
-    if let Some(st) = State::load(p) {
-        if st.launcher_pid != std::process::id()
-            && start_time(st.launcher_pid).is_some()
-            && is_launcher(st.launcher_pid)
-        {
-            return Err(LauncherError::State(format!(
-                "the launcher (pid {}) of this sandbox still runs: use its Shutdown call",
-                st.launcher_pid
-            )));
-        }
-        if st.hypervisor_pid != 0 && start_time(st.hypervisor_pid) == Some(st.hypervisor_start) {
-            info!(
-                pid = st.hypervisor_pid,
-                "killing the hypervisor of a dead launcher"
-            );
-            kill_if_same(st.hypervisor_pid, st.hypervisor_start);
-        }
-        for (d, e) in cgroup::remove(&st.cgroups) {
-            warn!("cannot remove cgroup {}: {e}", d.display());
-        }
-        if let Some(l) = &st.uid_lock {
-            // only a file of the lock directory, and only if nobody holds it
-            if l.parent() == Some(uids::default_lock_dir().as_path()) {
-                uids::release_stale(l);
-            }
-        }
-    }
-    remove_sandbox_files(p);
-    Ok(())
-}
-
-/// SIGKILLs `pid` if it is still the process that started at `start` (clock
-/// ticks since boot; a reused pid is left alone), and waits up to 2 s for it
-/// to be gone.
-pub fn kill_if_same(pid: u32, start: u64) {
-    if pid == 0 || start_time(pid) != Some(start) {
-        return;
-    }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    for _ in 0..100 {
-        if start_time(pid) != Some(start) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Whether `pid` runs kata-vmm-launcher (its command line names it).
-pub fn is_launcher(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains("kata-vmm-launcher"))
-        .unwrap_or(false)
 }
 
 fn validate(mut spec: VmSpec, paths: &SandboxPaths) -> Result<VmSpec, LauncherError> {
@@ -931,7 +796,7 @@ async fn destroy_sandbox(uds: &Path, timeout: Duration) -> Result<(), String> {
 }
 
 /// The last lines of a log, for error messages (only its last few KiB are read).
-pub fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     console::tail(path)
 }
 
@@ -1070,26 +935,5 @@ mod tests {
         assert_eq!(lim.rlim_cur, soft);
         assert_eq!(soft, crate::NOFILE_LIMIT.min(lim.rlim_max));
         assert!(crate::NOFILE_LIMIT as usize > crate::vsock::MAX_CONNS);
-    }
-
-    #[test]
-    fn stat_start_time() {
-        assert!(start_time(std::process::id()).is_some());
-        assert!(start_time(u32::MAX).is_none());
-    }
-
-    #[test]
-    fn state_round_trip() {
-        let d = tempfile::tempdir().unwrap();
-        let p = SandboxPaths::in_dir(d.path());
-        let s = State {
-            launcher_pid: 1,
-            hypervisor_pid: 2,
-            hypervisor_start: 3,
-            cgroups: vec!["/x".into()],
-            uid_lock: Some("/run/kata/.uids/1879048192".into()),
-        };
-        s.save(&p).unwrap();
-        assert_eq!(State::load(&p), Some(s));
     }
 }

@@ -26,21 +26,21 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::packet::{self, op, Header, LineError, Op, HOST_CID, SHUTDOWN_SEND};
 
 /// Receive buffer we advertise per connection (guest to host direction).
-pub const BUF_ALLOC: u32 = 256 * 1024;
+pub(crate) const BUF_ALLOC: u32 = 256 * 1024;
 /// How long a host client may take to send its `CONNECT` line.
-pub const LINE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const LINE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most connections (any state, both directions) at once.
-pub const MAX_CONNS: usize = 4096;
+pub(crate) const MAX_CONNS: usize = 4096;
 /// Most guest-initiated connections (any state) at once: the guest's
 /// REQUEST beyond it gets an RST, counted in [`Stats::refused_guest_conns`].
-pub const MAX_GUEST_CONNS: usize = 256;
+pub(crate) const MAX_GUEST_CONNS: usize = 256;
 /// Most guest bytes held for slow host sockets, all connections of the VM
 /// together (buffer capacity, not just content). A guest packet that would
 /// go past it resets its connection ([`Stats::buffer_resets`]).
-pub const MAX_BUFFERED: usize = 16 << 20;
+pub(crate) const MAX_BUFFERED: usize = 16 << 20;
 /// `SO_SNDBUF` of the host sockets of guest-initiated connections: bounds
 /// what the kernel holds for each (it doubles the value).
-pub const GUEST_CONN_SNDBUF: usize = 32 * 1024;
+pub(crate) const GUEST_CONN_SNDBUF: usize = 32 * 1024;
 /// Most queued RSTs for packets that match no connection.
 const MAX_ORPHAN_RST: usize = 1024;
 /// First host port handed out to host-initiated connections.
@@ -221,34 +221,34 @@ enum Fate {
 
 /// Counters, for logs and tests.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Stats {
+pub(crate) struct Stats {
     /// Packets dropped or answered with RST because they were malformed.
-    pub bad_packets: u64,
+    pub(crate) bad_packets: u64,
     /// Host clients closed because of a bad or late `CONNECT` line.
-    pub bad_lines: u64,
+    pub(crate) bad_lines: u64,
     /// Guest REQUESTs refused (RST) because the VM had [`MAX_GUEST_CONNS`]
     /// guest-initiated connections (or [`MAX_CONNS`] in all).
-    pub refused_guest_conns: u64,
+    pub(crate) refused_guest_conns: u64,
     /// Connections reset because their guest data would have taken the
     /// VM's buffered bytes past [`MAX_BUFFERED`].
-    pub buffer_resets: u64,
+    pub(crate) buffer_resets: u64,
 }
 
 /// What the connection table holds, for limits and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
+pub(crate) struct Usage {
     /// Connections, any state.
-    pub conns: usize,
+    pub(crate) conns: usize,
     /// Of which guest-initiated.
-    pub guest_conns: usize,
+    pub(crate) guest_conns: usize,
     /// Heap bytes held in guest-to-host buffers.
-    pub buffered: usize,
+    pub(crate) buffered: usize,
     /// Most `buffered` ever was.
-    pub buffered_peak: usize,
+    pub(crate) buffered_peak: usize,
 }
 
 /// The connection table and everything around it.
-pub struct Muxer {
+pub(crate) struct Muxer {
     uds_path: PathBuf,
     guest_cid: u64,
     epoll: Epoll,
@@ -269,17 +269,21 @@ pub struct Muxer {
     active: bool,
     awaiting_lines: usize,
     /// How long a host client may take to send its `CONNECT` line.
-    pub line_timeout: Duration,
+    pub(crate) line_timeout: Duration,
     /// Scratch space for the device glue (one packet's payload).
-    pub scratch: Vec<u8>,
+    pub(crate) scratch: Vec<u8>,
     /// Counters.
-    pub stats: Stats,
+    pub(crate) stats: Stats,
 }
 
 impl Muxer {
     /// Takes the bound host listener (`uds_path`). Guest-initiated connections
     /// to host port P go to `<uds_path>_P`.
-    pub fn new(listener: UnixListener, uds_path: &Path, guest_cid: u64) -> io::Result<Muxer> {
+    pub(crate) fn new(
+        listener: UnixListener,
+        uds_path: &Path,
+        guest_cid: u64,
+    ) -> io::Result<Muxer> {
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
         let timer = TimerFd::new()?;
@@ -324,18 +328,18 @@ impl Muxer {
     }
 
     /// The muxer's epoll fd: readable when a host socket needs attention.
-    pub fn epoll_fd(&self) -> RawFd {
+    pub(crate) fn epoll_fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
     }
 
     /// Number of connections in any state.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.live
     }
 
     /// Connections and held bytes now.
-    pub fn usage(&self) -> Usage {
+    pub(crate) fn usage(&self) -> Usage {
         Usage {
             conns: self.live,
             guest_conns: self.guest_live,
@@ -351,7 +355,7 @@ impl Muxer {
     }
 
     /// Whether the guest side is up.
-    pub fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         self.active
     }
 
@@ -467,7 +471,7 @@ impl Muxer {
     /// frontend gone). Held `CONNECT`s go out when it becomes active; on
     /// deactivation every connection the guest knew is closed, pending
     /// `CONNECT`s are held again.
-    pub fn set_active(&mut self, active: bool) {
+    pub(crate) fn set_active(&mut self, active: bool) {
         if self.active == active {
             return;
         }
@@ -503,14 +507,14 @@ impl Muxer {
     // ---- guest side ----
 
     /// Whether [`Muxer::next_rx`] may have a packet for the guest.
-    pub fn has_rx_work(&self) -> bool {
+    pub(crate) fn has_rx_work(&self) -> bool {
         !self.rst_queue.is_empty() || !self.rx_queue.is_empty()
     }
 
     /// The next packet for the guest, its payload written to `payload`
     /// (at most `payload.len()` bytes). Returns the header (its `len` set)
     /// and the payload length. `None`: nothing to send now.
-    pub fn next_rx(&mut self, payload: &mut [u8]) -> Option<(Header, usize)> {
+    pub(crate) fn next_rx(&mut self, payload: &mut [u8]) -> Option<(Header, usize)> {
         if let Some(h) = self.rst_queue.pop_front() {
             return Some((h, 0));
         }
@@ -549,7 +553,7 @@ impl Muxer {
 
     /// A guest packet addressed to us but unacceptable (bad type, op or
     /// length): reset the connection it belongs to, answer RST.
-    pub fn reject(&mut self, h: &Header) {
+    pub(crate) fn reject(&mut self, h: &Header) {
         if let Some(&slot) = self.by_key.get(&(h.dst_port, h.src_port)) {
             self.remove(slot, false);
         }
@@ -560,14 +564,14 @@ impl Muxer {
 
     /// A packet the guest could not receive (bad RX buffer) after we consumed
     /// host data for it: the stream is broken, reset the connection.
-    pub fn rx_failed(&mut self, h: &Header) {
+    pub(crate) fn rx_failed(&mut self, h: &Header) {
         if let Some(&slot) = self.by_key.get(&(h.src_port, h.dst_port)) {
             self.remove(slot, true);
         }
     }
 
     /// A packet from the guest (already validated by [`packet::validate`]).
-    pub fn on_guest_packet(&mut self, h: &Header, op: Op, payload: &[u8]) {
+    pub(crate) fn on_guest_packet(&mut self, h: &Header, op: Op, payload: &[u8]) {
         let key = (h.dst_port, h.src_port);
         let Some(&slot) = self.by_key.get(&key) else {
             match op {
@@ -715,7 +719,7 @@ impl Muxer {
     // ---- host side ----
 
     /// Handles whatever the host sockets have to say (never blocks).
-    pub fn process_host_events(&mut self) {
+    pub(crate) fn process_host_events(&mut self) {
         let mut events = [EpollEvent::new(EventSet::empty(), 0); 64];
         // New sockets report their first events on the next wait: go round
         // until nothing is left (bounded, in case a listener error persists).

@@ -27,7 +27,7 @@ use super::conn::Muxer;
 use super::packet::{self, HDR_LEN, MAX_PAYLOAD};
 
 /// Guest memory as vhost-user-backend hands it to us.
-pub type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -35,15 +35,15 @@ const NUM_QUEUES: usize = 3;
 const QUEUE_SIZE: usize = 1024;
 /// Event id of the muxer's epoll fd in the backend's event loop (ids up to
 /// `NUM_QUEUES` are the library's).
-pub const HOST_EVENT: u16 = NUM_QUEUES as u16 + 1;
+pub(crate) const HOST_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
 /// Locks, ignoring poisoning (a panic elsewhere must not take the device down).
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One vhost-user session's device.
-pub struct VsockDevice {
+pub(crate) struct VsockDevice {
     muxer: Arc<Mutex<Muxer>>,
     guest_cid: u64,
     event_idx: AtomicBool,
@@ -53,7 +53,7 @@ pub struct VsockDevice {
 
 impl VsockDevice {
     /// A device for one frontend connection.
-    pub fn new(muxer: Arc<Mutex<Muxer>>, guest_cid: u64, active: Arc<AtomicBool>) -> Self {
+    pub(crate) fn new(muxer: Arc<Mutex<Muxer>>, guest_cid: u64, active: Arc<AtomicBool>) -> Self {
         VsockDevice {
             muxer,
             guest_cid,

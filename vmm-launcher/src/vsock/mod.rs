@@ -40,29 +40,27 @@ use vmm_sys_util::event::{
 };
 
 use conn::Muxer;
-pub use conn::{
-    Stats, Usage, BUF_ALLOC, GUEST_CONN_SNDBUF, MAX_BUFFERED, MAX_CONNS, MAX_GUEST_CONNS,
-};
+pub(crate) use conn::{Stats, Usage, MAX_CONNS, MAX_GUEST_CONNS};
 use device::{lock, VsockDevice, HOST_EVENT};
 
 /// Where the backend listens.
 #[derive(Debug, Clone)]
-pub struct VsockConfig {
+pub(crate) struct VsockConfig {
     /// vhost-user socket QEMU connects to (we listen; QEMU is the frontend:
     /// `-chardev socket,id=vs,path=...` + `-device vhost-user-vsock-pci,chardev=vs`).
-    pub vhost_socket: PathBuf,
+    pub(crate) vhost_socket: PathBuf,
     /// Host unix socket for host-initiated connections: the client writes
     /// `CONNECT <port>\n`, we answer `OK <host_port>\n` once the guest
     /// accepted, then the stream is raw. Guest-initiated connections to host
     /// port P are forwarded to the unix socket `<uds_path>_P`.
-    pub uds_path: PathBuf,
+    pub(crate) uds_path: PathBuf,
     /// The guest's CID (3 with hybrid vsock).
-    pub guest_cid: u64,
+    pub(crate) guest_cid: u64,
 }
 
 /// Why the backend could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum VsockError {
+pub(crate) enum VsockError {
     /// The guest CID is reserved or too large.
     #[error("invalid guest CID {0}: must be between 3 and 4294967294")]
     InvalidCid(u64),
@@ -110,7 +108,7 @@ struct Running {
 }
 
 /// A running vsock backend. Dropping it stops it.
-pub struct VsockBackend {
+pub(crate) struct VsockBackend {
     cfg: VsockConfig,
     muxer: Arc<Mutex<Muxer>>,
     active: Arc<AtomicBool>,
@@ -150,7 +148,7 @@ fn clear_stale_socket(path: &Path) -> Result<(), VsockError> {
 impl VsockBackend {
     /// Binds both sockets (so QEMU can be started right after this returns),
     /// spawns the worker thread(s), returns.
-    pub fn start(cfg: VsockConfig) -> Result<VsockBackend, VsockError> {
+    pub(crate) fn start(cfg: VsockConfig) -> Result<VsockBackend, VsockError> {
         if cfg.guest_cid < 3 || cfg.guest_cid >= u64::from(u32::MAX) {
             return Err(VsockError::InvalidCid(cfg.guest_cid));
         }
@@ -233,25 +231,20 @@ impl VsockBackend {
     }
 
     /// Stops the threads, removes both socket files. Also done on Drop.
-    pub fn shutdown(mut self) {
+    pub(crate) fn shutdown(mut self) {
         self.stop();
     }
 
     /// True once QEMU connected and the device was activated (vrings enabled).
-    pub fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         self.active.load(Ordering::Acquire)
     }
 
     /// Connections and buffered bytes now, and the counters (refusals,
     /// resets, bad input).
-    pub fn usage(&self) -> (Usage, Stats) {
+    pub(crate) fn usage(&self) -> (Usage, Stats) {
         let m = lock(&self.muxer);
         (m.usage(), m.stats)
-    }
-
-    /// The configuration it was started with.
-    pub fn config(&self) -> &VsockConfig {
-        &self.cfg
     }
 
     fn stop(&mut self) {
