@@ -56,6 +56,13 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
+        // until the child has exec'd, its command line is the test binary's
+        for _ in 0..200 {
+            if runs_program(pid, "sleep") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let start = start_time(pid).unwrap();
         assert!(runs_program(pid, "sleep"));
         assert!(!runs_program(pid, "kata-vmm-launcher"));
