@@ -51,7 +51,7 @@ pub async fn run(args: BootArgs) -> anyhow::Result<()> {
     let dir = kata_proto::paths::run_dir().join(&id);
     let t0 = Instant::now();
     let mut l = LauncherProcess::spawn(&launcher, &id, &dir, Duration::from_secs(10)).await?;
-    let result = boot(&mut l, &id, &cfg, &args, kernel, initrd, t0).await;
+    let result = boot(&mut l, &cfg, &args, kernel, initrd, t0).await;
     let _ = l.client.shutdown(()).await;
     let _ = l.child.wait().await;
     result
@@ -59,7 +59,6 @@ pub async fn run(args: BootArgs) -> anyhow::Result<()> {
 
 async fn boot(
     l: &mut LauncherProcess,
-    id: &str,
     cfg: &Config,
     args: &BootArgs,
     kernel: PathBuf,
@@ -92,10 +91,7 @@ async fn boot(
     };
     let created = l
         .client
-        .create_vm(CreateVmRequest {
-            sandbox_id: id.into(),
-            spec: Some(spec),
-        })
+        .create_vm(CreateVmRequest { spec: Some(spec) })
         .await?
         .into_inner();
     let accel = Accelerator::try_from(created.accelerator).unwrap_or(Accelerator::Unspecified);

@@ -413,10 +413,7 @@ impl Pod {
             ..Default::default()
         };
         let created = client
-            .create_vm(CreateVmRequest {
-                sandbox_id: id.into(),
-                spec: Some(spec),
-            })
+            .create_vm(CreateVmRequest { spec: Some(spec) })
             .await
             .map_err(|status| PodError::Launcher {
                 what: "creating the VM",

@@ -125,10 +125,7 @@ impl TestVm {
         let mut l = launcher;
         let created = l
             .client
-            .create_vm(CreateVmRequest {
-                sandbox_id: id.into(),
-                spec: Some(spec),
-            })
+            .create_vm(CreateVmRequest { spec: Some(spec) })
             .await
             .expect("CreateVm")
             .into_inner();

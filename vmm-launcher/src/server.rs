@@ -53,7 +53,6 @@ impl Launcher for LauncherService {
         let (pid, uds, accel, hv_start) = self.vm.create(spec).await?;
         Ok(Response::new(CreateVmResponse {
             vsock_uds_path: uds.display().to_string(),
-            guest_cid: kata_proto::paths::HYBRID_GUEST_CID,
             hypervisor_pid: pid,
             accelerator: accel as i32,
             hypervisor_start_us: hv_start.as_micros() as u64,

@@ -32,7 +32,7 @@ use kata_proto::process::start_time;
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long QEMU may take to create its QMP socket.
 const QMP_SOCKET_WAIT: Duration = Duration::from_secs(10);
-/// Default graceful stop timeout.
+/// How long StopVm waits for QEMU to quit before SIGKILL, by default.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Readiness connections read at once (twice what the vsock backend lets
 /// the guest open); past it new ones are closed unread.
@@ -411,22 +411,19 @@ impl Vm {
         Ok(())
     }
 
-    /// Graceful stop (the agent's `DestroySandbox`), then `quit`, then SIGKILL.
+    /// QMP `quit` (QEMU's orderly exit), then SIGKILL after `timeout` (0: the
+    /// default). The guest is not asked: ending the sandbox in the guest is
+    /// the shim's (the agent's `DestroySandbox`).
     pub(crate) async fn stop(&self, timeout: Duration) -> Result<VmExit, LauncherError> {
         let timeout = if timeout.is_zero() {
             STOP_TIMEOUT
         } else {
             timeout
         };
-        let (pid, qmp, uds, started) = {
+        let (pid, qmp) = {
             let inner = self.inner.lock().await;
             match inner.as_ref() {
-                Some(r) => (
-                    r.pid,
-                    r.qmp.clone(),
-                    r.vsock_uds.clone(),
-                    r.started && !r.paused,
-                ),
+                Some(r) => (r.pid, r.qmp.clone()),
                 None => return Err(LauncherError::State("no VM: call CreateVm first".into())),
             }
         };
@@ -435,26 +432,14 @@ impl Vm {
         }
         self.stop_requested.store(true, Ordering::SeqCst);
         let mut exit = self.exit.subscribe();
-        let exited = |rx: &mut watch::Receiver<Option<VmExit>>, d: Duration| {
-            let mut rx = rx.clone();
-            async move {
-                tokio::time::timeout(d, rx.wait_for(Option::is_some))
-                    .await
-                    .is_ok()
-            }
-        };
-        if started && self.ready.borrow().is_some() {
-            if let Err(e) = destroy_sandbox(&uds, timeout).await {
-                debug!("graceful stop through the agent failed: {e}");
-            }
-            if exited(&mut exit, timeout).await {
-                return Ok(self.exit.borrow().clone().unwrap_or_default());
-            }
-            warn!("the guest did not power off within {timeout:?}; quitting QEMU");
-        }
+        // QEMU's own orderly exit; the guest is not asked (the shim ends the
+        // sandbox in the guest before it stops the VM)
         let _ = qmp.execute("quit", None).await;
-        if !exited(&mut exit, Duration::from_secs(3)).await {
-            warn!(pid, "QEMU did not quit; killing it");
+        if tokio::time::timeout(timeout, exit.wait_for(Option::is_some))
+            .await
+            .is_err()
+        {
+            warn!(pid, "QEMU did not quit within {timeout:?}; killing it");
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
@@ -773,26 +758,6 @@ async fn watch_exit(
         "hypervisor exited"
     );
     let _ = exit.send(Some(e));
-}
-
-/// Asks the agent to end the sandbox (it powers the guest off).
-async fn destroy_sandbox(uds: &Path, timeout: Duration) -> Result<(), String> {
-    let addr = kata_proto::dialer::Address::Hybrid {
-        path: uds.into(),
-        port: ports::AGENT,
-    };
-    let ch = kata_proto::dialer::channel(&addr, timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut c = kata_proto::agent::agent_service_client::AgentServiceClient::new(ch);
-    tokio::time::timeout(
-        timeout,
-        c.destroy_sandbox(kata_proto::agent::DestroySandboxRequest {}),
-    )
-    .await
-    .map_err(|_| "DestroySandbox timed out".to_string())?
-    .map_err(|e| e.to_string())?;
-    Ok(())
 }
 
 /// The last lines of a log, for error messages (only its last few KiB are read).
