@@ -579,8 +579,17 @@ fn lifecycle_limits_stats_freeze_update_destroy() {
             .and_then(|c| c.cpu_usage.as_ref())
             .map_or(0, |u| u.total_usage)
     };
+    // user and kernel time are counted in clock ticks (cpuacct.stat on v1),
+    // so they lag the nanosecond total: wait for both
+    let ticks = |s: &CgroupStats| {
+        s.cpu_stats
+            .as_ref()
+            .and_then(|c| c.cpu_usage.as_ref())
+            .map_or(0, |u| u.usage_in_usermode + u.usage_in_kernelmode)
+    };
     wait_until("CPU usage to rise", || {
-        cpu_used(&cg.stats().unwrap()) > 1_000_000
+        let s = cg.stats().unwrap();
+        cpu_used(&s) > 1_000_000 && ticks(&s) > 0
     });
     let st = cg.stats().unwrap();
     let m = st.memory_stats.as_ref().expect("memory stats");
