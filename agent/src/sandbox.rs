@@ -243,6 +243,10 @@ pub fn copy_file(root: &Path, r: &kata_proto::agent::CopyFileRequest) -> Result<
     } else {
         r.dir_mode & 0o7777
     };
+    // the base is the agent's own directory (made here on the first call);
+    // below it nothing is trusted
+    std::fs::create_dir_all(&base)
+        .map_err(|e| Status::internal(format!("CopyFile: creating {}: {e}", base.display())))?;
     let (parent, name) = beneath::open_parent(&base, &target, Some(dir_mode)).map_err(denied)?;
     let io = |what: &str, e: nix::Error| {
         Status::internal(format!("CopyFile: {what} {}: {e}", target.display()))
@@ -308,4 +312,47 @@ pub fn copy_file(root: &Path, r: &kata_proto::agent::CopyFileRequest) -> Result<
     nix::unistd::fchown(&owned, uid, gid).map_err(|e| io("chown", e))?;
     nix::sys::stat::fchmod(&owned, mode).map_err(|e| io("chmod", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use kata_proto::agent::CopyFileRequest;
+
+    use super::*;
+
+    /// The first CopyFile of a fresh agent makes its `shared` directory; a
+    /// path outside it is refused.
+    #[test]
+    fn copy_file_into_a_fresh_root() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("agent");
+        std::fs::create_dir(&root).unwrap();
+        let target = root.join("shared/rootfs/etc/hostname");
+        let data = b"guest\n".to_vec();
+        copy_file(
+            &root,
+            &CopyFileRequest {
+                path: target.display().to_string(),
+                file_size: data.len() as i64,
+                file_mode: libc::S_IFREG | 0o644,
+                dir_mode: 0o755,
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+                data,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"guest\n");
+        let e = copy_file(
+            &root,
+            &CopyFileRequest {
+                path: root.join("elsewhere").display().to_string(),
+                file_mode: libc::S_IFREG | 0o644,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    }
 }

@@ -69,6 +69,21 @@ pub struct TestVm {
     pub virtiofsd: Option<tokio::process::Child>,
 }
 
+/// A test that failed half-way leaves nothing either: the launcher (if it
+/// still runs), its hypervisor, cgroups and files are removed the way the
+/// shim removes a dead launcher's (a leftover cgroup would be taken for the
+/// next run's own and kept).
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        if self.launcher.paths.dir.exists() {
+            use kata_vmm_launcher::client::{cleanup, LiveLauncher};
+            if let Err(e) = cleanup(&self.launcher.paths, LiveLauncher::Kill) {
+                eprintln!("cleaning up the test VM {}: {e}", self.id);
+            }
+        }
+    }
+}
+
 impl TestVm {
     /// Boots the test image under TCG; `rdinit` picks the guest's init
     /// (`None`: the agent). Waits for the readiness announcement.

@@ -163,6 +163,13 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
+        // until the child has exec'd, its command line is the test binary's
+        for _ in 0..200 {
+            if runs_program(live.id(), PROGRAM) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let st = State {
             launcher_pid: live.id(),
             ..Default::default()

@@ -9,12 +9,14 @@
 mod cgroup;
 pub mod client;
 mod console;
+mod error;
 mod files;
 mod jail;
 mod leftovers;
 mod qemu;
 mod qmp;
 mod server;
+mod spec;
 mod uids;
 mod vm;
 pub mod vsock;
@@ -28,51 +30,12 @@ use tokio::sync::Notify;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
+pub(crate) use crate::error::LauncherError;
+
 /// Why [`run`] failed.
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
 pub struct RunError(#[from] LauncherError);
-
-/// Why a launcher operation failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum LauncherError {
-    /// The VM spec is not acceptable.
-    #[error("invalid VM spec: {0}")]
-    InvalidSpec(String),
-    /// The call does not fit the VM's state.
-    #[error("{0}")]
-    State(String),
-    /// Something took too long.
-    #[error("timeout: {0}")]
-    Timeout(String),
-    /// A host file operation failed.
-    #[error("{0}: {1}")]
-    Io(String, std::io::Error),
-    /// The hypervisor could not be started.
-    #[error("cannot start the hypervisor {0}: {1}")]
-    Spawn(String, std::io::Error),
-    /// The hypervisor misbehaved.
-    #[error("hypervisor: {0}")]
-    Hypervisor(String),
-    /// cgroups.
-    #[error(transparent)]
-    Cgroup(#[from] cgroup::CgroupError),
-    /// The jail.
-    #[error(transparent)]
-    Jail(#[from] jail::JailError),
-    /// QMP.
-    #[error(transparent)]
-    Qmp(#[from] qmp::QmpError),
-    /// The vsock backend.
-    #[error(transparent)]
-    Vsock(#[from] vsock::VsockError),
-    /// The hypervisor's uid.
-    #[error(transparent)]
-    Uid(#[from] uids::UidError),
-    /// Leftovers of a previous launcher could not be removed.
-    #[error(transparent)]
-    Cleanup(#[from] leftovers::CleanupError),
-}
 
 /// Open files the launcher needs: every vsock connection it may hold
 /// ([`vsock::MAX_CONNS`]) plus its own sockets, the hypervisor's and the
@@ -132,7 +95,7 @@ pub async fn run(
         tokio::net::UnixListener::bind(&sock).map_err(io(format!("binding {}", sock.display())))?;
     files::chmod_nofollow(&sock, files::FILE_MODE)
         .map_err(io(format!("chmod {}", sock.display())))?;
-    let vm = Arc::new(vm::Vm::new(sandbox_id, paths.clone()));
+    let vm = vm::Vm::spawn(sandbox_id, paths.clone());
     let done = Arc::new(Notify::new());
     let svc = server::LauncherService {
         vm: vm.clone(),
@@ -164,4 +127,21 @@ pub async fn run(
     }
     leftovers::remove_sandbox_files(&paths);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn nofile_limit_fits_the_caps() {
+        let soft = super::set_nofile_limit().unwrap();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit(2) into a valid struct.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        assert_eq!(lim.rlim_cur, soft);
+        assert_eq!(soft, crate::NOFILE_LIMIT.min(lim.rlim_max));
+        assert!(crate::NOFILE_LIMIT as usize > crate::vsock::MAX_CONNS);
+    }
 }

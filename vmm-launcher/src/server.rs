@@ -1,5 +1,7 @@
 //! The launcher's gRPC service over its unix socket: each call is one step of
-//! the VM's lifecycle (see launcher.proto), applied by [`Vm`].
+//! the VM's lifecycle (see launcher.proto), sent as a command to the VM's
+//! owner task through [`Vm`]; a [`crate::LauncherError`] becomes its code in
+//! `crate::error`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,34 +12,13 @@ use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use crate::vm::Vm;
-use crate::LauncherError;
 
 /// The service.
 pub(crate) struct LauncherService {
     /// The one VM.
-    pub(crate) vm: Arc<Vm>,
+    pub(crate) vm: Vm,
     /// Notified by `Shutdown` once everything is removed.
     pub(crate) done: Arc<Notify>,
-}
-
-impl From<LauncherError> for Status {
-    fn from(e: LauncherError) -> Status {
-        let msg = e.to_string();
-        match e {
-            LauncherError::InvalidSpec(_)
-            | LauncherError::Cgroup(crate::cgroup::CgroupError::BadPath(_)) => {
-                Status::invalid_argument(msg)
-            }
-            LauncherError::State(_) => Status::failed_precondition(msg),
-            LauncherError::Timeout(_) => Status::deadline_exceeded(msg),
-            LauncherError::Jail(crate::jail::JailError::Open { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                Status::not_found(msg)
-            }
-            _ => Status::internal(msg),
-        }
-    }
 }
 
 #[tonic::async_trait]
@@ -50,12 +31,12 @@ impl Launcher for LauncherService {
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("CreateVm: spec is missing"))?;
-        let (pid, uds, accel, hv_start) = self.vm.create(spec).await?;
+        let c = self.vm.create(spec).await?;
         Ok(Response::new(CreateVmResponse {
-            vsock_uds_path: uds.display().to_string(),
-            hypervisor_pid: pid,
-            accelerator: accel as i32,
-            hypervisor_start_us: hv_start.as_micros() as u64,
+            vsock_uds_path: c.vsock_uds.display().to_string(),
+            hypervisor_pid: c.pid,
+            accelerator: c.accel as i32,
+            hypervisor_start_us: c.hypervisor_start.as_micros() as u64,
         }))
     }
 
@@ -74,12 +55,12 @@ impl Launcher for LauncherService {
     }
 
     async fn pause_vm(&self, _r: Request<()>) -> Result<Response<()>, Status> {
-        self.vm.set_paused(true).await?;
+        self.vm.pause().await?;
         Ok(Response::new(()))
     }
 
     async fn resume_vm(&self, _r: Request<()>) -> Result<Response<()>, Status> {
-        self.vm.set_paused(false).await?;
+        self.vm.resume().await?;
         Ok(Response::new(()))
     }
 
@@ -88,18 +69,64 @@ impl Launcher for LauncherService {
     }
 
     async fn vm_status(&self, _r: Request<()>) -> Result<Response<VmStatusResponse>, Status> {
-        let (state, hypervisor_pid, vsock_uds_path, agent_ready) = self.vm.status().await;
-        Ok(Response::new(VmStatusResponse {
-            state,
-            hypervisor_pid,
-            vsock_uds_path,
-            agent_ready,
-        }))
+        Ok(Response::new(self.vm.status().await?))
     }
 
     async fn shutdown(&self, _r: Request<()>) -> Result<Response<()>, Status> {
         self.vm.teardown().await;
         self.done.notify_one();
         Ok(Response::new(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kata_proto::paths::SandboxPaths;
+
+    use super::*;
+
+    fn service(dir: &std::path::Path) -> LauncherService {
+        LauncherService {
+            vm: Vm::spawn("rejects", SandboxPaths::in_dir(dir)),
+            done: Arc::new(Notify::new()),
+        }
+    }
+
+    /// A spec the launcher refuses reaches the caller as InvalidArgument
+    /// naming the field; a call out of order as FailedPrecondition.
+    #[tokio::test]
+    async fn rejections_keep_their_code() {
+        let d = tempfile::tempdir().unwrap();
+        let svc = service(d.path());
+        let spec = VmSpec {
+            kernel_path: "/k".into(),
+            initrd_path: "/i".into(),
+            memory_mib: 1 << 40,
+            ..Default::default()
+        };
+        let s = svc
+            .create_vm(Request::new(CreateVmRequest { spec: Some(spec) }))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains("memory_mib"), "{s:?}");
+        let s = svc
+            .create_vm(Request::new(CreateVmRequest { spec: None }))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        for s in [
+            svc.start_vm(Request::new(StartVmRequest::default()))
+                .await
+                .unwrap_err(),
+            svc.pause_vm(Request::new(())).await.unwrap_err(),
+            svc.wait_vm(Request::new(())).await.unwrap_err(),
+        ] {
+            assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+            assert!(s.message().contains("CreateVm first"), "{s:?}");
+        }
+        let st = svc.vm_status(Request::new(())).await.unwrap().into_inner();
+        assert_eq!(st.state, "none");
+        svc.shutdown(Request::new(())).await.unwrap();
     }
 }

@@ -1,0 +1,208 @@
+//! The checks of a [`VmSpec`] before anything is created: every field the
+//! launcher acts on is in range or refused with [`LauncherError::InvalidSpec`]
+//! naming the field; empty fields get their defaults.
+
+use std::path::Path;
+
+use kata_proto::launcher::{Accelerator, VmSpec};
+use kata_proto::paths::SandboxPaths;
+
+use crate::{cgroup, LauncherError};
+
+pub(crate) fn validate(mut spec: VmSpec, paths: &SandboxPaths) -> Result<VmSpec, LauncherError> {
+    let bad = |m: String| Err(LauncherError::InvalidSpec(m));
+    if spec.vcpus == 0 {
+        spec.vcpus = 1;
+    }
+    if spec.vcpus > 255 {
+        return bad(format!("vcpus = {}: at most 255", spec.vcpus));
+    }
+    if spec.memory_mib == 0 {
+        spec.memory_mib = 512;
+    }
+    if spec.memory_mib < 64 || spec.memory_mib > 1 << 20 {
+        return bad(format!(
+            "memory_mib = {}: must be between 64 and 1048576",
+            spec.memory_mib
+        ));
+    }
+    for (name, p) in [
+        ("kernel_path", &spec.kernel_path),
+        ("initrd_path", &spec.initrd_path),
+    ] {
+        if p.is_empty() || !p.starts_with('/') {
+            return bad(format!("{name} = {p:?}: an absolute path is required (build one with `kata-ctl image build`)"));
+        }
+    }
+    if spec.machine_type.is_empty() {
+        spec.machine_type = "q35".into();
+    }
+    if !matches!(spec.machine_type.as_str(), "q35" | "pc" | "microvm") {
+        return bad(format!(
+            "machine_type = {:?}: must be q35, pc or microvm",
+            spec.machine_type
+        ));
+    }
+    if spec.hypervisor_path.is_empty() {
+        spec.hypervisor_path = kata_proto::config::Qemu::default()
+            .path
+            .display()
+            .to_string();
+    }
+    if !spec.hypervisor_path.starts_with("/usr/") {
+        return bad(format!(
+            "hypervisor_path = {:?}: must be under /usr (the jail exposes /usr read-only)",
+            spec.hypervisor_path
+        ));
+    }
+    if !spec.cgroup_path.is_empty() {
+        cgroup::validate(&spec.cgroup_path)?;
+    }
+    if !spec.virtiofs_socket.is_empty() {
+        use std::os::unix::fs::FileTypeExt;
+        let want = paths.virtiofsd_socket();
+        if Path::new(&spec.virtiofs_socket) != want {
+            return bad(format!(
+                "virtiofs_socket = {:?}: kata-virtiofsd must listen on {} (the one place the jailed hypervisor reaches)",
+                spec.virtiofs_socket,
+                want.display()
+            ));
+        }
+        if !std::fs::metadata(&want).is_ok_and(|m| m.file_type().is_socket()) {
+            return bad(format!(
+                "virtiofs_socket = {:?}: nothing listens there; start kata-virtiofsd --socket-path {} first",
+                spec.virtiofs_socket,
+                want.display()
+            ));
+        }
+        if spec.virtiofs_tag.is_empty() {
+            spec.virtiofs_tag = "kataShared".into();
+        }
+        if spec.virtiofs_tag.len() > 36
+            || !spec
+                .virtiofs_tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad(format!(
+                "virtiofs_tag = {:?}: 1-36 characters from [A-Za-z0-9_-]",
+                spec.virtiofs_tag
+            ));
+        }
+    }
+    if !spec.netns_path.is_empty() && !Path::new(&spec.netns_path).exists() {
+        return bad(format!("netns_path = {:?} does not exist", spec.netns_path));
+    }
+    Ok(spec)
+}
+
+pub(crate) fn resolve_accel(a: Accelerator) -> Result<Accelerator, LauncherError> {
+    match a {
+        Accelerator::Tcg => Ok(Accelerator::Tcg),
+        Accelerator::Kvm => kata_proto::host::kvm_usable()
+            .map(|_| Accelerator::Kvm)
+            .map_err(|why| LauncherError::InvalidSpec(format!("accelerator kvm: {why}"))),
+        Accelerator::Auto | Accelerator::Unspecified => {
+            Ok(if kata_proto::host::kvm_usable().is_ok() {
+                Accelerator::Kvm
+            } else {
+                Accelerator::Tcg
+            })
+        }
+    }
+}
+
+pub(crate) fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_validation() {
+        let ok = VmSpec {
+            kernel_path: "/k".into(),
+            initrd_path: "/i".into(),
+            ..Default::default()
+        };
+        let v = validate(ok.clone(), &SandboxPaths::in_dir("/nonexistent")).unwrap();
+        assert_eq!(
+            (v.vcpus, v.memory_mib, v.machine_type.as_str()),
+            (1, 512, "q35")
+        );
+        for (spec, word) in [
+            (
+                VmSpec {
+                    kernel_path: String::new(),
+                    ..ok.clone()
+                },
+                "kernel_path",
+            ),
+            (
+                VmSpec {
+                    memory_mib: 10,
+                    ..ok.clone()
+                },
+                "memory_mib",
+            ),
+            (
+                VmSpec {
+                    machine_type: "virt".into(),
+                    ..ok.clone()
+                },
+                "machine_type",
+            ),
+            (
+                VmSpec {
+                    cgroup_path: "../x".into(),
+                    ..ok.clone()
+                },
+                "../x",
+            ),
+            (
+                VmSpec {
+                    netns_path: "/nonexistent/ns".into(),
+                    ..ok.clone()
+                },
+                "netns_path",
+            ),
+            (
+                VmSpec {
+                    hypervisor_path: "/opt/qemu".into(),
+                    ..ok.clone()
+                },
+                "hypervisor_path",
+            ),
+            (
+                VmSpec {
+                    virtiofs_socket: "/tmp/elsewhere.sock".into(),
+                    ..ok.clone()
+                },
+                "/nonexistent/vm/virtiofsd.sock",
+            ),
+            (
+                VmSpec {
+                    virtiofs_socket: "/nonexistent/vm/virtiofsd.sock".into(),
+                    ..ok.clone()
+                },
+                "nothing listens there",
+            ),
+        ] {
+            let e = validate(spec, &SandboxPaths::in_dir("/nonexistent"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(word), "{e}");
+        }
+    }
+}
