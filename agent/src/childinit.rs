@@ -80,12 +80,39 @@ pub enum ChildMsg {
     Ready,
     /// Set-up failed.
     Error {
-        /// A gRPC code name: InvalidArgument, NotFound, PermissionDenied,
-        /// FailedPrecondition or Internal.
-        code: String,
+        /// Which gRPC code the agent answers with.
+        code: SetupCode,
         /// What failed, for the user.
         message: String,
     },
+}
+
+/// The gRPC code of a set-up failure, as the helper reports it (its name on
+/// the wire, so an unknown name fails to decode instead of being guessed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetupCode {
+    /// The spec asks for something impossible.
+    InvalidArgument,
+    /// A file the spec names (program, working directory) does not exist.
+    NotFound,
+    /// The kernel refused (execve EACCES/EPERM).
+    PermissionDenied,
+    /// The container is not in a state for it (its process is gone).
+    FailedPrecondition,
+    /// Anything else.
+    Internal,
+}
+
+impl From<SetupCode> for tonic::Code {
+    fn from(c: SetupCode) -> tonic::Code {
+        match c {
+            SetupCode::InvalidArgument => tonic::Code::InvalidArgument,
+            SetupCode::NotFound => tonic::Code::NotFound,
+            SetupCode::PermissionDenied => tonic::Code::PermissionDenied,
+            SetupCode::FailedPrecondition => tonic::Code::FailedPrecondition,
+            SetupCode::Internal => tonic::Code::Internal,
+        }
+    }
 }
 
 /// Writes one message.
@@ -119,16 +146,16 @@ pub fn recv<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> std::io::Result<
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// A set-up failure: a gRPC code name and a message.
+/// A set-up failure: its code and a message.
 #[derive(Debug)]
 struct Fail {
-    code: &'static str,
+    code: SetupCode,
     message: String,
 }
 
 type R<T> = Result<T, Fail>;
 
-fn fail(code: &'static str, message: impl Into<String>) -> Fail {
+fn fail(code: SetupCode, message: impl Into<String>) -> Fail {
     Fail {
         code,
         message: message.into(),
@@ -136,11 +163,11 @@ fn fail(code: &'static str, message: impl Into<String>) -> Fail {
 }
 
 fn invalid(message: impl Into<String>) -> Fail {
-    fail("InvalidArgument", message)
+    fail(SetupCode::InvalidArgument, message)
 }
 
 fn internal(message: impl Into<String>) -> Fail {
-    fail("Internal", message)
+    fail(SetupCode::Internal, message)
 }
 
 /// The helper's entry point; never returns.
@@ -171,7 +198,7 @@ pub fn child_main() -> ! {
         let _ = send(
             &mut sync,
             &ChildMsg::Error {
-                code: f.code.to_string(),
+                code: f.code,
                 message: f.message,
             },
         );
@@ -286,7 +313,7 @@ fn exec(req: &ChildRequest, target: i32, sync: &mut UnixStream) -> R<()> {
         let p = format!("/proc/{target}/ns/{name}");
         let f = File::open(&p).map_err(|e| {
             fail(
-                "FailedPrecondition",
+                SetupCode::FailedPrecondition,
                 format!("the container's process {target} is gone ({p}: {e})"),
             )
         })?;
@@ -776,7 +803,7 @@ fn lookup_path(cmd: &str, env: &[String]) -> R<PathBuf> {
         }
     }
     Err(fail(
-        "NotFound",
+        SetupCode::NotFound,
         format!("executable file {cmd:?} not found in $PATH ({path})"),
     ))
 }
@@ -792,7 +819,7 @@ fn check_program(p: &oci_spec::runtime::Process) -> R<()> {
         return match std::fs::metadata(cmd) {
             Ok(_) => Ok(()),
             Err(e) => Err(fail(
-                "NotFound",
+                SetupCode::NotFound,
                 format!("executable file {cmd:?} in the container: {e}"),
             )),
         };
@@ -935,7 +962,7 @@ fn finish_and_exec(req: &ChildRequest) -> R<()> {
     }
     chdir(&cwd).map_err(|e| {
         fail(
-            "FailedPrecondition",
+            SetupCode::FailedPrecondition,
             format!("working directory {}: {e}", cwd.display()),
         )
     })?;
@@ -955,9 +982,9 @@ fn finish_and_exec(req: &ChildRequest) -> R<()> {
     }
     let e = nix::unistd::execve(&c_exe, &c_args, &c_env).unwrap_err();
     let code = match e {
-        nix::Error::ENOENT => "NotFound",
-        nix::Error::EACCES | nix::Error::EPERM => "PermissionDenied",
-        _ => "FailedPrecondition",
+        nix::Error::ENOENT => SetupCode::NotFound,
+        nix::Error::EACCES | nix::Error::EPERM => SetupCode::PermissionDenied,
+        _ => SetupCode::FailedPrecondition,
     };
     Err(fail(code, format!("executing {}: {e}", exe.display())))
 }
@@ -972,4 +999,46 @@ pub fn grow_pipe(fd: &OwnedFd) {
     // 1 MiB is /proc/sys/fs/pipe-max-size's default.
     // SAFETY: fcntl(F_SETPIPE_SZ) with an integer argument on a valid fd.
     unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failure crosses the helper's socket with its code; a message with
+    /// a code the agent does not know is refused, not read as Internal.
+    #[test]
+    fn setup_errors_keep_their_code() {
+        let mut buf = vec![];
+        send(
+            &mut buf,
+            &ChildMsg::Error {
+                code: SetupCode::NotFound,
+                message: "executable file \"nope\" not found".into(),
+            },
+        )
+        .unwrap();
+        let got: ChildMsg = recv(&mut buf.as_slice()).unwrap().unwrap();
+        let ChildMsg::Error { code, message } = got else {
+            panic!("{got:?}");
+        };
+        let st = crate::container::status_from(code, message);
+        assert_eq!(st.code(), tonic::Code::NotFound);
+        assert!(st.message().contains("nope"));
+        for (c, want) in [
+            (SetupCode::InvalidArgument, tonic::Code::InvalidArgument),
+            (SetupCode::PermissionDenied, tonic::Code::PermissionDenied),
+            (
+                SetupCode::FailedPrecondition,
+                tonic::Code::FailedPrecondition,
+            ),
+            (SetupCode::Internal, tonic::Code::Internal),
+        ] {
+            assert_eq!(tonic::Code::from(c), want);
+        }
+        let body = br#"{"Error":{"code":"Bogus","message":"x"}}"#;
+        let mut framed = (body.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(body);
+        assert!(recv::<ChildMsg>(&mut framed.as_slice()).is_err());
+    }
 }

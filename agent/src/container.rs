@@ -16,7 +16,7 @@ use tonic::Status;
 use tracing::{debug, info};
 
 use crate::cgroup::ContainerCgroup;
-use crate::childinit::{self, ChildMode, ChildMsg, ChildRequest};
+use crate::childinit::{self, ChildMode, ChildMsg, ChildRequest, SetupCode};
 use crate::mounts::check_container_path;
 use crate::reaper::{self, ExitStatus};
 use crate::stdio::Stdio;
@@ -189,7 +189,7 @@ impl Container {
             })?;
             match childinit::recv::<ChildMsg>(&mut sock) {
                 Ok(None) => Ok(()),
-                Ok(Some(ChildMsg::Error { code, message })) => Err(status_from(&code, message)),
+                Ok(Some(ChildMsg::Error { code, message })) => Err(status_from(code, message)),
                 Ok(Some(other)) => Err(Status::internal(format!(
                     "unexpected set-up message {other:?}"
                 ))),
@@ -205,32 +205,15 @@ impl Container {
     }
 }
 
-/// A gRPC status from the helper's code name.
-pub fn status_from(code: &str, message: String) -> Status {
-    match code {
-        "InvalidArgument" => Status::invalid_argument(message),
-        "NotFound" => Status::not_found(message),
-        "PermissionDenied" => Status::permission_denied(message),
-        "FailedPrecondition" => Status::failed_precondition(message),
-        _ => Status::internal(message),
-    }
+/// A gRPC status from the helper's failure.
+pub fn status_from(code: SetupCode, message: String) -> Status {
+    Status::new(code.into(), message)
 }
 
-/// Checks a container id: what containerd and Kata accept.
-pub fn check_id(what: &str, id: &str) -> Result<(), Status> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Status::invalid_argument(format!(
-            "{what} {id:?} is not valid: 1-128 characters from [A-Za-z0-9_.-], starting with a letter or digit"
-        )))
-    }
+/// Checks an id from a request (`what`: `sandbox_id`, `container_id`,
+/// `exec_id`) by the one rule of [`kata_proto::ids`].
+pub fn check_id(what: &'static str, id: &str) -> Result<(), Status> {
+    kata_proto::ids::check(what, id).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// Parses and checks a spec: what can be refused before any work is done.
@@ -410,7 +393,7 @@ fn spawn_helper(
     };
     cgroup
         .add_pid(helper_pid)
-        .map_err(|e| fail(Status::internal(e.to_string())))?;
+        .map_err(|e| fail(e.status("moving the set-up helper into the cgroup")))?;
     childinit::send(&mut ours, req).map_err(|e| {
         fail(Status::internal(format!(
             "talking to the set-up helper: {e}"
@@ -428,7 +411,7 @@ fn spawn_helper(
     };
     let pid = match childinit::recv::<ChildMsg>(&mut ours) {
         Ok(Some(ChildMsg::Pid(p))) => p,
-        Ok(Some(ChildMsg::Error { code, message })) => return Err(status_from(&code, message)),
+        Ok(Some(ChildMsg::Error { code, message })) => return Err(status_from(code, message)),
         Ok(Some(m)) => {
             return Err(fail(Status::internal(format!(
                 "unexpected set-up message {m:?}"
@@ -465,7 +448,7 @@ pub async fn create(args: CreateArgs) -> Result<Arc<Container>, Status> {
     let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
     let cgroup = ContainerCgroup::create(&args.cgroup_path, resources.as_ref())
         .map(Arc::new)
-        .map_err(|e| Status::invalid_argument(format!("cgroup {}: {e}", args.cgroup_path)))?;
+        .map_err(|e| e.status(&format!("cgroup {}", args.cgroup_path)))?;
     let process = spec.process().clone().unwrap_or_default();
     let terminal = process.terminal().unwrap_or(false);
     let (stdio, fds) = match Stdio::new(terminal) {
@@ -494,7 +477,7 @@ pub async fn create(args: CreateArgs) -> Result<Arc<Container>, Status> {
             Ok(Some(ChildMsg::Ready)) => Ok((h, pid)),
             Ok(Some(ChildMsg::Error { code, message })) => {
                 kill(pid);
-                Err(status_from(&code, message))
+                Err(status_from(code, message))
             }
             Ok(other) => {
                 kill(pid);
@@ -583,7 +566,7 @@ pub async fn exec(
         // End of file: the program was executed (the socket is close-on-exec).
         match childinit::recv::<ChildMsg>(&mut h.sock) {
             Ok(None) => Ok(h.pid),
-            Ok(Some(ChildMsg::Error { code, message })) => Err(status_from(&code, message)),
+            Ok(Some(ChildMsg::Error { code, message })) => Err(status_from(code, message)),
             Ok(Some(other)) => {
                 kill(h.pid);
                 Err(Status::internal(format!(
@@ -625,7 +608,7 @@ pub async fn destroy(c: &Arc<Container>, timeout: Duration) -> Result<(), Status
     tokio::task::spawn_blocking(move || cg.destroy())
         .await
         .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::internal(format!("removing the cgroup: {e}")))?;
+        .map_err(|e| e.status("removing the cgroup"))?;
     let mut rx = c.init.exit.clone();
     let _ = tokio::time::timeout(timeout, rx.wait_for(|s| s.is_some())).await;
     Ok(())

@@ -376,10 +376,7 @@ impl AgentService for AgentRpc {
         let c = self.0.container(&r.container_id)?;
         let sig = signal_number(r.signal)?;
         if r.all {
-            let pids = c
-                .cgroup
-                .pids()
-                .map_err(|e| Status::internal(format!("listing processes: {e}")))?;
+            let pids = c.cgroup.pids().map_err(|e| e.status("listing processes"))?;
             for pid in pids {
                 // SAFETY: kill takes integers only.
                 unsafe { libc::kill(pid, sig) };
@@ -414,7 +411,7 @@ impl AgentService for AgentRpc {
         let res = parse_resources(r.resources)?;
         c.cgroup
             .update(&res)
-            .map_err(|e| Status::invalid_argument(format!("updating container {}: {e}", c.id)))?;
+            .map_err(|e| e.status(&format!("updating container {}", c.id)))?;
         ok()
     }
 
@@ -423,10 +420,7 @@ impl AgentService for AgentRpc {
         r: Request<StatsContainerRequest>,
     ) -> Result<Response<StatsContainerResponse>, Status> {
         let c = self.0.container(&r.into_inner().container_id)?;
-        let cg = c
-            .cgroup
-            .stats()
-            .map_err(|e| Status::internal(format!("cgroup stats: {e}")))?;
+        let cg = c.cgroup.stats().map_err(|e| e.status("cgroup stats"))?;
         Ok(Response::new(StatsContainerResponse {
             cgroup_stats: Some(cg),
             network_stats: network_stats(),
@@ -442,9 +436,7 @@ impl AgentService for AgentRpc {
                 c.state()
             )));
         }
-        c.cgroup
-            .freeze()
-            .map_err(|e| Status::internal(format!("freezing: {e}")))?;
+        c.cgroup.freeze().map_err(|e| e.status("freezing"))?;
         c.set_state(State::Paused);
         ok()
     }
@@ -458,9 +450,7 @@ impl AgentService for AgentRpc {
                 c.state()
             )));
         }
-        c.cgroup
-            .thaw()
-            .map_err(|e| Status::internal(format!("thawing: {e}")))?;
+        c.cgroup.thaw().map_err(|e| e.status("thawing"))?;
         c.set_state(State::Running);
         ok()
     }
@@ -471,10 +461,7 @@ impl AgentService for AgentRpc {
     ) -> Result<Response<ListProcessesResponse>, Status> {
         let r = r.into_inner();
         let c = self.0.container(&r.container_id)?;
-        let mut pids = c
-            .cgroup
-            .pids()
-            .map_err(|e| Status::internal(format!("listing processes: {e}")))?;
+        let mut pids = c.cgroup.pids().map_err(|e| e.status("listing processes"))?;
         pids.sort_unstable();
         let list = match r.format.as_str() {
             "json" => serde_json::to_vec(

@@ -15,7 +15,7 @@ use kata_proto::agent::agent_service_client::AgentServiceClient;
 use kata_proto::agent::health_client::HealthClient;
 use kata_proto::agent::*;
 use kata_proto::dialer::Address;
-use kata_proto::paths::{ports, validate_sandbox_id, SandboxPaths};
+use kata_proto::paths::{ports, SandboxPaths};
 use kata_proto::stdio::{AttachError, Which};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -284,7 +284,7 @@ fn address(args: &AgentArgs) -> Result<Address, String> {
     let paths = match (&args.sandbox, &args.sandbox_dir) {
         (_, Some(dir)) => SandboxPaths::in_dir(dir),
         (Some(id), None) => {
-            validate_sandbox_id(id)?;
+            kata_proto::ids::SandboxId::new(id.as_str()).map_err(|e| e.to_string())?;
             SandboxPaths::new(id)
         }
         (None, None) => {

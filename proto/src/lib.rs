@@ -11,6 +11,7 @@
 pub mod config;
 pub mod dialer;
 pub mod host;
+pub mod ids;
 pub mod logging;
 pub mod paths;
 pub mod process;

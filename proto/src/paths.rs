@@ -31,25 +31,6 @@ pub fn run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/kata"))
 }
 
-/// Checks that a sandbox id is usable as a directory name and in cgroup paths.
-pub fn validate_sandbox_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > 128 {
-        return Err(format!(
-            "sandbox id {id:?} must be 1 to 128 characters long"
-        ));
-    }
-    if !id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        || id.starts_with('.')
-    {
-        return Err(format!(
-            "sandbox id {id:?} may only hold letters, digits, '-', '_' and '.', and must not start with '.'"
-        ));
-    }
-    Ok(())
-}
-
 /// The files of one sandbox directory.
 #[derive(Debug, Clone)]
 pub struct SandboxPaths {
@@ -137,16 +118,6 @@ pub fn hybrid_listener_path(uds: &Path, port: u32) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sandbox_ids() {
-        assert!(validate_sandbox_id("abc-1_2.x").is_ok());
-        assert!(validate_sandbox_id("").is_err());
-        assert!(validate_sandbox_id("../etc").is_err());
-        assert!(validate_sandbox_id(".hidden").is_err());
-        assert!(validate_sandbox_id("a/b").is_err());
-        assert!(validate_sandbox_id(&"x".repeat(129)).is_err());
-    }
 
     #[test]
     fn listener_path() {

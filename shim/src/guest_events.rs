@@ -6,8 +6,6 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use tracing::warn;
-
 /// OOM events at once (a burst of containers killed together).
 pub const OOM_BURST: u32 = 16;
 /// OOM events per second after a burst.
@@ -87,14 +85,11 @@ where
         };
         if !owns(&cid) {
             counts.foreign += 1;
-            // rate-limited: the 1st, 2nd, 4th, 8th... foreign event
-            if counts.foreign.is_power_of_two() {
-                warn!(
-                    container = %cid.escape_debug(),
-                    dropped = counts.foreign,
-                    "the guest reported an OOM for a container this shim does not own: dropped"
-                );
-            }
+            kata_proto::warn_limited!(
+                container = %cid.escape_debug(),
+                dropped = counts.foreign,
+                "the guest reported an OOM for a container this shim does not own: dropped"
+            );
             continue;
         }
         counts.published += 1;

@@ -50,12 +50,12 @@ impl Shim for KataShim {
         // the shim serving this container is gone: clean what it left
         let sandbox = std::fs::read_to_string(SANDBOX_FILE).unwrap_or_default();
         let sandbox = sandbox.trim();
-        if !sandbox.is_empty() && kata_proto::paths::validate_sandbox_id(sandbox).is_ok() {
+        if !sandbox.is_empty() && kata_proto::ids::SandboxId::new(sandbox).is_ok() {
             let paths = SandboxPaths::new(sandbox);
             if sandbox == self.id {
                 info!(sandbox, "cleaning the pod of a dead shim");
                 pod::cleanup_dead(&paths).await;
-            } else if kata_proto::paths::validate_sandbox_id(&self.id).is_ok() {
+            } else if kata_proto::ids::ContainerId::new(self.id.as_str()).is_ok() {
                 let dir = paths.host_mounts_dir().join(&self.id);
                 if let Err(e) = mounts::unmount_and_remove(&dir) {
                     warn!("{e:#}");

@@ -4,7 +4,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use kata_proto::paths::{validate_sandbox_id, SandboxPaths};
+use kata_proto::ids::SandboxId;
+use kata_proto::paths::SandboxPaths;
 use kata_vmm_launcher::client::LiveLauncher;
 
 /// Runs one pod VM: jailed QEMU, QMP, and the host end of its vsock.
@@ -33,7 +34,7 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    if let Err(e) = validate_sandbox_id(&args.sandbox_id) {
+    if let Err(e) = SandboxId::new(args.sandbox_id.as_str()) {
         eprintln!("kata-vmm-launcher: {e}");
         return std::process::ExitCode::from(2);
     }

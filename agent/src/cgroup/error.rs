@@ -160,3 +160,55 @@ fn io_hint(e: &io::Error) -> &'static str {
         _ => "",
     }
 }
+
+impl CgroupError {
+    /// The gRPC code of this failure: what the caller can do about it.
+    ///
+    /// | error | code |
+    /// |---|---|
+    /// | a bad resource value or `cgroupsPath`; a value the kernel rejects (EINVAL) | InvalidArgument |
+    /// | the cgroup is gone; a cgroup file or process that no longer exists (ENOENT, ESRCH) | NotFound |
+    /// | the cgroup still holds processes | AlreadyExists |
+    /// | no hierarchy or a missing controller; a busy cgroup (EBUSY, ENOSPC) | FailedPrecondition |
+    /// | a bounded wait ran out | DeadlineExceeded |
+    /// | the kernel refused (EACCES, EPERM, EROFS) | PermissionDenied |
+    /// | anything else | Internal |
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        let errno = |e: &io::Error| match e.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::ERANGE) => Code::InvalidArgument,
+            Some(libc::ENOENT) | Some(libc::ESRCH) => Code::NotFound,
+            Some(libc::EBUSY) | Some(libc::ENOSPC) => Code::FailedPrecondition,
+            Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => Code::PermissionDenied,
+            _ => Code::Internal,
+        };
+        match self {
+            CgroupError::InvalidArgument { .. } | CgroupError::InvalidPath { .. } => {
+                Code::InvalidArgument
+            }
+            CgroupError::NoHierarchy(_) | CgroupError::ControllerMissing { .. } => {
+                Code::FailedPrecondition
+            }
+            CgroupError::Gone { .. } => Code::NotFound,
+            CgroupError::NotEmpty { .. } => Code::AlreadyExists,
+            CgroupError::Timeout { .. } => Code::DeadlineExceeded,
+            CgroupError::Read { source, .. }
+            | CgroupError::Write { source, .. }
+            | CgroupError::Create { source, .. }
+            | CgroupError::Remove { source, .. }
+            | CgroupError::Watch { source, .. } => errno(source),
+            CgroupError::Signal { source, .. } => match source {
+                nix::Error::ESRCH => Code::NotFound,
+                nix::Error::EPERM => Code::PermissionDenied,
+                _ => Code::Internal,
+            },
+            CgroupError::Controller { .. } | CgroupError::Parse { .. } => Code::Internal,
+        }
+    }
+
+    /// This failure as a gRPC status, its message prefixed with `context`
+    /// (e.g. `updating container c1`).
+    pub fn status(&self, context: &str) -> tonic::Status {
+        tonic::Status::new(self.code(), format!("{context}: {self}"))
+    }
+}

@@ -344,6 +344,118 @@ fn error_messages_name_file_and_remedy() {
     );
 }
 
+/// Each failure reaches the shim with the code that says what to do: a
+/// destroyed cgroup is NotFound, a bounded wait DeadlineExceeded, a value
+/// the kernel rejects InvalidArgument, a refused write PermissionDenied.
+#[test]
+fn errors_keep_their_grpc_code() {
+    use tonic::Code;
+    let p = || PathBuf::from("/sys/fs/cgroup/x");
+    let io = |errno| std::io::Error::from_raw_os_error(errno);
+    let cases = [
+        (
+            CgroupError::InvalidArgument {
+                field: "memory.limit".into(),
+                reason: "negative".into(),
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            CgroupError::InvalidPath {
+                path: "../x".into(),
+                reason: "..".into(),
+            },
+            Code::InvalidArgument,
+        ),
+        (CgroupError::Gone { path: p() }, Code::NotFound),
+        (
+            CgroupError::NotEmpty {
+                path: p(),
+                pids: vec![7],
+            },
+            Code::AlreadyExists,
+        ),
+        (
+            CgroupError::Timeout {
+                what: "processes to exit".into(),
+                path: p(),
+                waited: Duration::from_secs(5),
+                hint: "",
+            },
+            Code::DeadlineExceeded,
+        ),
+        (
+            CgroupError::NoHierarchy("none mounted".into()),
+            Code::FailedPrecondition,
+        ),
+        (
+            CgroupError::ControllerMissing {
+                controller: "hugetlb".into(),
+                field: "hugepageLimits".into(),
+                detail: "not enabled".into(),
+            },
+            Code::FailedPrecondition,
+        ),
+        (
+            CgroupError::Write {
+                path: p(),
+                value: "-5".into(),
+                source: io(libc::EINVAL),
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            CgroupError::Write {
+                path: p(),
+                value: "1".into(),
+                source: io(libc::EACCES),
+            },
+            Code::PermissionDenied,
+        ),
+        (
+            CgroupError::Read {
+                path: p(),
+                source: io(libc::ENOENT),
+            },
+            Code::NotFound,
+        ),
+        (
+            CgroupError::Remove {
+                path: p(),
+                source: io(libc::EBUSY),
+            },
+            Code::FailedPrecondition,
+        ),
+        (
+            CgroupError::Create {
+                path: p(),
+                source: io(libc::EIO),
+            },
+            Code::Internal,
+        ),
+        (
+            CgroupError::Signal {
+                pid: 7,
+                path: p(),
+                source: nix::Error::ESRCH,
+            },
+            Code::NotFound,
+        ),
+    ];
+    for (e, code) in cases {
+        let st = e.status("updating container c1");
+        assert_eq!(st.code(), code, "{e}");
+        assert!(
+            st.message().starts_with("updating container c1: "),
+            "{st:?}"
+        );
+        assert!(st.message().contains(&e.to_string()), "{st:?}");
+    }
+    // a real write the kernel never sees: the missing file is NotFound
+    let e = write_value(Path::new("/nonexistent-kata-rs/memory.max"), "1").unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+}
+
 /// Whether no event comes within 100 ms (the pending `next()` is dropped).
 async fn quiet(w: &mut OomWatch) -> bool {
     tokio::time::timeout(Duration::from_millis(100), w.next())

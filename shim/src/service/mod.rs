@@ -173,7 +173,12 @@ impl Service {
             {
                 Ok(status) => status as u32,
                 Err(e) => {
-                    warn!(container = %p.cid, "WaitProcess: {e}");
+                    // the message is the guest's: escaped and rate-limited
+                    kata_proto::warn_limited!(
+                        container = %p.cid,
+                        "WaitProcess: {}",
+                        e.to_string().escape_debug()
+                    );
                     255
                 }
             };

@@ -10,8 +10,8 @@ impl Task for Service {
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         let cid = req.id.clone();
-        kata_proto::paths::validate_sandbox_id(&cid)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("container id: {e}")))?;
+        kata_proto::ids::ContainerId::new(cid.as_str())
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         if self.container(&cid).is_ok() {
             return Err(err(
                 Code::ALREADY_EXISTS,
@@ -21,6 +21,9 @@ impl Task for Service {
         let spec = load_spec(&req.bundle)?;
         let role = ocispec::role(&spec);
         let pod_id = ocispec::pod_id(&spec, &cid);
+        // the pod id of a member comes from its annotations
+        kata_proto::ids::SandboxId::new(pod_id.as_str())
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         // tells `shim delete` which pod to clean if this shim dies
         let _ = std::fs::write(Path::new(&req.bundle).join(SANDBOX_FILE), &pod_id);
         let owner = role == Role::Owner;
