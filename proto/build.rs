@@ -25,5 +25,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "#[derive(serde::Serialize, serde::Deserialize)]",
         )
         .compile_fds(fds)?;
+    // netmon's API reuses the agent's messages: generated on its own, with
+    // the agent's types taken from `crate::agent`
+    let netmon = "protos/netmon.proto";
+    println!("cargo:rerun-if-changed={netmon}");
+    let fds = protox::compile([netmon], ["protos"])?;
+    // (its own directory: this run's agent file, without the agent's
+    // messages, must not replace the one above)
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("netmon");
+    std::fs::create_dir_all(&out)?;
+    tonic_prost_build::configure()
+        .out_dir(out)
+        .build_client(true)
+        .build_server(true)
+        .extern_path(".kata.agent.v1", "crate::agent")
+        .compile_fds(fds)?;
     Ok(())
 }

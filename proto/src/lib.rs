@@ -16,6 +16,7 @@ pub mod logging;
 pub mod paths;
 pub mod process;
 pub mod stdio;
+pub mod tap;
 
 /// The agent API (Kata's agent.proto names and meaning).
 #[allow(clippy::all, missing_docs, clippy::undocumented_unsafe_blocks)]
@@ -33,6 +34,12 @@ pub mod launcher {
 #[allow(clippy::all, missing_docs, clippy::undocumented_unsafe_blocks)]
 pub mod virtiofsd {
     tonic::include_proto!("kata.virtiofsd.v1");
+}
+
+/// kata-netmon's API (protos/netmon.proto).
+#[allow(clippy::all, missing_docs, clippy::undocumented_unsafe_blocks)]
+pub mod netmon {
+    include!(concat!(env!("OUT_DIR"), "/netmon/kata.netmon.v1.rs"));
 }
 
 /// A one-thread runtime (I/O and time) for a side endpoint of a data-plane

@@ -88,7 +88,13 @@ fn filter(default_level: &str) -> EnvFilter {
     let spec = std::env::var("KATA_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| default_level.to_string());
-    EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new(default_level))
+    let f = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new(default_level));
+    // netlink-proto warns with whole messages about multicast events nobody
+    // asked for: only its errors are worth a line
+    match "netlink_proto=error".parse() {
+        Ok(d) => f.add_directive(d),
+        Err(_) => f,
+    }
 }
 
 /// The subscriber of every program, text lines, to `writer`.

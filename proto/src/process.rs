@@ -32,6 +32,20 @@ pub fn kill_if_same(pid: u32, start: u64) {
     }
 }
 
+/// Makes the child of `cmd` die with its parent (SIGKILL when the thread
+/// that spawned it ends): helpers never outlive the program that runs them.
+pub fn die_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Whether `pid` runs `program` (its command line names it).
 pub fn runs_program(pid: u32, program: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))

@@ -49,20 +49,7 @@ pub enum ClientError {
     Connect(#[from] tonic::transport::Error),
 }
 
-/// Makes the child get SIGKILL when the thread that spawned it dies: a helper
-/// never outlives its owner (the shim, kata-ctl, a test). Spawn from a thread
-/// that lives as long as the owner (a tokio worker does).
-pub fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
+pub use kata_proto::process::die_with_parent;
 
 impl LauncherProcess {
     /// Starts `binary` for `sandbox_id` with its sandbox directory in `dir`,

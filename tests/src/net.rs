@@ -1,0 +1,131 @@
+//! Network namespaces the tests make themselves (a pod's and a peer's, joined
+//! by a veth pair), with `ip` from iproute2; removed on drop. Addresses are
+//! private (10.201.0.0/16), and no traffic leaves the namespaces.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Runs `ip` with `args`; panics with its stderr on failure.
+pub fn ip(args: &[&str]) -> String {
+    run("ip", args)
+}
+
+/// Runs `tc` with `args`; panics with its stderr on failure.
+pub fn tc(args: &[&str]) -> String {
+    run("tc", args)
+}
+
+fn run(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog} is missing ({e}): install iproute2"));
+    assert!(
+        out.status.success(),
+        "{prog} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A named network namespace (`/var/run/netns/<name>`), deleted on drop.
+pub struct Netns {
+    /// Its name.
+    pub name: String,
+}
+
+impl Netns {
+    /// Makes `name` (a stale one of that name is removed first), with `lo` up.
+    pub fn new(name: &str) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        ip(&["netns", "add", name]);
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        Netns { name: name.into() }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <name> args...`.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut a = vec!["-n", &self.name];
+        a.extend_from_slice(args);
+        ip(&a)
+    }
+
+    /// `tc -n <name> args...`.
+    pub fn tc(&self, args: &[&str]) -> String {
+        let mut a = vec!["-n", &self.name];
+        a.extend_from_slice(args);
+        tc(&a)
+    }
+
+    /// The MAC address of `dev`.
+    pub fn mac(&self, dev: &str) -> String {
+        let out = self.ip(&["-o", "link", "show", dev]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no MAC for {dev} in {out}"))
+            .to_string()
+    }
+
+    /// The names of its links.
+    pub fn links(&self) -> Vec<String> {
+        self.ip(&["-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A pod netns and a peer netns joined by a veth pair: `eth0` in the pod
+/// with `10.201.<net>.2/24` and a default route via the peer's
+/// `10.201.<net>.1/24` on `peer0`.
+pub struct PodNet {
+    /// The pod's namespace.
+    pub pod: Netns,
+    /// The peer's namespace.
+    pub peer: Netns,
+    /// The third octet of the /24.
+    pub net: u8,
+}
+
+impl PodNet {
+    /// Makes both namespaces, named after `tag` and this process.
+    pub fn new(tag: &str, net: u8) -> PodNet {
+        let pid = std::process::id();
+        let pod = Netns::new(&format!("kr-{tag}-{pid}"));
+        let peer = Netns::new(&format!("kr-{tag}p-{pid}"));
+        let a = format!("kr{net}a{}", pid % 100_000);
+        let b = format!("kr{net}b{}", pid % 100_000);
+        ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+        ip(&["link", "set", &a, "netns", &pod.name]);
+        ip(&["link", "set", &b, "netns", &peer.name]);
+        pod.ip(&["link", "set", &a, "name", "eth0"]);
+        peer.ip(&["link", "set", &b, "name", "peer0"]);
+        pod.ip(&["addr", "add", &format!("10.201.{net}.2/24"), "dev", "eth0"]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        peer.ip(&["addr", "add", &format!("10.201.{net}.1/24"), "dev", "peer0"]);
+        peer.ip(&["link", "set", "peer0", "up"]);
+        pod.ip(&["route", "add", "default", "via", &format!("10.201.{net}.1")]);
+        PodNet { pod, peer, net }
+    }
+
+    /// `10.201.<net>.<host>`.
+    pub fn addr(&self, host: u8) -> String {
+        format!("10.201.{}.{host}", self.net)
+    }
+}
