@@ -100,6 +100,8 @@ pub(crate) struct Jail {
     uid: u32,
     groups: Vec<libc::gid_t>,
     seccomp: Vec<BpfProgram>,
+    /// Files the hypervisor inherits at their own fd numbers (the taps).
+    inherit: Vec<File>,
 }
 
 fn cstr(p: &Path) -> CString {
@@ -337,7 +339,13 @@ impl Jail {
             uid: spec.uid,
             groups,
             seccomp: seccomp_programs()?,
+            inherit: vec![],
         })
+    }
+
+    /// Hands `files` to the hypervisor, open at their current fd numbers.
+    pub(crate) fn inherit(&mut self, files: Vec<File>) {
+        self.inherit = files;
     }
 
     /// Runs in the child between fork and exec: only system calls, no
@@ -358,6 +366,10 @@ impl Jail {
             // the launcher's umask; QEMU itself runs with a private one
             libc::umask(0o022);
             check(libc::setsid())?;
+            // the taps: kept open across exec at the numbers QEMU is given
+            for f in &self.inherit {
+                check(libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0))?;
+            }
             if let Some(ns) = &self.netns {
                 check(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET))?;
             }

@@ -41,6 +41,8 @@ pub(crate) struct QemuArgs {
     pub(crate) tsc_khz: Option<u64>,
     /// The virtio-fs tag, when a vhost-user-fs backend serves the pod.
     pub(crate) virtiofs_tag: Option<String>,
+    /// The NICs: an open tap's fd (inherited) and the guest's MAC.
+    pub(crate) nics: Vec<(i32, String)>,
 }
 
 /// The kernel command line the launcher always passes (before the user's).
@@ -143,6 +145,14 @@ pub(crate) fn command_line(a: &QemuArgs) -> Vec<String> {
             "vhost-user-fs-pci,id=fs0,chardev=fschr,tag={tag},queue-size=1024"
         ));
     }
+    for (i, (fd, mac)) in a.nics.iter().enumerate() {
+        // vhost-net needs /dev/vhost-net in the jail: not yet, the tap is
+        // served by QEMU's own thread
+        v.push("-netdev".into());
+        v.push(format!("tap,id=net{i},fd={fd},vhost=off"));
+        v.push("-device".into());
+        v.push(format!("virtio-net-pci,id=nic{i},netdev=net{i},mac={mac}"));
+    }
     v
 }
 
@@ -161,7 +171,29 @@ mod tests {
             vhost_vsock_cid: None,
             tsc_khz: Some(2_000_000),
             virtiofs_tag: None,
+            nics: vec![],
         }
+    }
+
+    #[test]
+    fn nics_are_inherited_taps() {
+        let a = QemuArgs {
+            nics: vec![
+                (7, "02:00:00:00:00:01".into()),
+                (9, "02:00:00:00:00:02".into()),
+            ],
+            ..args()
+        };
+        let v = command_line(&a);
+        assert_eq!(
+            after(&v, "-netdev", "tap,id=net1").unwrap(),
+            "tap,id=net1,fd=9,vhost=off"
+        );
+        assert_eq!(
+            after(&v, "-device", "virtio-net-pci,id=nic0").unwrap(),
+            "virtio-net-pci,id=nic0,netdev=net0,mac=02:00:00:00:00:01"
+        );
+        assert!(after(&command_line(&args()), "-netdev", "").is_none());
     }
 
     fn after<'a>(v: &'a [String], flag: &str, value_prefix: &str) -> Option<&'a String> {

@@ -4,10 +4,32 @@
 
 use std::path::Path;
 
+#[cfg(test)]
+use kata_proto::launcher::NetDevice;
 use kata_proto::launcher::{Accelerator, VmSpec};
 use kata_proto::paths::SandboxPaths;
 
 use crate::{cgroup, LauncherError};
+
+/// The most NICs a VM gets.
+pub(crate) const MAX_NICS: usize = 8;
+
+/// A unicast MAC address `aa:bb:cc:dd:ee:ff` (not all zero).
+pub(crate) fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() || out[0] & 1 == 1 || out == [0; 6] {
+        return None;
+    }
+    Some(out)
+}
 
 pub(crate) fn validate(mut spec: VmSpec, paths: &SandboxPaths) -> Result<VmSpec, LauncherError> {
     let bad = |m: String| Err(LauncherError::InvalidSpec(m));
@@ -87,6 +109,35 @@ pub(crate) fn validate(mut spec: VmSpec, paths: &SandboxPaths) -> Result<VmSpec,
             return bad(format!(
                 "virtiofs_tag = {:?}: 1-36 characters from [A-Za-z0-9_-]",
                 spec.virtiofs_tag
+            ));
+        }
+    }
+    if spec.net_devices.len() > MAX_NICS {
+        return bad(format!(
+            "net_devices: {} NICs, at most {MAX_NICS}",
+            spec.net_devices.len()
+        ));
+    }
+    if !spec.net_devices.is_empty() && spec.netns_path.is_empty() {
+        return bad(
+            "net_devices need netns_path (the taps live in the pod's network namespace)".into(),
+        );
+    }
+    let mut macs = std::collections::HashSet::new();
+    for (i, d) in spec.net_devices.iter().enumerate() {
+        if let Err(e) = kata_proto::tap::check_ifname(&d.tap) {
+            return bad(format!("net_devices[{i}].tap: {e}"));
+        }
+        let Some(mac) = parse_mac(&d.mac) else {
+            return bad(format!(
+                "net_devices[{i}].mac = {:?}: six hex bytes like 02:00:00:00:00:01, unicast",
+                d.mac
+            ));
+        };
+        if !macs.insert(mac) {
+            return bad(format!(
+                "net_devices[{i}].mac = {:?}: two NICs with one MAC",
+                d.mac
             ));
         }
     }
@@ -176,6 +227,55 @@ mod tests {
                     ..ok.clone()
                 },
                 "netns_path",
+            ),
+            (
+                VmSpec {
+                    net_devices: vec![NetDevice {
+                        tap: "tap0_kata".into(),
+                        mac: "02:00:00:00:00:01".into(),
+                    }],
+                    ..ok.clone()
+                },
+                "need netns_path",
+            ),
+            (
+                VmSpec {
+                    netns_path: "/proc/self/ns/net".into(),
+                    net_devices: vec![NetDevice {
+                        tap: "tap0/x".into(),
+                        mac: "02:00:00:00:00:01".into(),
+                    }],
+                    ..ok.clone()
+                },
+                "net_devices[0].tap",
+            ),
+            (
+                VmSpec {
+                    netns_path: "/proc/self/ns/net".into(),
+                    net_devices: vec![NetDevice {
+                        tap: "tap0_kata".into(),
+                        mac: "01:00:5e:00:00:01".into(),
+                    }],
+                    ..ok.clone()
+                },
+                "net_devices[0].mac",
+            ),
+            (
+                VmSpec {
+                    netns_path: "/proc/self/ns/net".into(),
+                    net_devices: vec![
+                        NetDevice {
+                            tap: "tap0_kata".into(),
+                            mac: "02:00:00:00:00:01".into(),
+                        },
+                        NetDevice {
+                            tap: "tap1_kata".into(),
+                            mac: "02:00:00:00:00:01".into(),
+                        },
+                    ],
+                    ..ok.clone()
+                },
+                "one MAC",
             ),
             (
                 VmSpec {

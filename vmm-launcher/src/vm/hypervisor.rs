@@ -2,6 +2,7 @@
 //! readiness listener and the vsock backend, the jail, QEMU itself and its
 //! QMP socket. Run by the VM's owner task ([`super::Actor`]) on CreateVm.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -110,7 +111,13 @@ impl Actor {
             files::fchown_fd(&fd, uid, uid).map_err(io("chown", fs))?;
             files::fchmod_fd(&fd, FILE_MODE).map_err(io("chmod", fs))?;
         }
-        let jail = Jail::prepare(&JailSpec {
+        let taps = open_taps(spec)?;
+        let nics = taps
+            .iter()
+            .zip(&spec.net_devices)
+            .map(|(f, d)| (f.as_raw_fd(), d.mac.clone()))
+            .collect();
+        let mut jail = Jail::prepare(&JailSpec {
             root: self.paths.jail_root(),
             vm_dir: vm_dir.into(),
             kernel: spec.kernel_path.clone().into(),
@@ -120,6 +127,7 @@ impl Actor {
             uid,
             kvm: accel == Accelerator::Kvm,
         })?;
+        jail.inherit(taps);
         let args = qemu::command_line(&QemuArgs {
             sandbox_id: self.sandbox_id.clone(),
             vcpus: spec.vcpus,
@@ -130,6 +138,7 @@ impl Actor {
             vhost_vsock_cid: vhost_vsock.then_some(paths::HYBRID_GUEST_CID),
             tsc_khz: host_tsc_khz(),
             virtiofs_tag: (!spec.virtiofs_socket.is_empty()).then(|| spec.virtiofs_tag.clone()),
+            nics,
         });
         let console = if spec.console_log_path.is_empty() {
             self.paths.console_log()
@@ -208,6 +217,47 @@ impl Actor {
             start: hypervisor_start,
         })
     }
+}
+
+/// Opens the taps of `spec.net_devices` in the pod's network namespace
+/// (from a thread that enters it, so the launcher stays where it is): the
+/// jailed hypervisor gets them as open files and needs no CAP_NET_ADMIN.
+fn open_taps(spec: &VmSpec) -> Result<Vec<std::fs::File>, LauncherError> {
+    if spec.net_devices.is_empty() {
+        return Ok(vec![]);
+    }
+    let netns = PathBuf::from(&spec.netns_path);
+    let taps: Vec<String> = spec.net_devices.iter().map(|d| d.tap.clone()).collect();
+    let io = |what: String| move |e: std::io::Error| LauncherError::Io(what, e);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsFd;
+            let ns = std::fs::File::open(&netns).map_err(io(format!(
+                "opening the network namespace {}",
+                netns.display()
+            )))?;
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                LauncherError::Io(
+                    format!("entering the network namespace {}", netns.display()),
+                    e.into(),
+                )
+            })?;
+            taps.iter()
+                .map(|t| {
+                    kata_proto::tap::open(t).map_err(io(format!(
+                        "opening the tap {t} in {} (is kata-netmon running?)",
+                        netns.display()
+                    )))
+                })
+                .collect()
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(LauncherError::Hypervisor(
+                "the thread opening the taps panicked".into(),
+            ))
+        })
+    })
 }
 
 async fn connect_qmp(path: &Path, child: &mut tokio::process::Child) -> Result<Qmp, String> {
