@@ -18,6 +18,7 @@ pub mod container;
 pub mod guest;
 pub mod init;
 pub mod mounts;
+pub mod network;
 pub mod reaper;
 pub mod rpc;
 pub mod sandbox;

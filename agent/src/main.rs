@@ -80,6 +80,14 @@ fn main() -> std::process::ExitCode {
                 Ok(()) => tracing::debug!("root filesystem is read-only"),
                 Err(e) => tracing::error!("{e}"),
             }
+            // the containers share the guest's network namespace: lo is theirs
+            let lo = match kata_agent::network::connect() {
+                Ok(h) => kata_agent::network::loopback_up(&h).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = lo {
+                tracing::error!("bringing lo up: {}", e.message());
+            }
             if debug_console {
                 if let Err(e) = kata_agent::console::spawn(ports::DEBUG_CONSOLE) {
                     tracing::error!("debug console: {e}");

@@ -23,6 +23,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::container::{self, Container, State};
 use crate::guest;
+use crate::network;
 use crate::sandbox::{self, SandboxInfo, STORAGE_DRIVERS};
 use crate::stdio::Stdio;
 use kata_proto::stdio::Header;
@@ -563,12 +564,64 @@ impl AgentService for AgentRpc {
         ok()
     }
 
+    async fn update_interface(
+        &self,
+        r: Request<UpdateInterfaceRequest>,
+    ) -> Result<Response<Interface>, Status> {
+        self.guest_network("UpdateInterface")?;
+        let want = r
+            .into_inner()
+            .interface
+            .ok_or_else(|| Status::invalid_argument("UpdateInterface: interface is missing"))?;
+        let h = network::connect()?;
+        Ok(Response::new(network::update_interface(&h, &want).await?))
+    }
+
+    async fn update_routes(
+        &self,
+        r: Request<UpdateRoutesRequest>,
+    ) -> Result<Response<Routes>, Status> {
+        self.guest_network("UpdateRoutes")?;
+        let want = r.into_inner().routes.map(|r| r.routes).unwrap_or_default();
+        let h = network::connect()?;
+        Ok(Response::new(Routes {
+            routes: network::update_routes(&h, &want).await?,
+        }))
+    }
+
+    async fn list_interfaces(
+        &self,
+        _r: Request<ListInterfacesRequest>,
+    ) -> Result<Response<Interfaces>, Status> {
+        let h = network::connect()?;
+        Ok(Response::new(Interfaces {
+            interfaces: network::list_interfaces(&h).await?,
+        }))
+    }
+
+    async fn list_routes(
+        &self,
+        _r: Request<ListRoutesRequest>,
+    ) -> Result<Response<Routes>, Status> {
+        let h = network::connect()?;
+        Ok(Response::new(Routes {
+            routes: network::list_routes(&h).await?,
+        }))
+    }
+
+    async fn add_arp_neighbors(&self, r: Request<AddArpNeighborsRequest>) -> Empty {
+        self.guest_network("AddARPNeighbors")?;
+        let want = r
+            .into_inner()
+            .neighbors
+            .map(|n| n.arp_neighbors)
+            .unwrap_or_default();
+        let h = network::connect()?;
+        network::add_neighbours(&h, &want).await?;
+        ok()
+    }
+
     not_yet! {
-        update_interface(UpdateInterfaceRequest) -> Interface;
-        update_routes(UpdateRoutesRequest) -> Routes;
-        list_interfaces(ListInterfacesRequest) -> Interfaces;
-        list_routes(ListRoutesRequest) -> Routes;
-        add_arp_neighbors(AddArpNeighborsRequest) -> ();
         get_metrics(GetMetricsRequest) -> Metrics;
         get_volume_stats(VolumeStatsRequest) -> VolumeStatsResponse;
         online_cpu_mem(OnlineCpuMemRequest) -> ();
@@ -582,6 +635,18 @@ impl AgentService for AgentRpc {
 }
 
 impl AgentRpc {
+    /// Network changes are for the guest's own namespace: a host-mode agent
+    /// refuses them rather than change its host's network.
+    fn guest_network(&self, call: &str) -> Result<(), Status> {
+        if self.0.init {
+            Ok(())
+        } else {
+            Err(Status::failed_precondition(format!(
+                "{call} configures the guest's network: this agent runs in host mode"
+            )))
+        }
+    }
+
     async fn create_container_inner(&self, r: CreateContainerRequest) -> Empty {
         let id = r.container_id.clone();
         let mut spec = container::parse_spec(&r.oci_spec_json)?;
