@@ -90,6 +90,11 @@ impl SandboxPaths {
         self.vm_dir().join("virtiofsd.sock")
     }
 
+    /// kata-netmon's API socket (`netmon.proto`).
+    pub fn netmon_socket(&self) -> PathBuf {
+        self.dir.join("netmon.sock")
+    }
+
     /// kata-virtiofsd's control socket (gRPC, `virtiofsd.proto`).
     pub fn virtiofsd_control(&self) -> PathBuf {
         self.dir.join("virtiofsd-ctl.sock")

@@ -95,6 +95,9 @@ bounded_calls! {
     close_stdin: "CloseStdin" (pb::CloseStdinRequest) -> ();
     update_container: "UpdateContainer" (pb::UpdateContainerRequest) -> ();
     stats_container: "StatsContainer" (pb::StatsContainerRequest) -> pb::StatsContainerResponse;
+    update_interface: "UpdateInterface" (pb::UpdateInterfaceRequest) -> pb::Interface;
+    update_routes: "UpdateRoutes" (pb::UpdateRoutesRequest) -> pb::Routes;
+    add_arp_neighbors: "AddARPNeighbors" (pb::AddArpNeighborsRequest) -> ();
 }
 
 impl AgentClient {

@@ -11,6 +11,7 @@ pub mod error;
 pub mod guest_events;
 pub mod io;
 pub mod mounts;
+pub mod network;
 pub mod options;
 pub mod pod;
 pub mod service;

@@ -1,7 +1,7 @@
 //! One pod: its sandbox directory, kata-virtiofsd, kata-vmm-launcher (and its
 //! VM), the agent connection, and a teardown that always runs to the end.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,9 @@ pub enum PodError {
         /// Why.
         why: String,
     },
+    /// The pod's network.
+    #[error("pod network: {0}")]
+    Network(#[from] crate::network::NetError),
 }
 
 impl PodError {
@@ -74,6 +77,11 @@ impl PodError {
             PodError::Agent { source, .. } => source.code(),
             PodError::Config(_) => Code::INVALID_ARGUMENT,
             PodError::Host { .. } => Code::INTERNAL,
+            PodError::Network(e) => match e {
+                crate::network::NetError::Config(_) => Code::INVALID_ARGUMENT,
+                crate::network::NetError::Netmon(_) => Code::FAILED_PRECONDITION,
+                crate::network::NetError::Agent { source, .. } => source.code(),
+            },
         }
     }
 }
@@ -101,6 +109,10 @@ pub struct PodState {
     pub virtiofsd_pid: u32,
     /// Its start time (clock ticks since boot).
     pub virtiofsd_start: u64,
+    /// The pod's network namespace kata-netmon plumbed (its leftovers are
+    /// removed from there after a crash).
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 impl PodState {
@@ -165,10 +177,14 @@ pub struct Pod {
     pub timings: Timings,
 }
 
+#[derive(Default)]
 struct Children {
     launcher: Option<Child>,
     launcher_client: Option<LauncherClient<Channel>>,
     virtiofsd: Option<Child>,
+    netmon: Option<kata_netmon::client::NetmonProcess>,
+    /// Forwards netmon's changes to the guest.
+    net_follow: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Where pod start time went.
@@ -239,7 +255,13 @@ impl Pod {
     /// Brings a pod up: directory, shared mount, kata-virtiofsd, the launcher,
     /// the VM, the agent, CreateSandbox. On failure everything made so far is
     /// removed before the error returns.
-    pub async fn create(id: &str, cfg: Config, size: Size, hostname: &str) -> Result<Pod> {
+    pub async fn create(
+        id: &str,
+        cfg: Config,
+        size: Size,
+        hostname: &str,
+        netns: Option<PathBuf>,
+    ) -> Result<Pod> {
         let paths = SandboxPaths::new(id);
         if paths.dir.exists() {
             // a pod of that id left by a dead shim: clean it first
@@ -249,12 +271,17 @@ impl Pod {
             );
             cleanup_dead(&paths).await;
         }
-        let mut children = Children {
-            launcher: None,
-            launcher_client: None,
-            virtiofsd: None,
-        };
-        match Self::bring_up(id, &paths, &cfg, size, hostname, &mut children).await {
+        let mut children = Children::default();
+        let up = Self::bring_up(
+            id,
+            &paths,
+            &cfg,
+            size,
+            hostname,
+            netns.as_deref(),
+            &mut children,
+        );
+        match up.await {
             Ok((agent, agent_addr, hypervisor_pid, launcher, timings)) => Ok(Pod {
                 id: id.into(),
                 paths,
@@ -316,11 +343,7 @@ impl Pod {
                 agent_addr,
                 hypervisor_pid: 0,
                 launcher: None,
-                children: Mutex::new(Children {
-                    launcher: None,
-                    launcher_client: None,
-                    virtiofsd: None,
-                }),
+                children: Mutex::new(Children::default()),
                 timings: Timings::default(),
             }),
             Err(e) => {
@@ -336,6 +359,7 @@ impl Pod {
         cfg: &Config,
         size: Size,
         hostname: &str,
+        netns: Option<&Path>,
         children: &mut Children,
     ) -> Result<(Agent, Address, u32, LauncherClient<Channel>, Timings)> {
         let t0 = Instant::now();
@@ -345,6 +369,7 @@ impl Pod {
         let mut state = PodState {
             sandbox_id: id.into(),
             shim_pid: std::process::id(),
+            netns: netns.map(Path::to_path_buf),
             ..Default::default()
         };
         state.save(paths)?;
@@ -367,7 +392,17 @@ impl Pod {
                     why: format!("{e:#}"),
                 })
         };
-        let (fs, launcher) = tokio::join!(fs, launcher);
+        // and kata-netmon plumbs the pod's network meanwhile
+        let net = crate::network::start(cfg, id, paths, netns);
+        let (fs, launcher, net) = tokio::join!(fs, launcher, net);
+        let (net, net_err) = match net {
+            Ok(Some(n)) => (Some(n.initial), {
+                children.netmon = Some(n.netmon);
+                None
+            }),
+            Ok(None) => (None, None),
+            Err(e) => (None, Some(e)),
+        };
         // whatever started is kept in `children`, for the teardown
         let fs_err = match fs {
             Ok(Some(child)) => {
@@ -390,6 +425,9 @@ impl Pod {
         if let Some(e) = fs_err {
             return Err(e);
         }
+        if let Some(e) = net_err {
+            return Err(e.into());
+        }
         let helpers = t0.elapsed();
 
         let mut params = q.kernel_params.clone();
@@ -410,6 +448,14 @@ impl Pod {
             hypervisor_path: q.path.display().to_string(),
             machine_type: q.machine_type.clone(),
             virtiofs_socket,
+            netns_path: match (&net, netns) {
+                (Some(_), Some(ns)) => ns.display().to_string(),
+                _ => String::new(),
+            },
+            net_devices: net
+                .as_ref()
+                .map(crate::network::net_devices)
+                .unwrap_or_default(),
             ..Default::default()
         };
         let created = client
@@ -471,6 +517,14 @@ impl Pod {
                 what: "CreateSandbox in the guest",
                 source,
             })?;
+        if let (Some(n), Some(nm)) = (net, children.netmon.as_ref()) {
+            crate::network::configure(&agent, &n).await?;
+            children.net_follow = Some(tokio::spawn(crate::network::follow(
+                nm.client.clone(),
+                agent.clone(),
+                n,
+            )));
+        }
         let timings = Timings {
             host_prepare,
             helpers,
@@ -569,6 +623,9 @@ impl Pod {
 }
 
 async fn teardown_children(paths: &SandboxPaths, c: &mut Children) {
+    if let Some(t) = c.net_follow.take() {
+        t.abort();
+    }
     if let Some(mut l) = c.launcher_client.take() {
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
@@ -601,7 +658,39 @@ async fn teardown_children(paths: &SandboxPaths, c: &mut Children) {
             let _ = child.wait().await;
         }
     }
+    let netmon_done = match c.netmon.take() {
+        Some(nm) => match nm.shutdown(Duration::from_secs(5)).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("stopping kata-netmon: {e}");
+                false
+            }
+        },
+        None => false,
+    };
+    // after a kill (or a failed start), what netmon left in the netns
+    if !netmon_done {
+        if let Some(ns) = PodState::load(paths).and_then(|s| s.netns) {
+            netmon_cleanup(&paths.dir, &ns).await;
+        }
+    }
     remove_dir(paths);
+}
+
+/// Removes what a killed kata-netmon left in `netns`.
+async fn netmon_cleanup(dir: &Path, netns: &Path) {
+    let id = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match kata_proto::config::netmon_path() {
+        Ok(bin) => {
+            if let Err(e) = kata_netmon::client::cleanup(&bin, &id, netns).await {
+                warn!("kata-netmon cleanup: {e}");
+            }
+        }
+        Err(e) => warn!("kata-netmon cleanup: {e}"),
+    }
 }
 
 fn remove_dir(paths: &SandboxPaths) {
@@ -627,6 +716,10 @@ pub async fn cleanup_dead(paths: &SandboxPaths) {
     }
     if let Some(st) = PodState::load(paths) {
         kata_proto::process::kill_if_same(st.virtiofsd_pid, st.virtiofsd_start);
+        // kata-netmon died with the shim (PDEATHSIG): its plumbing stays
+        if let Some(ns) = &st.netns {
+            netmon_cleanup(&paths.dir, ns).await;
+        }
     }
     remove_dir(paths);
 }

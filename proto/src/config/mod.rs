@@ -55,6 +55,14 @@ pub const LAUNCHER_NAME: &str = "kata-vmm-launcher";
 
 /// File name of the virtio-fs daemon, looked for when `virtio_fs_daemon` is empty.
 pub const VIRTIOFSD_NAME: &str = "kata-virtiofsd";
+/// The network monitor's program name.
+pub const NETMON_NAME: &str = "kata-netmon";
+
+/// The kata-netmon to run: [`NETMON_NAME`] next to the running program (the
+/// shim), else the first in `$PATH`.
+pub fn netmon_path() -> Result<PathBuf, ConfigError> {
+    resolve_helper("netmon", Path::new(""), NETMON_NAME)
+}
 
 /// Most vCPUs a q35 QEMU guest is given (Kata's limit on x86_64).
 pub const MAX_VCPUS: u32 = 240;
@@ -573,7 +581,7 @@ impl Config {
         let q = &self.hypervisor.qemu;
         let check = |key: &str, shown: &Path, path: &Path, executable: bool| {
             check_file(path, executable).map_err(|problem| ConfigError::MissingFile {
-                key: format!("hypervisor.qemu.{key}"),
+                key: key.into(),
                 path: shown.to_path_buf(),
                 problem,
             })
@@ -612,13 +620,17 @@ impl Qemu {
     /// The kata-vmm-launcher to run: `launcher`, else [`LAUNCHER_NAME`] next
     /// to the running program (the shim), else the first in `$PATH`.
     pub fn launcher_path(&self) -> Result<PathBuf, ConfigError> {
-        resolve_helper("launcher", &self.launcher, LAUNCHER_NAME)
+        resolve_helper("hypervisor.qemu.launcher", &self.launcher, LAUNCHER_NAME)
     }
 
     /// The kata-virtiofsd to run: `virtio_fs_daemon`, else [`VIRTIOFSD_NAME`]
     /// next to the running program, else the first in `$PATH`.
     pub fn virtio_fs_daemon_path(&self) -> Result<PathBuf, ConfigError> {
-        resolve_helper("virtio_fs_daemon", &self.virtio_fs_daemon, VIRTIOFSD_NAME)
+        resolve_helper(
+            "hypervisor.qemu.virtio_fs_daemon",
+            &self.virtio_fs_daemon,
+            VIRTIOFSD_NAME,
+        )
     }
 }
 
@@ -668,7 +680,7 @@ fn resolve_helper(key: &str, configured: &Path, name: &str) -> Result<PathBuf, C
         return Ok(found);
     }
     Err(ConfigError::HelperNotFound {
-        key: format!("hypervisor.qemu.{key}"),
+        key: key.into(),
         name: name.into(),
         beside: exe
             .map(|e| e.display().to_string())

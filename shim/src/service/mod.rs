@@ -289,6 +289,7 @@ impl Service {
                 memory_mib: size.memory_mib,
             },
             &hostname,
+            crate::network::netns_of(spec),
         )
         .await
         .map_err(|e| err(e.code(), format!("creating the pod VM: {e}")))?;

@@ -1,0 +1,179 @@
+//! Pod networking end to end: real containerd and ctr, a pod network
+//! namespace and a peer namespace the test makes (joined by a veth pair, as
+//! a CNI plugin would), kata-netmon, QEMU under TCG and the guest.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kata_tests::containerd::Containerd;
+use kata_tests::net::PodNet;
+use kata_tests::shim::{assert_pod_gone, kill_and_delete, wait_task_status, write_config, RUNTIME};
+
+const GONE: Duration = Duration::from_secs(20);
+
+/// A busybox httpd in the peer's namespace serving `dir`; killed (by pid)
+/// on drop.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(net: &PodNet, dir: &std::path::Path) -> Server {
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.peer.name,
+            "busybox",
+            "httpd",
+            "-f",
+            "-p",
+        ])
+        .arg(format!("{}:8080", net.addr(1)))
+        .arg("-h")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("busybox httpd in the peer netns");
+    std::thread::sleep(Duration::from_millis(200));
+    Server(child)
+}
+
+fn no_plumbing_left(net: &PodNet) {
+    let links = net.pod.links();
+    assert!(
+        !links.iter().any(|l| l.ends_with("_kata")),
+        "taps left in the pod netns: {links:?}"
+    );
+    let qd = net.pod.tc(&["qdisc", "show", "dev", "eth0"]);
+    assert!(!qd.contains("ingress"), "qdisc left: {qd}");
+}
+
+#[test]
+fn a_container_has_the_pod_address_reaches_a_peer_and_follows_changes() {
+    kata_tests::require_root();
+    let net = PodNet::new("sn", 81);
+    let tmp = tempfile::tempdir().unwrap();
+    let www = tmp.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello from the peer\n").unwrap();
+    let _server = serve(&net, &www);
+    let cfg = write_config(&tmp.path().join("configuration.toml"), "", "");
+    let c = Containerd::builder().kata_config(&cfg).start();
+    let image = c.import_busybox();
+    let with_ns = format!("network:{}", net.pod.path().display());
+
+    // the pod's address, route and a peer over TCP
+    let out = c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--with-ns",
+        &with_ns,
+        &image,
+        "net1",
+        "sh",
+        "-c",
+        &format!(
+            "ip -o addr show eth0; ip -o link show eth0; ip route; ip -o link show lo; wget -q -O - http://{}:8080/hello.txt",
+            net.addr(1)
+        ),
+    ]);
+    assert!(out.contains(&format!("{}/24", net.addr(2))), "{out}");
+    assert!(
+        out.contains(&format!("default via {}", net.addr(1))),
+        "{out}"
+    );
+    assert!(
+        out.contains(&net.pod.mac("eth0")),
+        "the guest NIC has the pod's MAC: {out}"
+    );
+    assert!(out.contains("hello from the peer"), "{out}");
+    assert!(
+        out.lines().any(|l| l.contains(": lo:") && l.contains("UP")),
+        "lo is up in the guest: {out}"
+    );
+    assert_pod_gone("net1", GONE);
+    no_plumbing_left(&net);
+
+    // follow: an address and a route added in the netns reach the guest
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--with-ns",
+        &with_ns,
+        &image,
+        "net3",
+        "sleep",
+        "600",
+    ]);
+    wait_task_status(&c, "net3", "RUNNING", Duration::from_secs(60));
+    net.pod
+        .ip(&["addr", "add", &format!("{}/24", net.addr(3)), "dev", "eth0"]);
+    net.pod.ip(&[
+        "route",
+        "add",
+        "10.250.0.0/16",
+        "via",
+        &net.addr(1),
+        "dev",
+        "eth0",
+    ]);
+    let t0 = Instant::now();
+    loop {
+        let o = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "look",
+            "net3",
+            "sh",
+            "-c",
+            "ip -o addr show eth0; ip route",
+        ]);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        if text.contains(&format!("{}/24", net.addr(3))) && text.contains("10.250.0.0/16") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the new address and route did not reach the guest: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    kill_and_delete(&c, "net3");
+    assert_pod_gone("net3", GONE);
+    no_plumbing_left(&net);
+}
+
+#[test]
+fn a_missing_netns_is_named_and_leaves_nothing() {
+    kata_tests::require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(&tmp.path().join("configuration.toml"), "", "");
+    let c = Containerd::builder().kata_config(&cfg).start();
+    let image = c.import_busybox();
+    let o = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--with-ns",
+        "network:/var/run/netns/kr-no-such-netns",
+        &image,
+        "netbad",
+        "true",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("/var/run/netns/kr-no-such-netns"), "{err}");
+    assert_pod_gone("netbad", GONE);
+}
