@@ -207,4 +207,7 @@ pub async fn follow(
             Err(e) => warn!("updating the guest's network: {e}"),
         }
     }
+    // (the teardown aborts this task before it stops netmon: an end here is
+    // netmon's death; the plumbing stays in the kernel and traffic flows)
+    warn!("kata-netmon is gone: the guest's network keeps working but no longer follows the pod's netns");
 }

@@ -177,3 +177,77 @@ fn a_missing_netns_is_named_and_leaves_nothing() {
     assert!(err.contains("/var/run/netns/kr-no-such-netns"), "{err}");
     assert_pod_gone("netbad", GONE);
 }
+
+/// The PID of pod `id`'s process whose program name ends with `name`.
+fn pid_of(id: &str, name: &str) -> u32 {
+    kata_tests::shim::pod_processes(id)
+        .into_iter()
+        .find(|(_, cmd)| cmd.split(' ').next().is_some_and(|a| a.ends_with(name)))
+        .unwrap_or_else(|| panic!("no {name} for {id}"))
+        .0
+}
+
+fn sigkill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL");
+}
+
+/// A SIGKILLed kata-netmon: the pod keeps running and its traffic flows
+/// (the plumbing is the kernel's), delete removes the plumbing. A SIGKILLed
+/// shim: the task ends and delete removes the plumbing too.
+#[test]
+fn killed_netmon_or_shim_leave_no_plumbing() {
+    kata_tests::require_root();
+    let net = PodNet::new("sk", 83);
+    let tmp = tempfile::tempdir().unwrap();
+    let www = tmp.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("ping.txt"), "pong\n").unwrap();
+    let _server = serve(&net, &www);
+    let cfg = write_config(&tmp.path().join("configuration.toml"), "", "");
+    let c = Containerd::builder().kata_config(&cfg).start();
+    let image = c.import_busybox();
+    let with_ns = format!("network:{}", net.pod.path().display());
+    let url = format!("http://{}:8080/ping.txt", net.addr(1));
+    for (id, victim) in [("nk1", "kata-netmon"), ("nk2", "containerd-shim-kata-v2")] {
+        c.ctr_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--with-ns",
+            &with_ns,
+            &image,
+            id,
+            "sleep",
+            "600",
+        ]);
+        wait_task_status(&c, id, "RUNNING", Duration::from_secs(60));
+        sigkill(pid_of(id, victim));
+        if victim == "kata-netmon" {
+            let out = c.ctr_ok(&[
+                "task",
+                "exec",
+                "--exec-id",
+                "w",
+                id,
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &url,
+            ]);
+            assert_eq!(out.trim(), "pong", "traffic flows without netmon");
+            kill_and_delete(&c, id);
+        } else {
+            kata_tests::shim::wait_task_ended(&c, id, Duration::from_secs(30));
+            let _ = c.ctr(&["task", "delete", id]);
+            c.ctr_ok(&["container", "delete", id]);
+        }
+        assert_pod_gone(id, GONE);
+        no_plumbing_left(&net);
+    }
+}
