@@ -581,7 +581,7 @@ impl Config {
         let q = &self.hypervisor.qemu;
         let check = |key: &str, shown: &Path, path: &Path, executable: bool| {
             check_file(path, executable).map_err(|problem| ConfigError::MissingFile {
-                key: key.into(),
+                key: format!("hypervisor.qemu.{key}"),
                 path: shown.to_path_buf(),
                 problem,
             })
