@@ -129,3 +129,54 @@ impl PodNet {
         format!("10.201.{}.{host}", self.net)
     }
 }
+
+/// A bridge in a namespace of its own (a switch, as CNI's bridge plugin
+/// makes on a node) with one port per pod namespace: `eth0` there has
+/// `10.201.<net>.<10+i>/24` and a default route via the bridge's
+/// `10.201.<net>.1`.
+pub struct BridgeNet {
+    /// The switch's namespace (the bridge `br0`).
+    pub switch: Netns,
+    /// The pods' namespaces.
+    pub pods: Vec<Netns>,
+    /// The third octet of the /24.
+    pub net: u8,
+}
+
+impl BridgeNet {
+    /// Makes the switch and `n` pod namespaces, named after `tag`.
+    pub fn new(tag: &str, net: u8, n: usize) -> BridgeNet {
+        let pid = std::process::id() % 100_000;
+        let switch = Netns::new(&format!("kr-{tag}s-{pid}"));
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["addr", "add", &format!("10.201.{net}.1/24"), "dev", "br0"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let mut pods = vec![];
+        for i in 0..n {
+            let pod = Netns::new(&format!("kr-{tag}{i}-{pid}"));
+            let (a, b) = (format!("kr{net}p{i}a{pid}"), format!("kr{net}p{i}b{pid}"));
+            ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+            ip(&["link", "set", &a, "netns", &pod.name]);
+            ip(&["link", "set", &b, "netns", &switch.name]);
+            pod.ip(&["link", "set", &a, "name", "eth0"]);
+            pod.ip(&[
+                "addr",
+                "add",
+                &format!("10.201.{net}.{}/24", 10 + i),
+                "dev",
+                "eth0",
+            ]);
+            pod.ip(&["link", "set", "eth0", "up"]);
+            pod.ip(&["route", "add", "default", "via", &format!("10.201.{net}.1")]);
+            switch.ip(&["link", "set", &b, "master", "br0"]);
+            switch.ip(&["link", "set", &b, "up"]);
+            pods.push(pod);
+        }
+        BridgeNet { switch, pods, net }
+    }
+
+    /// The address of pod `i`.
+    pub fn pod_addr(&self, i: usize) -> String {
+        format!("10.201.{}.{}", self.net, 10 + i)
+    }
+}

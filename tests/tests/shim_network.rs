@@ -251,3 +251,99 @@ fn killed_netmon_or_shim_leave_no_plumbing() {
         no_plumbing_left(&net);
     }
 }
+
+/// Two kata-rs pods and a runc container on one bridge: 64 MiB over TCP
+/// each way between the kata pods with matching sha256 sums, and the runc
+/// container reaches a kata pod.
+#[test]
+fn kata_pods_and_runc_share_a_bridge() {
+    kata_tests::require_root();
+    let br = kata_tests::net::BridgeNet::new("br", 85, 3);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(&tmp.path().join("configuration.toml"), "", "");
+    let c = Containerd::builder().kata_config(&cfg).start();
+    let image = c.import_busybox();
+    let ns = |i: usize| format!("network:{}", br.pods[i].path().display());
+    // each kata pod serves 64 MiB of random bytes and prints their sum
+    let serve = "mkdir /www && dd if=/dev/urandom of=/www/blob bs=1M count=64 2>/dev/null \
+                 && echo hello > /www/hello && sha256sum /www/blob > /sum \
+                 && exec httpd -f -p 8080 -h /www";
+    for (i, id) in [(0, "bra"), (1, "brb")] {
+        c.ctr_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--with-ns",
+            &ns(i),
+            &image,
+            id,
+            "sh",
+            "-c",
+            serve,
+        ]);
+    }
+    for id in ["bra", "brb"] {
+        wait_task_status(&c, id, "RUNNING", Duration::from_secs(90));
+    }
+    let sum_of = |id: &str| -> String {
+        let t0 = Instant::now();
+        loop {
+            let o = c.ctr(&["task", "exec", "--exec-id", "sum", id, "cat", "/sum"]);
+            let s = String::from_utf8_lossy(&o.stdout).into_owned();
+            if let Some(w) = s.split_whitespace().next() {
+                return w.to_string();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "{id} never wrote its blob"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let (sa, sb) = (sum_of("bra"), sum_of("brb"));
+    assert_ne!(sa, sb);
+    // b fetches a's blob, a fetches b's
+    for (from, to, want) in [("brb", 0, &sa), ("bra", 1, &sb)] {
+        let out = c.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "get",
+            from,
+            "sh",
+            "-c",
+            &format!(
+                "wget -q -O - http://{}:8080/blob | sha256sum",
+                br.pod_addr(to)
+            ),
+        ]);
+        assert_eq!(
+            out.split_whitespace().next(),
+            Some(want.as_str()),
+            "{from} got {}'s 64 MiB intact",
+            br.pod_addr(to)
+        );
+    }
+    // a runc container on the same bridge reaches a kata pod
+    let out = c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.runc.v2",
+        "--with-ns",
+        &ns(2),
+        &image,
+        "brr",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        &format!("http://{}:8080/hello", br.pod_addr(0)),
+    ]);
+    assert_eq!(out.trim(), "hello");
+    for id in ["bra", "brb"] {
+        kill_and_delete(&c, id);
+        assert_pod_gone(id, GONE);
+    }
+}
