@@ -117,16 +117,28 @@ fn ns_flag(t: LinuxNamespaceType) -> CloneFlags {
     }
 }
 
-/// Forks; the parent reports the child's pid and exits, the child returns.
+/// Forks; the parent reports the child's pid and exits, the child returns
+/// once the parent is gone. Both write to the one socket: without the wait a
+/// quick child could say `Ready` before its parent said `Pid`.
 fn fork_and_report(sync: &mut UnixStream) -> R<()> {
+    let (gate_r, gate_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| internal(format!("pipe: {e}")))?;
     // SAFETY: the helper is single-threaded, so the child may run any code.
     match unsafe { fork() } {
-        Ok(ForkResult::Child) => Ok(()),
+        Ok(ForkResult::Child) => {
+            drop(gate_w);
+            // end of file: the parent reported the pid and exited
+            let mut b = [0u8; 1];
+            let _ = File::from(gate_r).read(&mut b);
+            Ok(())
+        }
         Ok(ForkResult::Parent { child }) => {
+            drop(gate_r);
             let code = match send(sync, &ChildMsg::Pid(child.as_raw())) {
                 Ok(()) => 0,
                 Err(_) => 1,
             };
+            drop(gate_w);
             std::process::exit(code)
         }
         Err(e) => Err(internal(format!("fork: {e}"))),
