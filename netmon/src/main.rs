@@ -66,6 +66,8 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     drop(ns);
+    // read now: /proc/self/maps names the executable (see kata_proto::residency)
+    let image = kata_proto::residency::image_range();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -91,6 +93,10 @@ fn main() -> std::process::ExitCode {
                 let mut out = std::io::stdout();
                 let _ = writeln!(out, "READY");
                 let _ = out.flush();
+                // start-up is over: only the code that serves stays mapped
+                if let Some(r) = &image {
+                    kata_proto::residency::drop_image_pages(r);
+                }
             }))
         }
         Cmd::Cleanup => rt.block_on(kata_netmon::cleanup()),

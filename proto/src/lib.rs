@@ -15,6 +15,7 @@ pub mod ids;
 pub mod logging;
 pub mod paths;
 pub mod process;
+pub mod residency;
 pub mod stdio;
 pub mod tap;
 

@@ -20,7 +20,6 @@ mod lookup_tests;
 #[cfg(test)]
 mod malformed_tests;
 pub mod metrics;
-pub mod residency;
 pub mod sandbox;
 pub mod server;
 pub mod supervisor;

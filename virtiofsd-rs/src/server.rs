@@ -22,9 +22,9 @@ use crate::control::{self, State};
 use crate::device;
 use crate::fs::{GuardedFs, Limits, Policy};
 use crate::metrics::Metrics;
-use crate::residency;
 use crate::sandbox;
 use crate::supervisor::Prepared;
+use kata_proto::residency;
 
 /// The server's exit code (and so the supervisor's) when the guest broke a
 /// virtio-fs queue: the device cannot serve any more (see src/device.rs).

@@ -22,8 +22,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
 use crate::config::{Config, Transport, NAME};
-use crate::residency;
 use crate::server::server;
+use kata_proto::residency;
 
 /// Everything the supervisor prepared for the server.
 pub(crate) struct Prepared {

@@ -1,9 +1,10 @@
 //! Unmapping the start-up code once the daemon only waits or serves.
 //!
-//! kata-virtiofsd is one static binary (glibc included, so nothing of it is
-//! shared with other programs' libraries). Starting up (argument parsing,
-//! logging, mounts, the sandbox, forking) touches code and read-only data all
-//! over it, and the kernel maps up to 64 KiB around every page faulted in
+//! Used by kata-virtiofsd and kata-netmon. Each is one static binary
+//! (glibc included, so nothing of it is shared with other programs'
+//! libraries). Starting up (argument parsing, logging, mounts, the sandbox,
+//! forking, the first netlink dump) touches code and read-only data all over
+//! it, and the kernel maps up to 64 KiB around every page faulted in
 //! from the page cache: an idle daemon kept nearly the whole 4.8 MiB image
 //! mapped, which is what its PSS counted. [`drop_image_pages`] drops this
 //! process's page-table entries for the image's read-only part (headers,
