@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use kata_proto::agent::{ip_address::Family, ArpNeighbor, Interface, IpAddress, Route};
+use kata_proto::net::{is_link_local, mac_string};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::neighbour::NeighbourState;
@@ -43,34 +44,15 @@ pub fn connect() -> Result<Handle, Status> {
     Ok(handle)
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`.
-fn parse_mac(s: &str) -> Result<Vec<u8>, Status> {
-    let bad = || {
-        Status::invalid_argument(format!(
-            "hwAddr {s:?}: six hex bytes like 02:00:00:00:00:01"
-        ))
-    };
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|p| {
-            if p.len() == 2 {
-                u8::from_str_radix(p, 16).map_err(|_| bad())
-            } else {
-                Err(bad())
-            }
+/// Parses `aa:bb:cc:dd:ee:ff` (`field` names it in the error).
+fn parse_mac(field: &str, s: &str) -> Result<Vec<u8>, Status> {
+    kata_proto::net::parse_mac(s)
+        .map(|m| m.to_vec())
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{field} {s:?}: six hex bytes like 02:00:00:00:00:01"
+            ))
         })
-        .collect::<Result<_, _>>()?;
-    if v.len() != 6 {
-        return Err(bad());
-    }
-    Ok(v)
-}
-
-fn mac_string(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// An address with its prefix length, from Kata's IPAddress (`mask` is the
@@ -162,13 +144,6 @@ fn family(ip: &IpAddr) -> Family {
     }
 }
 
-fn is_link_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
-    }
-}
-
 async fn describe(h: &Handle, l: &Link) -> Result<Interface, Status> {
     let addrs = addresses(h, l.index).await?;
     Ok(Interface {
@@ -207,7 +182,7 @@ pub async fn loopback_up(h: &Handle) -> Result<(), Status> {
 /// UpdateInterface: the NIC with `hwAddr` gets the name, MTU and exactly the
 /// addresses given (link-local ones the kernel made stay), and goes up.
 pub async fn update_interface(h: &Handle, want: &Interface) -> Result<Interface, Status> {
-    let mac = parse_mac(&want.hw_addr)?;
+    let mac = parse_mac("hwAddr", &want.hw_addr)?;
     if want.ip_addresses.len() > MAX_ITEMS {
         return Err(Status::invalid_argument(format!(
             "{} addresses: at most {MAX_ITEMS}",
@@ -530,7 +505,7 @@ pub async fn add_neighbours(h: &Handle, want: &[ArpNeighbor]) -> Result<(), Stat
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("neighbour without toIPAddress"))?;
         let (ip, _) = parse_addr(ip)?;
-        let mac = parse_mac(&n.lladdr)?;
+        let mac = parse_mac("lladdr", &n.lladdr)?;
         match h
             .neighbours()
             .add(dev.index, ip)
@@ -582,7 +557,7 @@ mod tests {
         h.link()
             .add(
                 rtnetlink::LinkVeth::new(name, &format!("{name}p"))
-                    .address(parse_mac(mac).unwrap())
+                    .address(parse_mac("test", mac).unwrap())
                     .build(),
             )
             .execute()

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
 use kata_proto::agent::{ip_address::Family, ArpNeighbor, Interface, IpAddress, Route};
+use kata_proto::net::{is_link_local, mac_string};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo};
 use rtnetlink::packet_route::neighbour::{
@@ -299,21 +300,6 @@ fn family_of(ip: &IpAddr) -> Family {
         IpAddr::V4(_) => Family::V4,
         IpAddr::V6(_) => Family::V6,
     }
-}
-
-fn is_link_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
-    }
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn mac_string(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod dialer;
 pub mod host;
 pub mod ids;
 pub mod logging;
+pub mod net;
 pub mod paths;
 pub mod process;
 pub mod residency;

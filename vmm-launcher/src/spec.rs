@@ -16,19 +16,7 @@ pub(crate) const MAX_NICS: usize = 8;
 
 /// A unicast MAC address `aa:bb:cc:dd:ee:ff` (not all zero).
 pub(crate) fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in out.iter_mut() {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    if parts.next().is_some() || out[0] & 1 == 1 || out == [0; 6] {
-        return None;
-    }
-    Some(out)
+    kata_proto::net::parse_mac(s).filter(|m| m[0] & 1 == 0 && *m != [0; 6])
 }
 
 pub(crate) fn validate(mut spec: VmSpec, paths: &SandboxPaths) -> Result<VmSpec, LauncherError> {
