@@ -9,7 +9,7 @@ BIN := $(CURDIR)/target/$(TARGET)/release
 GUEST_DIR := $(CURDIR)/target/guest
 TEST_GUEST_DIR := $(CURDIR)/target/guest-test
 # Debian packages the build, the image and the tests need.
-APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++ containerd iproute2
+APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++ containerd iproute2 containernetworking-plugins
 export KATA_TEST_BIN_DIR := $(BIN)
 export KATA_TEST_GUEST_DIR := $(TEST_GUEST_DIR)
 export KATA_GUEST_DIR := $(GUEST_DIR)

@@ -62,12 +62,17 @@ struct Monitor {
     next_device: u32,
     generation: u64,
     tx: watch::Sender<Network>,
+    /// Torn down: nothing is plumbed any more.
+    stopped: bool,
 }
 
 impl Monitor {
     /// Reads the netns, plumbs new interfaces, unplumbs vanished ones, and
     /// publishes the network if it changed.
     async fn refresh(&mut self) -> Result<(), NetmonError> {
+        if self.stopped {
+            return Ok(());
+        }
         let snap = Snapshot::read(&self.handle).await?;
         if self.model != Model::None {
             // a veth that is gone: its plumbing goes too
@@ -101,11 +106,17 @@ impl Monitor {
             .plumbed
             .values()
             .filter_map(|p| {
+                let mut i = snap.interface(p.veth)?;
+                if let Some(mac) = &p.pod_mac {
+                    // the veth lent its MAC to the macvtap: the guest's
+                    i.hw_addr = kata_proto::net::mac_string(mac);
+                }
                 Some(Endpoint {
-                    interface: Some(snap.interface(p.veth)?),
+                    interface: Some(i),
                     host_device: p.device.clone(),
                     model: self.model.name().into(),
                     ifindex: p.veth,
+                    macvtap_dev: p.char_dev.clone(),
                 })
             })
             .collect();
@@ -136,6 +147,7 @@ impl Monitor {
     }
 
     async fn teardown(&mut self) {
+        self.stopped = true;
         for (_, p) in std::mem::take(&mut self.plumbed) {
             plumb::unplumb(&self.handle, &p).await;
         }
@@ -146,6 +158,7 @@ impl Monitor {
 
 struct Service {
     rx: watch::Receiver<Network>,
+    mon: Arc<Mutex<Monitor>>,
     stop: Arc<Notify>,
 }
 
@@ -154,6 +167,11 @@ type NetStream = Pin<Box<dyn futures_util::Stream<Item = Result<Network, Status>
 #[tonic::async_trait]
 impl Netmon for Service {
     async fn get_network(&self, _r: Request<()>) -> Result<Response<Network>, Status> {
+        // read the netns now: a change whose events have not settled yet
+        // (a CNI plugin that just returned) is in the answer
+        if let Err(e) = self.mon.lock().await.refresh().await {
+            return Err(Status::unavailable(format!("reading the network: {e}")));
+        }
         Ok(Response::new(self.rx.borrow().clone()))
     }
 
@@ -212,6 +230,7 @@ pub async fn run(opts: Options, ready: impl FnOnce()) -> Result<(), NetmonError>
         next_device: 0,
         generation: 0,
         tx,
+        stopped: false,
     };
     if let Err(e) = mon.refresh().await {
         mon.teardown().await;
@@ -231,11 +250,12 @@ pub async fn run(opts: Options, ready: impl FnOnce()) -> Result<(), NetmonError>
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o600));
     let stop = Arc::new(Notify::new());
+    let mon = Arc::new(Mutex::new(mon));
     let svc = Service {
         rx,
+        mon: mon.clone(),
         stop: stop.clone(),
     };
-    let mon = Arc::new(Mutex::new(mon));
     let watcher = {
         let mon = mon.clone();
         tokio::spawn(async move {
@@ -292,6 +312,12 @@ pub async fn cleanup() -> Result<(), NetmonError> {
             info!(link = %l.name, "removing a leftover link");
             if let Err(e) = handle.link().del(l.index).execute().await {
                 warn!(link = %l.name, "{e}");
+            }
+            if let (Some(rtnetlink::packet_route::link::InfoKind::MacVtap), Some(veth)) =
+                (&l.kind, l.lower)
+            {
+                // the macvtap held the veth's own MAC
+                plumb::restore_veth(&handle, veth, &l.mac).await;
             }
         } else if !l.loopback {
             plumb::remove_ingress(&handle, l.index).await;

@@ -66,6 +66,14 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     drop(ns);
+    if args.model == Model::Macvtap {
+        // sysfs shows the links of the netns of whoever mounted it: a
+        // private mount of it here names the macvtaps' character devices
+        if let Err(e) = mount_netns_sysfs() {
+            eprintln!("kata-netmon: mounting sysfs for the pod's netns: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     // read now: /proc/self/maps names the executable (see kata_proto::residency)
     let image = kata_proto::residency::image_range();
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -109,4 +117,24 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A mount namespace of its own with a sysfs of the pod's netns on /sys.
+fn mount_netns_sysfs() -> nix::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )?;
+    mount(
+        Some("sysfs"),
+        "/sys",
+        Some("sysfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
 }

@@ -8,7 +8,13 @@
 //! addresses in the netns (nothing there uses them); the guest's NIC takes
 //! the veth's MAC and addresses.
 //!
-//! `macvtap`: a macvtap `mvtapN_kata` on the veth in bridge mode.
+//! `macvtap`: a macvtap `mvtapN_kata` on the veth in bridge mode, QEMU
+//! opens its character device. The macvtap takes the veth's MAC (the
+//! guest's) and the veth gets a random local one, as Kata does: frames for
+//! the pod's MAC then reach the macvtap, not the netns. The veth keeps its
+//! addresses but answers no ARP for them (`arp_ignore = 8`), so a peer
+//! only learns the guest's MAC. Both are undone when the plumbing goes
+//! (and by the cleanup of a killed netmon, from the macvtap's MAC).
 
 use rtnetlink::packet_route::link::MacVtapMode;
 use rtnetlink::packet_route::tc::TcHandle;
@@ -54,6 +60,10 @@ pub struct Plumbed {
     pub device: String,
     /// Its index.
     pub device_index: u32,
+    /// macvtap: the veth's own MAC, now the macvtap's (the guest's).
+    pub pod_mac: Option<Vec<u8>>,
+    /// macvtap: its character device, `major:minor`.
+    pub char_dev: String,
 }
 
 fn nl(what: String) -> impl FnOnce(rtnetlink::Error) -> NetmonError {
@@ -88,6 +98,8 @@ pub async fn plumb(h: &Handle, model: Model, veth: &Link, n: u32) -> Result<Plum
                 veth: veth.index,
                 device: name,
                 device_index: index,
+                pod_mac: None,
+                char_dev: String::new(),
             };
             if let Err(e) = tcfilter(h, veth, &p).await {
                 unplumb(h, &p).await;
@@ -97,22 +109,40 @@ pub async fn plumb(h: &Handle, model: Model, veth: &Link, n: u32) -> Result<Plum
         }
         Model::Macvtap => {
             let name = format!("mvtap{n}{}", crate::scan::OWN_SUFFIX);
-            h.link()
+            set_mac(h, veth.index, &random_local_mac(veth.index, n))
+                .await
+                .map_err(nl(format!("giving {} a new MAC", veth.name)))?;
+            let made = h
+                .link()
                 .add(
                     LinkMacVtap::new(&name, veth.index, MacVtapMode::Bridge)
+                        .address(veth.mac.clone())
                         .mtu(veth.mtu)
                         .up()
                         .build(),
                 )
                 .execute()
                 .await
-                .map_err(nl(format!("creating macvtap {name} on {}", veth.name)))?;
-            let index = index_of(h, &name).await?;
-            Plumbed {
+                .map_err(nl(format!("creating macvtap {name} on {}", veth.name)));
+            let mut p = Plumbed {
                 veth: veth.index,
-                device: name,
-                device_index: index,
+                device: name.clone(),
+                device_index: 0,
+                pod_mac: Some(veth.mac.clone()),
+                char_dev: String::new(),
+            };
+            let done = async {
+                made?;
+                p.device_index = index_of(h, &name).await?;
+                p.char_dev = macvtap_char_dev(&name, p.device_index)?;
+                set_arp_ignore(&veth.name, true)?;
+                Ok::<(), NetmonError>(())
+            };
+            if let Err(e) = done.await {
+                unplumb(h, &p).await;
+                return Err(e);
             }
+            p
         }
         Model::None => {
             return Err(NetmonError::Config(
@@ -165,13 +195,92 @@ async fn tcfilter(h: &Handle, veth: &Link, p: &Plumbed) -> Result<(), NetmonErro
 /// it) and the veth's ingress qdisc (with its filter). Errors are logged:
 /// a link already gone is what was wanted.
 pub async fn unplumb(h: &Handle, p: &Plumbed) {
-    if let Err(e) = h.link().del(p.device_index).execute().await {
-        if !gone(&e) {
-            warn!(device = %p.device, "removing: {e}");
+    if p.device_index != 0 {
+        if let Err(e) = h.link().del(p.device_index).execute().await {
+            if !gone(&e) {
+                warn!(device = %p.device, "removing: {e}");
+            }
         }
     }
     remove_ingress(h, p.veth).await;
+    if let Some(mac) = &p.pod_mac {
+        restore_veth(h, p.veth, mac).await;
+    }
     info!(device = %p.device, "interface unplumbed");
+}
+
+/// Gives a macvtap's veth its MAC back and lets it answer ARP again.
+pub async fn restore_veth(h: &Handle, veth: u32, mac: &[u8]) {
+    if let Err(e) = set_mac(h, veth, mac).await {
+        if !gone(&e) {
+            warn!(veth, "giving the veth its MAC back: {e}");
+        }
+    }
+    if let Ok(name) = name_of(h, veth).await {
+        let _ = set_arp_ignore(&name, false);
+    }
+}
+
+async fn set_mac(h: &Handle, index: u32, mac: &[u8]) -> Result<(), rtnetlink::Error> {
+    h.link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .address(mac.to_vec())
+                .build(),
+        )
+        .execute()
+        .await
+}
+
+async fn name_of(h: &Handle, index: u32) -> Result<String, NetmonError> {
+    use futures_util::TryStreamExt;
+    use rtnetlink::packet_route::link::LinkAttribute;
+    let mut links = h.link().get().match_index(index).execute();
+    match links.try_next().await {
+        Ok(Some(m)) => m
+            .attributes
+            .into_iter()
+            .find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n),
+                _ => None,
+            })
+            .ok_or_else(|| NetmonError::Missing(index.to_string())),
+        Ok(None) => Err(NetmonError::Missing(index.to_string())),
+        Err(e) => Err(NetmonError::Plumb(format!("finding link {index}"), e)),
+    }
+}
+
+/// A locally administered unicast MAC for the veth whose own goes to the
+/// macvtap (derived from the pid, the veth and the device number: unique
+/// in the netns, no randomness needed).
+fn random_local_mac(index: u32, n: u32) -> Vec<u8> {
+    let pid = std::process::id();
+    vec![
+        0x02,
+        0x6b, // 'k'
+        (pid >> 8) as u8,
+        pid as u8,
+        (index ^ (n << 4)) as u8,
+        (index >> 8) as u8,
+    ]
+}
+
+/// `arp_ignore` of `veth` in the netns: 8 (answer no ARP) or back to 0.
+fn set_arp_ignore(veth: &str, ignore: bool) -> Result<(), NetmonError> {
+    kata_proto::tap::check_ifname(veth).map_err(|e| NetmonError::Io(veth.into(), e))?;
+    let p = format!("/proc/sys/net/ipv4/conf/{veth}/arp_ignore");
+    std::fs::write(&p, if ignore { "8" } else { "0" }).map_err(|e| NetmonError::Io(p, e))
+}
+
+/// The character device of macvtap `name` (index `index`), `major:minor`,
+/// from the sysfs netmon mounted for its netns (main.rs).
+fn macvtap_char_dev(name: &str, index: u32) -> Result<String, NetmonError> {
+    let p = format!("/sys/class/net/{name}/macvtap/tap{index}/dev");
+    let dev = std::fs::read_to_string(&p).map_err(|e| NetmonError::Io(p.clone(), e))?;
+    let dev = dev.trim().to_string();
+    kata_proto::tap::parse_dev(&dev)
+        .map(|_| dev.clone())
+        .ok_or_else(|| NetmonError::Config(format!("{p}: {dev:?} is no device number")))
 }
 
 /// Removes the ingress qdisc of link `index`, if there is one.

@@ -38,6 +38,8 @@ pub struct Link {
     pub kind: Option<InfoKind>,
     /// Loopback.
     pub loopback: bool,
+    /// The link it sits on (IFLA_LINK: a macvtap's veth), if any.
+    pub lower: Option<u32>,
 }
 
 /// One address of a link.
@@ -80,12 +82,14 @@ impl Snapshot {
                 mtu: 0,
                 kind: None,
                 loopback: m.header.flags.contains(LinkFlags::Loopback),
+                lower: None,
             };
             for a in m.attributes {
                 match a {
                     LinkAttribute::IfName(n) => l.name = n,
                     LinkAttribute::Address(mac) => l.mac = mac,
                     LinkAttribute::Mtu(mtu) => l.mtu = mtu,
+                    LinkAttribute::Link(i) => l.lower = Some(i),
                     LinkAttribute::LinkInfo(infos) => {
                         for i in infos {
                             if let LinkInfo::Kind(k) = i {
@@ -314,6 +318,7 @@ mod tests {
             mtu: 1500,
             kind,
             loopback: index == 1,
+            lower: None,
         }
     }
 

@@ -90,6 +90,12 @@ impl SandboxPaths {
         self.vm_dir().join("virtiofsd.sock")
     }
 
+    /// The network namespace the shim made for a pod whose spec asked for a
+    /// new one (a bind mount of nsfs on this file).
+    pub fn pod_netns(&self) -> PathBuf {
+        self.dir.join("netns")
+    }
+
     /// kata-netmon's API socket (`netmon.proto`).
     pub fn netmon_socket(&self) -> PathBuf {
         self.dir.join("netmon.sock")

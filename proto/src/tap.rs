@@ -83,6 +83,64 @@ pub fn create_persistent(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Parses a character device number written `major:minor`.
+pub fn parse_dev(dev: &str) -> Option<(u32, u32)> {
+    let (a, b) = dev.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The major number the kernel gave the character driver `name`
+/// (`/proc/devices`), if it is registered.
+pub fn char_major(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/devices").ok()?;
+    let chars = text.split("Block devices:").next()?;
+    chars.lines().find_map(|l| {
+        let (n, d) = l.trim().split_once(' ')?;
+        (d.trim() == name).then(|| n.parse().ok())?
+    })
+}
+
+/// Opens the character device `major:minor` of a macvtap (as kata-netmon
+/// reads it from sysfs in the pod's netns): a private node is made in
+/// /dev (devtmpfs allows device nodes where /run and /tmp may not), opened
+/// and removed at once. Anything but a macvtap's device is refused.
+pub fn open_macvtap(dev: &str) -> io::Result<File> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+    let (major, minor) =
+        parse_dev(dev).ok_or_else(|| bad(format!("{dev:?}: not a device number major:minor")))?;
+    match char_major("macvtap") {
+        Some(m) if m == major => {}
+        Some(m) => return Err(bad(format!("{dev}: not a macvtap (its major is {m})"))),
+        None => return Err(bad("no macvtap driver is loaded (/proc/devices)".into())),
+    }
+    let node = format!(
+        "/dev/.kata-macvtap-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let c = std::ffi::CString::new(node.clone()).map_err(|_| bad(node.clone()))?;
+    // SAFETY: a NUL-terminated path; makedev and mknod take plain integers.
+    let rc = unsafe {
+        libc::mknod(
+            c.as_ptr(),
+            libc::S_IFCHR | 0o600,
+            libc::makedev(major, minor),
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("mknod {node}: {e}")));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&node);
+    let _ = std::fs::remove_file(&node);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +152,18 @@ mod tests {
             assert!(check_ifname(bad).is_err(), "{bad:?}");
         }
         assert_eq!(std::mem::size_of::<IfReq>(), 40);
+    }
+
+    #[test]
+    fn device_numbers() {
+        assert_eq!(parse_dev("249:3\n"), Some((249, 3)));
+        for bad in ["", "249", "a:1", "1:-2", "1:2:3"] {
+            assert_eq!(parse_dev(bad), None, "{bad:?}");
+        }
+        // /proc/devices always lists mem (1)
+        assert_eq!(char_major("mem"), Some(1));
+        assert_eq!(char_major("no-such-driver"), None);
+        let e = open_macvtap("1:3").unwrap_err();
+        assert!(e.to_string().contains("macvtap"), "{e}");
     }
 }

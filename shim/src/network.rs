@@ -4,17 +4,23 @@
 //! permanent neighbours, routes), and later changes in the netns are
 //! forwarded while the pod lives.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kata_netmon::client::NetmonProcess;
 use kata_netmon::Model;
 use kata_proto::agent as pb;
 use kata_proto::config::{Config, InterworkingModel};
+use kata_proto::launcher::launcher_client::LauncherClient;
 use kata_proto::launcher::NetDevice;
-use kata_proto::netmon::Network;
+use kata_proto::netmon::netmon_client::NetmonClient;
+use kata_proto::netmon::{Endpoint, Network};
 use kata_proto::paths::SandboxPaths;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::agent::{AgentClient, AgentError};
@@ -22,17 +28,79 @@ use crate::agent::{AgentClient, AgentError};
 /// How long kata-netmon may take to plumb the pod and serve.
 const NETMON_START: Duration = Duration::from_secs(10);
 
-/// The pod's network namespace, as the sandbox's spec names it (containerd
-/// and the CNI plugins made it); `None`: the pod has no network of its own.
-pub fn netns_of(spec: &Spec) -> Option<PathBuf> {
-    spec.linux()
-        .as_ref()?
-        .namespaces()
-        .as_ref()?
-        .iter()
-        .find(|n| n.typ() == LinuxNamespaceType::Network)
-        .and_then(|n| n.path().clone())
-        .filter(|p| !p.as_os_str().is_empty())
+/// Where the pod's network namespace comes from, as the sandbox's spec says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetnsChoice {
+    /// No network namespace in the spec: the host's network. kata-rs does
+    /// not plumb the host's interfaces into a VM: the pod has no network.
+    Host,
+    /// A path (containerd's CRI plugin or `ctr run --with-ns` made it, and
+    /// the CNI plugins filled it).
+    Given(PathBuf),
+    /// A network namespace without a path: a new one, which the shim makes
+    /// (unless `disable_new_netns`); `ctr run --cni` runs the CNI plugins
+    /// in it after Create, through the task's pid (QEMU lives there).
+    New,
+}
+
+/// The pod's network namespace, as the sandbox's spec names it.
+pub fn netns_of(spec: &Spec) -> NetnsChoice {
+    let ns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Network));
+    match ns {
+        None => NetnsChoice::Host,
+        Some(n) => match n.path() {
+            Some(p) if !p.as_os_str().is_empty() => NetnsChoice::Given(p.clone()),
+            _ => NetnsChoice::New,
+        },
+    }
+}
+
+/// Makes a new network namespace, bound to `at` (a file, created) so it
+/// outlives the thread that made it; only `lo`, down.
+pub fn create_netns(at: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(at)?;
+    let at2 = at.to_path_buf();
+    let r = std::thread::spawn(move || -> std::io::Result<()> {
+        // this thread alone moves into the new namespace, then ends
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &at2,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )?;
+        Ok(())
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("the netns thread panicked")));
+    if r.is_err() {
+        let _ = std::fs::remove_file(at);
+    }
+    r
+}
+
+/// Removes a network namespace [`create_netns`] made (it ends once nothing
+/// else holds it: QEMU and kata-netmon are gone by then).
+pub fn remove_netns(at: &Path) {
+    match nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => warn!("unmounting the pod's netns {}: {e}", at.display()),
+    }
+    match std::fs::remove_file(at) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!("removing {}: {e}", at.display()),
+    }
 }
 
 /// Why the pod's network could not be set up.
@@ -76,13 +144,7 @@ pub async fn start(
     let model = match cfg.runtime.internetworking_model {
         InterworkingModel::None => return Ok(None),
         InterworkingModel::TcFilter => Model::Tcfilter,
-        InterworkingModel::Macvtap => {
-            return Err(NetError::Config(
-                "runtime.internetworking_model = \"macvtap\": kata-netmon plumbs it, but the \
-                 launcher cannot hand a macvtap to QEMU yet; use \"tcfilter\" (the default) or \"none\""
-                    .into(),
-            ))
-        }
+        InterworkingModel::Macvtap => Model::Macvtap,
     };
     if !netns.exists() {
         return Err(NetError::Config(format!(
@@ -110,15 +172,7 @@ pub async fn start(
 
 /// The NICs of the VM: one per plumbed interface, with its MAC.
 pub fn net_devices(n: &Network) -> Vec<NetDevice> {
-    n.endpoints
-        .iter()
-        .filter_map(|e| {
-            Some(NetDevice {
-                tap: e.host_device.clone(),
-                mac: e.interface.as_ref()?.hw_addr.clone(),
-            })
-        })
-        .collect()
+    n.endpoints.iter().filter_map(net_devices_of).collect()
 }
 
 /// Tells the guest the network `n`: the interfaces (found by MAC), the
@@ -158,56 +212,159 @@ pub async fn configure(agent: &AgentClient, n: &Network) -> Result<(), NetError>
     Ok(())
 }
 
-/// Forwards the changes kata-netmon reports after `initial` to the guest,
-/// until the stream ends (netmon stopped). Interfaces that were not there at
-/// start would need a NIC hot-plugged: they are reported, not configured.
-pub async fn follow(
-    mut client: kata_proto::netmon::netmon_client::NetmonClient<tonic::transport::Channel>,
+/// Keeps the guest's network what kata-netmon reports: NICs hot-plugged
+/// for new interfaces and unplugged for vanished ones (through the
+/// launcher), then the interfaces, neighbours and routes told to the agent.
+/// One change at a time: the follower and a Start's sync share the lock.
+pub struct NetSync {
+    netmon: NetmonClient<Channel>,
+    launcher: LauncherClient<Channel>,
     agent: AgentClient,
-    initial: Network,
-) {
-    let Ok(stream) = client.watch_network(()).await else {
-        warn!("kata-netmon does not stream changes: the guest's network stays as at start");
-        return;
-    };
-    let mut stream = stream.into_inner();
-    let start_macs: Vec<String> = initial
-        .endpoints
-        .iter()
-        .filter_map(|e| e.interface.as_ref().map(|i| i.hw_addr.clone()))
-        .collect();
-    let mut seen = initial.generation;
-    while let Ok(Some(mut n)) = stream.message().await {
-        if n.generation <= seen {
-            continue;
+    applied: Mutex<Applied>,
+}
+
+/// What the guest has.
+#[derive(Default)]
+struct Applied {
+    /// The generation of netmon's network it has.
+    generation: u64,
+    /// Its NICs: host device → the endpoint.
+    nics: BTreeMap<String, Endpoint>,
+}
+
+impl NetSync {
+    /// The guest has `initial` (its NICs were plugged at creation and
+    /// [`configure`] ran).
+    pub fn new(
+        netmon: NetmonClient<Channel>,
+        launcher: LauncherClient<Channel>,
+        agent: AgentClient,
+        initial: &Network,
+    ) -> NetSync {
+        NetSync {
+            netmon,
+            launcher,
+            agent,
+            applied: Mutex::new(Applied {
+                generation: initial.generation,
+                nics: initial
+                    .endpoints
+                    .iter()
+                    .map(|e| (e.host_device.clone(), e.clone()))
+                    .collect(),
+            }),
         }
-        seen = n.generation;
-        let (known, new): (Vec<_>, Vec<_>) = n.endpoints.drain(..).partition(|e| {
-            e.interface
-                .as_ref()
-                .is_some_and(|i| start_macs.contains(&i.hw_addr))
-        });
-        for e in &new {
-            kata_proto::warn_limited!(
-                device = %e.host_device,
-                "a new interface in the pod's netns: NIC hot-plug is not supported yet, the guest does not get it"
-            );
+    }
+
+    /// Brings the guest to the netns as it is now (netmon reads it again):
+    /// a Start calls it, so what a CNI plugin did after Create is in the
+    /// guest before the container runs.
+    pub async fn sync(&self) -> Result<(), NetError> {
+        let n = self
+            .netmon
+            .clone()
+            .get_network(())
+            .await
+            .map_err(kata_netmon::client::ClientError::Call)?
+            .into_inner();
+        self.apply(n).await
+    }
+
+    /// Brings the guest to `n`, unless it has it (or a later one) already.
+    pub async fn apply(&self, n: Network) -> Result<(), NetError> {
+        let mut a = self.applied.lock().await;
+        if n.generation <= a.generation {
+            return Ok(());
         }
-        n.endpoints = known;
-        // routes through an interface the guest lacks would be refused
-        let names: Vec<String> = n
+        let mut launcher = self.launcher.clone();
+        let now: BTreeMap<&str, &Endpoint> = n
+            .endpoints
+            .iter()
+            .map(|e| (e.host_device.as_str(), e))
+            .collect();
+        let gone: Vec<String> = a
+            .nics
+            .keys()
+            .filter(|d| !now.contains_key(d.as_str()))
+            .cloned()
+            .collect();
+        for dev in gone {
+            // the interface vanished from the netns: its NIC goes too
+            if a.nics.remove(&dev).is_some() {
+                match launcher
+                    .remove_nic(NetDevice {
+                        tap: dev.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(_) => info!(device = %dev, "NIC unplugged"),
+                    Err(s) => warn!(device = %dev, "unplugging the NIC: {}", s.message()),
+                }
+            }
+        }
+        for (dev, e) in &now {
+            if a.nics.contains_key(*dev) {
+                continue;
+            }
+            let Some(d) = net_devices_of(e) else { continue };
+            match launcher.add_nic(d).await {
+                Ok(_) => {
+                    info!(device = %dev, "NIC hot-plugged");
+                    a.nics.insert(dev.to_string(), (*e).clone());
+                }
+                // the rest of the network still goes to the guest
+                Err(s) => warn!(device = %dev, "hot-plugging a NIC: {}", s.message()),
+            }
+        }
+        // the guest gets what it has NICs for; routes through an interface
+        // it lacks would be refused
+        let mut have = n.clone();
+        have.endpoints
+            .retain(|e| a.nics.contains_key(&e.host_device));
+        let names: Vec<String> = have
             .endpoints
             .iter()
             .filter_map(|e| e.interface.as_ref().map(|i| i.name.clone()))
             .collect();
-        n.routes.retain(|r| names.contains(&r.device));
-        n.neighbors.retain(|a| names.contains(&a.device));
-        match configure(&agent, &n).await {
-            Ok(()) => info!(generation = n.generation, "guest network updated"),
-            Err(e) => warn!("updating the guest's network: {e}"),
+        have.routes.retain(|r| names.contains(&r.device));
+        have.neighbors.retain(|x| names.contains(&x.device));
+        configure(&self.agent, &have).await?;
+        for e in &have.endpoints {
+            a.nics.insert(e.host_device.clone(), e.clone());
         }
+        a.generation = n.generation;
+        info!(
+            generation = n.generation,
+            interfaces = have.endpoints.len(),
+            "guest network updated"
+        );
+        Ok(())
     }
-    // (the teardown aborts this task before it stops netmon: an end here is
-    // netmon's death; the plumbing stays in the kernel and traffic flows)
-    warn!("kata-netmon is gone: the guest's network keeps working but no longer follows the pod's netns");
+
+    /// Applies every change kata-netmon reports until its stream ends
+    /// (netmon stopped).
+    pub async fn follow(self: Arc<Self>) {
+        let Ok(stream) = self.netmon.clone().watch_network(()).await else {
+            warn!("kata-netmon does not stream changes: the guest's network stays as it is");
+            return;
+        };
+        let mut stream = stream.into_inner();
+        while let Ok(Some(n)) = stream.message().await {
+            if let Err(e) = self.apply(n).await {
+                kata_proto::warn_limited!("updating the guest's network: {e}");
+            }
+        }
+        // (the teardown aborts this task before it stops netmon: an end here
+        // is netmon's death; the plumbing stays in the kernel and traffic flows)
+        warn!("kata-netmon is gone: the guest's network keeps working but no longer follows the pod's netns");
+    }
+}
+
+fn net_devices_of(e: &Endpoint) -> Option<NetDevice> {
+    Some(NetDevice {
+        tap: e.host_device.clone(),
+        mac: e.interface.as_ref()?.hw_addr.clone(),
+        macvtap_dev: e.macvtap_dev.clone(),
+    })
 }

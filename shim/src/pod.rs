@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kata_proto::agent::{CreateSandboxRequest, DestroySandboxRequest, Storage};
@@ -21,6 +22,7 @@ use tracing::{info, warn};
 use crate::agent::AgentError;
 use crate::error::{grpc_code, Code};
 use crate::mounts;
+use crate::network::NetnsChoice;
 use crate::spec::GUEST_SHARE;
 
 pub use crate::agent::AgentClient as Agent;
@@ -113,6 +115,9 @@ pub struct PodState {
     /// removed from there after a crash).
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// The shim made that netns (SandboxPaths::pod_netns): it goes at teardown.
+    #[serde(default)]
+    pub own_netns: bool,
 }
 
 impl PodState {
@@ -183,6 +188,8 @@ struct Children {
     launcher_client: Option<LauncherClient<Channel>>,
     virtiofsd: Option<Child>,
     netmon: Option<kata_netmon::client::NetmonProcess>,
+    /// Keeps the guest's network what netmon reports.
+    net: Option<Arc<crate::network::NetSync>>,
     /// Forwards netmon's changes to the guest.
     net_follow: Option<tokio::task::JoinHandle<()>>,
 }
@@ -260,7 +267,7 @@ impl Pod {
         cfg: Config,
         size: Size,
         hostname: &str,
-        netns: Option<PathBuf>,
+        netns: NetnsChoice,
     ) -> Result<Pod> {
         let paths = SandboxPaths::new(id);
         if paths.dir.exists() {
@@ -272,15 +279,7 @@ impl Pod {
             cleanup_dead(&paths).await;
         }
         let mut children = Children::default();
-        let up = Self::bring_up(
-            id,
-            &paths,
-            &cfg,
-            size,
-            hostname,
-            netns.as_deref(),
-            &mut children,
-        );
+        let up = Self::bring_up(id, &paths, &cfg, size, hostname, netns, &mut children);
         match up.await {
             Ok((agent, agent_addr, hypervisor_pid, launcher, timings)) => Ok(Pod {
                 id: id.into(),
@@ -359,7 +358,7 @@ impl Pod {
         cfg: &Config,
         size: Size,
         hostname: &str,
-        netns: Option<&Path>,
+        netns: NetnsChoice,
         children: &mut Children,
     ) -> Result<(Agent, Address, u32, LauncherClient<Channel>, Timings)> {
         let t0 = Instant::now();
@@ -369,9 +368,35 @@ impl Pod {
         let mut state = PodState {
             sandbox_id: id.into(),
             shim_pid: std::process::id(),
-            netns: netns.map(Path::to_path_buf),
             ..Default::default()
         };
+        let netns = match netns {
+            NetnsChoice::Given(p) => Some(p),
+            NetnsChoice::Host => {
+                info!("the spec has no network namespace (host network): the pod gets no network");
+                None
+            }
+            NetnsChoice::New if cfg.runtime.disable_new_netns => {
+                info!("disable_new_netns: the VM stays in the shim's network namespace, with no network");
+                None
+            }
+            NetnsChoice::New => {
+                // recorded before it exists: a crash in between leaves a
+                // file the cleanup removes
+                state.netns = Some(paths.pod_netns());
+                state.own_netns = true;
+                state.save(paths)?;
+                crate::network::create_netns(&paths.pod_netns()).map_err(PodError::host(
+                    format!(
+                        "creating the pod's network namespace {}",
+                        paths.pod_netns().display()
+                    ),
+                ))?;
+                Some(paths.pod_netns())
+            }
+        };
+        let netns = netns.as_deref();
+        state.netns = netns.map(Path::to_path_buf);
         state.save(paths)?;
         let shared = q.shared_fs == kata_proto::config::SharedFs::VirtioFs;
         let mut virtiofs_socket = String::new();
@@ -448,14 +473,18 @@ impl Pod {
             hypervisor_path: q.path.display().to_string(),
             machine_type: q.machine_type.clone(),
             virtiofs_socket,
-            netns_path: match (&net, netns) {
-                (Some(_), Some(ns)) => ns.display().to_string(),
-                _ => String::new(),
-            },
+            // QEMU lives in the pod's netns, NICs or not (the task's pid is
+            // QEMU's: `ctr run --cni` plumbs /proc/<pid>/ns/net)
+            netns_path: netns.map(|n| n.display().to_string()).unwrap_or_default(),
             net_devices: net
                 .as_ref()
                 .map(crate::network::net_devices)
                 .unwrap_or_default(),
+            hotplug_slots: if net.is_some() && q.machine_type == "q35" {
+                q.pcie_root_port
+            } else {
+                0
+            },
             ..Default::default()
         };
         let created = client
@@ -519,11 +548,14 @@ impl Pod {
             })?;
         if let (Some(n), Some(nm)) = (net, children.netmon.as_ref()) {
             crate::network::configure(&agent, &n).await?;
-            children.net_follow = Some(tokio::spawn(crate::network::follow(
+            let sync = Arc::new(crate::network::NetSync::new(
                 nm.client.clone(),
+                client.clone(),
                 agent.clone(),
-                n,
-            )));
+                &n,
+            ));
+            children.net_follow = Some(tokio::spawn(sync.clone().follow()));
+            children.net = Some(sync);
         }
         let timings = Timings {
             host_prepare,
@@ -542,6 +574,16 @@ impl Pod {
             "pod is up"
         );
         Ok((agent, agent_addr, created.hypervisor_pid, client, timings))
+    }
+
+    /// Brings the guest's network to the pod's netns as it is now (a CNI
+    /// plugin may have run since Create); nothing if the pod has none.
+    pub async fn sync_network(&self) -> Result<()> {
+        let net = self.children.lock().await.net.clone();
+        match net {
+            Some(n) => Ok(n.sync().await?),
+            None => Ok(()),
+        }
     }
 
     /// The agent client (cheap clone).
@@ -626,6 +668,7 @@ async fn teardown_children(paths: &SandboxPaths, c: &mut Children) {
     if let Some(t) = c.net_follow.take() {
         t.abort();
     }
+    c.net = None;
     if let Some(mut l) = c.launcher_client.take() {
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
@@ -669,10 +712,14 @@ async fn teardown_children(paths: &SandboxPaths, c: &mut Children) {
         None => false,
     };
     // after a kill (or a failed start), what netmon left in the netns
+    let st = PodState::load(paths);
     if !netmon_done {
-        if let Some(ns) = PodState::load(paths).and_then(|s| s.netns) {
-            netmon_cleanup(&paths.dir, &ns).await;
+        if let Some(ns) = st.as_ref().and_then(|s| s.netns.as_ref()) {
+            netmon_cleanup(&paths.dir, ns).await;
         }
+    }
+    if st.is_some_and(|s| s.own_netns) {
+        crate::network::remove_netns(&paths.pod_netns());
     }
     remove_dir(paths);
 }
@@ -719,6 +766,9 @@ pub async fn cleanup_dead(paths: &SandboxPaths) {
         // kata-netmon died with the shim (PDEATHSIG): its plumbing stays
         if let Some(ns) = &st.netns {
             netmon_cleanup(&paths.dir, ns).await;
+        }
+        if st.own_netns {
+            crate::network::remove_netns(&paths.pod_netns());
         }
     }
     remove_dir(paths);

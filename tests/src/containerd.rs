@@ -327,6 +327,21 @@ impl Containerd {
         self.check(args, out)
     }
 
+    /// Like [`Containerd::ctr_ok`], with ctr run in the network namespace
+    /// `netns` (`ip netns exec`): what `--cni` runs (the CNI plugins) acts
+    /// from there.
+    pub fn ctr_ok_in_netns(&self, netns: &str, args: &[&str]) -> String {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, "ctr", "-a"])
+            .arg(&self.layout.address)
+            .arg("-n")
+            .arg(&self.namespace)
+            .args(args);
+        let out = run_bounded(cmd, None, self.ctr_timeout)
+            .unwrap_or_else(|e| panic!("ctr {}: {e}", args.join(" ")));
+        self.check(args, out)
+    }
+
     fn check(&self, args: &[&str], out: Output) -> String {
         if !out.status.success() {
             panic!(

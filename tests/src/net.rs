@@ -180,3 +180,140 @@ impl BridgeNet {
         format!("10.201.{}.{}", self.net, 10 + i)
     }
 }
+
+/// Where Debian's containernetworking-plugins put the plugins.
+const DEBIAN_CNI_BIN: &str = "/usr/lib/cni";
+/// Where `ctr run --cni` looks for plugins and configurations (fixed in
+/// containerd 1.6's ctr).
+const CTR_CNI_BIN: &str = "/opt/cni/bin";
+const CTR_CNI_CONF: &str = "/etc/cni/net.d";
+
+/// A CNI network `ctr run --cni` uses: the bridge plugin with host-local
+/// addresses `10.202.<net>.0/24` (the bridge `kr<net>br` gets `.1` and is
+/// the gateway), run by ctr inside the namespace [`Cni::host`] (a node's
+/// stand-in: the bridge lives there, not in the machine's own netns). The
+/// plugin directory and the configuration are set up for ctr where it
+/// looks, and everything the test added is removed on drop.
+pub struct Cni {
+    /// The namespace ctr and the CNI plugins run in.
+    pub host: Netns,
+    /// The third octet.
+    pub net: u8,
+    /// The network's name.
+    pub name: String,
+    conf_file: PathBuf,
+    ipam_dir: tempfile::TempDir,
+    made: Vec<PathBuf>,
+}
+
+impl Cni {
+    /// Sets up the network named after `tag`; panics naming what is missing.
+    pub fn new(tag: &str, net: u8) -> Cni {
+        let bridge = std::path::Path::new(DEBIAN_CNI_BIN).join("bridge");
+        assert!(
+            bridge.exists(),
+            "{} is missing: install Debian's containernetworking-plugins (make deps)",
+            bridge.display()
+        );
+        let mut made = vec![];
+        let bin = std::path::Path::new(CTR_CNI_BIN);
+        if !bin.exists() && std::fs::symlink_metadata(bin).is_err() {
+            if !bin.parent().is_some_and(|p| p.exists()) {
+                std::fs::create_dir_all(bin.parent().unwrap()).expect("mkdir /opt/cni");
+                made.push(bin.parent().unwrap().to_path_buf());
+            }
+            std::os::unix::fs::symlink(DEBIAN_CNI_BIN, bin).expect("symlink /opt/cni/bin");
+            made.push(bin.to_path_buf());
+        } else {
+            for p in ["bridge", "host-local", "loopback"] {
+                let at = bin.join(p);
+                if std::fs::symlink_metadata(&at).is_err() {
+                    std::os::unix::fs::symlink(std::path::Path::new(DEBIAN_CNI_BIN).join(p), &at)
+                        .expect("symlink a CNI plugin");
+                    made.push(at);
+                }
+            }
+        }
+        // libcni keeps results under /var/lib/cni: removed if the test made it
+        if !std::path::Path::new("/var/lib/cni").exists() {
+            made.insert(0, PathBuf::from("/var/lib/cni"));
+            made.insert(1, PathBuf::from("/var/lib/cni/results"));
+        }
+        let conf = std::path::Path::new(CTR_CNI_CONF);
+        if !conf.exists() {
+            let etc_cni = conf.parent().unwrap();
+            let had_parent = etc_cni.exists();
+            std::fs::create_dir_all(conf).expect("mkdir /etc/cni/net.d");
+            if !had_parent {
+                made.push(etc_cni.to_path_buf());
+            }
+            made.push(conf.to_path_buf());
+        }
+        let pid = std::process::id() % 100_000;
+        let host = Netns::new(&format!("kr-{tag}h-{pid}"));
+        let name = format!("kata-rs-test-{tag}-{pid}");
+        let ipam_dir = tempfile::tempdir().expect("tempdir");
+        // first in name order: ctr takes the first configuration it finds
+        let conf_file = conf.join(format!("00-{name}.conflist"));
+        let text = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": name,
+            "plugins": [{
+                "type": "bridge",
+                "bridge": format!("kr{net}br"),
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": format!("10.202.{net}.0/24") }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": ipam_dir.path(),
+                }
+            }]
+        });
+        std::fs::write(&conf_file, text.to_string()).expect("write the CNI configuration");
+        Cni {
+            host,
+            net,
+            name,
+            conf_file,
+            ipam_dir,
+            made,
+        }
+    }
+
+    /// The gateway, `10.202.<net>.1`.
+    pub fn gateway(&self) -> String {
+        format!("10.202.{}.1", self.net)
+    }
+
+    /// The addresses host-local has handed out and not got back.
+    pub fn leases(&self) -> Vec<String> {
+        let dir = self.ipam_dir.path().join(&self.name);
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("10."))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Cni {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.conf_file);
+        // libcni's cache of results, per network
+        if let Ok(d) = std::fs::read_dir("/var/lib/cni/results") {
+            for e in d.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&self.name) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        for p in self.made.iter().rev() {
+            let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir(p));
+        }
+    }
+}

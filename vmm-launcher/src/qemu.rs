@@ -43,6 +43,8 @@ pub(crate) struct QemuArgs {
     pub(crate) virtiofs_tag: Option<String>,
     /// The NICs: an open tap's fd (inherited) and the guest's MAC.
     pub(crate) nics: Vec<(i32, String)>,
+    /// PCIe root ports for NICs hot-plugged later (`rp0`, `rp1`...).
+    pub(crate) hotplug_slots: u32,
 }
 
 /// The kernel command line the launcher always passes (before the user's).
@@ -145,6 +147,15 @@ pub(crate) fn command_line(a: &QemuArgs) -> Vec<String> {
             "vhost-user-fs-pci,id=fs0,chardev=fschr,tag={tag},queue-size=1024"
         ));
     }
+    for i in 0..a.hotplug_slots {
+        // each its own chassis: the guest's hot-plug controller tells them apart
+        v.push("-device".into());
+        v.push(format!(
+            "pcie-root-port,id={},bus=pcie.0,chassis={}",
+            hotplug_port(i),
+            i + 1
+        ));
+    }
     for (i, (fd, mac)) in a.nics.iter().enumerate() {
         // vhost-net needs /dev/vhost-net in the jail: not yet, the tap is
         // served by QEMU's own thread
@@ -154,6 +165,11 @@ pub(crate) fn command_line(a: &QemuArgs) -> Vec<String> {
         v.push(format!("virtio-net-pci,id=nic{i},netdev=net{i},mac={mac}"));
     }
     v
+}
+
+/// The QEMU id of hot-plug root port `i`.
+pub(crate) fn hotplug_port(i: u32) -> String {
+    format!("rp{i}")
 }
 
 #[cfg(test)]
@@ -172,7 +188,31 @@ mod tests {
             tsc_khz: Some(2_000_000),
             virtiofs_tag: None,
             nics: vec![],
+            hotplug_slots: 0,
         }
+    }
+
+    #[test]
+    fn hotplug_slots_are_root_ports() {
+        let a = QemuArgs {
+            hotplug_slots: 2,
+            ..args()
+        };
+        let v = command_line(&a);
+        let ports: Vec<&String> = v
+            .iter()
+            .filter(|x| x.starts_with("pcie-root-port"))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
+                "pcie-root-port,id=rp1,bus=pcie.0,chassis=2"
+            ]
+        );
+        assert!(!command_line(&args())
+            .iter()
+            .any(|x| x.starts_with("pcie-root-port")));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! deadline, so a wedged QEMU never hangs the launcher.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -127,6 +128,17 @@ impl Qmp {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
+        self.execute_with_fd(command, arguments, None).await
+    }
+
+    /// Runs `command`, passing `fd` with it (SCM_RIGHTS on the command's
+    /// bytes), as `getfd` wants.
+    pub(crate) async fn execute_with_fd(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -144,7 +156,14 @@ impl Qmp {
         debug!(command, "QMP command");
         {
             let mut w = self.writer.lock().await;
-            if w.write_all(line.as_bytes()).await.is_err() {
+            let mut sent = 0;
+            if let Some(fd) = fd {
+                match send_with_fd(&w, line.as_bytes(), fd).await {
+                    Ok(n) => sent = n,
+                    Err(_) => return Err(QmpError::Closed),
+                }
+            }
+            if w.write_all(&line.as_bytes()[sent..]).await.is_err() {
                 return Err(QmpError::Closed);
             }
         }
@@ -177,6 +196,35 @@ impl Qmp {
     pub(crate) async fn status(&self) -> Result<String, QmpError> {
         let v = self.execute("query-status", None).await?;
         Ok(v["status"].as_str().unwrap_or("unknown").to_string())
+    }
+}
+
+/// Sends the first bytes of `buf` with `fd` attached; returns how many went.
+async fn send_with_fd(
+    w: &OwnedWriteHalf,
+    buf: &[u8],
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let sock: &UnixStream = w.as_ref();
+    let fds = [fd.as_raw_fd()];
+    loop {
+        sock.writable().await?;
+        let r = sock.try_io(tokio::io::Interest::WRITABLE, || {
+            sendmsg::<()>(
+                sock.as_raw_fd(),
+                &[std::io::IoSlice::new(buf)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match r {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -72,6 +72,16 @@ impl Launcher for LauncherService {
         Ok(Response::new(self.vm.status().await?))
     }
 
+    async fn add_nic(&self, r: Request<NetDevice>) -> Result<Response<()>, Status> {
+        self.vm.add_nic(r.into_inner()).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove_nic(&self, r: Request<NetDevice>) -> Result<Response<()>, Status> {
+        self.vm.remove_nic(r.into_inner().tap).await?;
+        Ok(Response::new(()))
+    }
+
     async fn shutdown(&self, _r: Request<()>) -> Result<Response<()>, Status> {
         self.vm.teardown().await;
         self.done.notify_one();

@@ -4,15 +4,15 @@
 
 use std::path::Path;
 
-#[cfg(test)]
-use kata_proto::launcher::NetDevice;
-use kata_proto::launcher::{Accelerator, VmSpec};
+use kata_proto::launcher::{Accelerator, NetDevice, VmSpec};
 use kata_proto::paths::SandboxPaths;
 
 use crate::{cgroup, LauncherError};
 
 /// The most NICs a VM gets.
 pub(crate) const MAX_NICS: usize = 8;
+/// The most PCIe root ports kept free for hot-plugged NICs.
+pub(crate) const MAX_HOTPLUG_SLOTS: u32 = 16;
 
 /// A unicast MAC address `aa:bb:cc:dd:ee:ff` (not all zero).
 pub(crate) fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -113,15 +113,10 @@ pub(crate) fn validate(mut spec: VmSpec, paths: &SandboxPaths) -> Result<VmSpec,
     }
     let mut macs = std::collections::HashSet::new();
     for (i, d) in spec.net_devices.iter().enumerate() {
-        if let Err(e) = kata_proto::tap::check_ifname(&d.tap) {
-            return bad(format!("net_devices[{i}].tap: {e}"));
+        if let Err(e) = check_net_device(d) {
+            return bad(format!("net_devices[{i}].{e}"));
         }
-        let Some(mac) = parse_mac(&d.mac) else {
-            return bad(format!(
-                "net_devices[{i}].mac = {:?}: six hex bytes like 02:00:00:00:00:01, unicast",
-                d.mac
-            ));
-        };
+        let mac = parse_mac(&d.mac).unwrap_or_default();
         if !macs.insert(mac) {
             return bad(format!(
                 "net_devices[{i}].mac = {:?}: two NICs with one MAC",
@@ -129,10 +124,43 @@ pub(crate) fn validate(mut spec: VmSpec, paths: &SandboxPaths) -> Result<VmSpec,
             ));
         }
     }
+    if spec.hotplug_slots > MAX_HOTPLUG_SLOTS {
+        return bad(format!(
+            "hotplug_slots = {}: at most {MAX_HOTPLUG_SLOTS}",
+            spec.hotplug_slots
+        ));
+    }
+    if spec.hotplug_slots > 0 && !matches!(spec.machine_type.as_str(), "" | "q35") {
+        return bad(format!(
+            "hotplug_slots = {}: NIC hot-plug needs machine_type \"q35\" (PCIe root ports), not {:?}",
+            spec.hotplug_slots, spec.machine_type
+        ));
+    }
     if !spec.netns_path.is_empty() && !Path::new(&spec.netns_path).exists() {
         return bad(format!("netns_path = {:?} does not exist", spec.netns_path));
     }
     Ok(spec)
+}
+
+/// Checks one NIC: its device's name, its MAC (unicast), the macvtap
+/// device number if it has one. The error starts with the field's name.
+pub(crate) fn check_net_device(d: &NetDevice) -> Result<(), String> {
+    if let Err(e) = kata_proto::tap::check_ifname(&d.tap) {
+        return Err(format!("tap: {e}"));
+    }
+    if parse_mac(&d.mac).is_none() {
+        return Err(format!(
+            "mac = {:?}: six hex bytes like 02:00:00:00:00:01, unicast",
+            d.mac
+        ));
+    }
+    if !d.macvtap_dev.is_empty() && kata_proto::tap::parse_dev(&d.macvtap_dev).is_none() {
+        return Err(format!(
+            "macvtap_dev = {:?}: a device number major:minor",
+            d.macvtap_dev
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn resolve_accel(a: Accelerator) -> Result<Accelerator, LauncherError> {
@@ -211,6 +239,33 @@ mod tests {
             ),
             (
                 VmSpec {
+                    hotplug_slots: 17,
+                    ..ok.clone()
+                },
+                "hotplug_slots = 17: at most 16",
+            ),
+            (
+                VmSpec {
+                    hotplug_slots: 2,
+                    machine_type: "microvm".into(),
+                    ..ok.clone()
+                },
+                "needs machine_type \"q35\"",
+            ),
+            (
+                VmSpec {
+                    netns_path: "/proc/self/ns/net".into(),
+                    net_devices: vec![NetDevice {
+                        tap: "tap0_kata".into(),
+                        mac: "02:00:00:00:00:01".into(),
+                        macvtap_dev: "12".into(),
+                    }],
+                    ..ok.clone()
+                },
+                "macvtap_dev = \"12\"",
+            ),
+            (
+                VmSpec {
                     netns_path: "/nonexistent/ns".into(),
                     ..ok.clone()
                 },
@@ -221,6 +276,7 @@ mod tests {
                     net_devices: vec![NetDevice {
                         tap: "tap0_kata".into(),
                         mac: "02:00:00:00:00:01".into(),
+                        ..Default::default()
                     }],
                     ..ok.clone()
                 },
@@ -232,6 +288,7 @@ mod tests {
                     net_devices: vec![NetDevice {
                         tap: "tap0/x".into(),
                         mac: "02:00:00:00:00:01".into(),
+                        ..Default::default()
                     }],
                     ..ok.clone()
                 },
@@ -243,6 +300,7 @@ mod tests {
                     net_devices: vec![NetDevice {
                         tap: "tap0_kata".into(),
                         mac: "01:00:5e:00:00:01".into(),
+                        ..Default::default()
                     }],
                     ..ok.clone()
                 },
@@ -255,10 +313,12 @@ mod tests {
                         NetDevice {
                             tap: "tap0_kata".into(),
                             mac: "02:00:00:00:00:01".into(),
+                            ..Default::default()
                         },
                         NetDevice {
                             tap: "tap1_kata".into(),
                             mac: "02:00:00:00:00:01".into(),
+                            ..Default::default()
                         },
                     ],
                     ..ok.clone()

@@ -133,6 +133,11 @@ pub struct Qemu {
     /// Memory hot-plug slots (accepted for Kata compatibility; kata-rs sizes
     /// the VM at boot and does not hot-plug memory yet).
     pub memory_slots: u32,
+    /// PCIe root ports kept free for NICs hot-plugged while the pod runs
+    /// (an interface added to the pod's netns after the VM started, as
+    /// `ctr run --cni` does); used for pods with a network on `q35`, at
+    /// most 16. Each costs a little guest boot time (docs/benchmarks.md).
+    pub pcie_root_port: u32,
     /// How container filesystems reach the guest.
     pub shared_fs: SharedFs,
     /// kata-virtiofsd; empty: next to the running program, else `$PATH`.
@@ -170,6 +175,7 @@ impl Default for Qemu {
             default_maxvcpus: 0,
             default_memory: 512,
             memory_slots: 10,
+            pcie_root_port: 2,
             shared_fs: SharedFs::VirtioFs,
             virtio_fs_daemon: PathBuf::new(),
             virtio_fs_cache: VirtioFsCache::Auto,
@@ -417,6 +423,13 @@ impl Config {
                 "hypervisor.qemu.accelerator",
                 &q.accelerator,
                 "must be \"kvm\", \"tcg\" or \"auto\"",
+            ));
+        }
+        if q.pcie_root_port > 16 {
+            return Err(E::bad(
+                "hypervisor.qemu.pcie_root_port",
+                q.pcie_root_port,
+                "at most 16",
             ));
         }
         if !matches!(q.machine_type.as_str(), "q35" | "pc" | "microvm") {

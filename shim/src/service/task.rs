@@ -129,6 +129,10 @@ impl Task for Service {
         }
         let agent = pod.agent();
         if req.exec_id.is_empty() {
+            // what the CNI plugins did after Create reaches the guest first
+            if let Err(e) = pod.sync_network().await {
+                warn!("bringing the guest's network up to date before the start: {e}");
+            }
             if let Err(e) = agent
                 .start_container(pb::StartContainerRequest {
                     container_id: req.id.clone(),

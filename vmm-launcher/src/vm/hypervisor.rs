@@ -13,6 +13,7 @@ use kata_proto::paths::{self, ports};
 use kata_proto::process::start_time;
 use tracing::{debug, info, warn};
 
+use super::nic::{open_devices, Nics};
 use super::watch::{watch_exit, watch_ready, CONSOLE_DRAIN_WAIT};
 use super::{Actor, Hypervisor};
 use crate::console::{self, BoundedLog, CONSOLE_CAP};
@@ -111,7 +112,10 @@ impl Actor {
             files::fchown_fd(&fd, uid, uid).map_err(io("chown", fs))?;
             files::fchmod_fd(&fd, FILE_MODE).map_err(io("chmod", fs))?;
         }
-        let taps = open_taps(spec)?;
+        let taps = match spec.netns_path.as_str() {
+            "" => vec![],
+            ns => open_devices(Path::new(ns), &spec.net_devices)?,
+        };
         let nics = taps
             .iter()
             .zip(&spec.net_devices)
@@ -139,6 +143,7 @@ impl Actor {
             tsc_khz: host_tsc_khz(),
             virtiofs_tag: (!spec.virtiofs_socket.is_empty()).then(|| spec.virtiofs_tag.clone()),
             nics,
+            hotplug_slots: spec.hotplug_slots,
         });
         let console = if spec.console_log_path.is_empty() {
             self.paths.console_log()
@@ -215,49 +220,13 @@ impl Actor {
             vsock,
             vsock_uds,
             start: hypervisor_start,
+            nics: Nics::new(
+                (!spec.netns_path.is_empty()).then(|| spec.netns_path.clone().into()),
+                &spec.net_devices,
+                spec.hotplug_slots,
+            ),
         })
     }
-}
-
-/// Opens the taps of `spec.net_devices` in the pod's network namespace
-/// (from a thread that enters it, so the launcher stays where it is): the
-/// jailed hypervisor gets them as open files and needs no CAP_NET_ADMIN.
-fn open_taps(spec: &VmSpec) -> Result<Vec<std::fs::File>, LauncherError> {
-    if spec.net_devices.is_empty() {
-        return Ok(vec![]);
-    }
-    let netns = PathBuf::from(&spec.netns_path);
-    let taps: Vec<String> = spec.net_devices.iter().map(|d| d.tap.clone()).collect();
-    let io = |what: String| move |e: std::io::Error| LauncherError::Io(what, e);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            use std::os::fd::AsFd;
-            let ns = std::fs::File::open(&netns).map_err(io(format!(
-                "opening the network namespace {}",
-                netns.display()
-            )))?;
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                LauncherError::Io(
-                    format!("entering the network namespace {}", netns.display()),
-                    e.into(),
-                )
-            })?;
-            taps.iter()
-                .map(|t| {
-                    kata_proto::tap::open(t).map_err(io(format!(
-                        "opening the tap {t} in {} (is kata-netmon running?)",
-                        netns.display()
-                    )))
-                })
-                .collect()
-        })
-        .join()
-        .unwrap_or_else(|_| {
-            Err(LauncherError::Hypervisor(
-                "the thread opening the taps panicked".into(),
-            ))
-        })
-    })
 }
 
 async fn connect_qmp(path: &Path, child: &mut tokio::process::Child) -> Result<Qmp, String> {

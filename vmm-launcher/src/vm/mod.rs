@@ -12,6 +12,7 @@
 //! ```
 
 mod hypervisor;
+mod nic;
 mod watch;
 
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kata_proto::launcher::{Accelerator, VmExit, VmSpec, VmStatusResponse};
+use kata_proto::launcher::{Accelerator, NetDevice, VmExit, VmSpec, VmStatusResponse};
 use kata_proto::paths::{self, ports, SandboxPaths};
 use kata_proto::process::start_time;
 use tokio::sync::{mpsc, oneshot, watch as wch};
@@ -65,6 +66,10 @@ pub(crate) enum Command {
     Wait { reply: Reply<ExitRx> },
     /// VmStatus.
     Status { reply: Reply<VmStatusResponse> },
+    /// AddNic: hot-plug a NIC.
+    AddNic { dev: NetDevice, reply: Reply<()> },
+    /// RemoveNic: unplug the hot-plugged NIC of a device.
+    RemoveNic { tap: String, reply: Reply<()> },
     /// Shutdown, SIGTERM, SIGINT: stop the VM and remove every resource.
     Shutdown { reply: Reply<()> },
 }
@@ -96,6 +101,8 @@ struct Hypervisor {
     vsock_uds: PathBuf,
     /// Spawn to QMP answering.
     start: Duration,
+    /// The NICs, cold- and hot-plugged.
+    nics: nic::Nics,
 }
 
 /// Where the VM is in its life.
@@ -123,6 +130,16 @@ impl VmState {
 
     /// The hypervisor of a VM that has not exited, or why there is none.
     fn live(&self) -> Result<&Hypervisor, LauncherError> {
+        match self {
+            VmState::Empty => Err(no_vm()),
+            VmState::Stopped { exit, .. } => Err(exited(exit)),
+            VmState::Created(hv) | VmState::Running(hv) | VmState::Paused(hv) => Ok(hv),
+        }
+    }
+}
+
+impl VmState {
+    fn live_mut(&mut self) -> Result<&mut Hypervisor, LauncherError> {
         match self {
             VmState::Empty => Err(no_vm()),
             VmState::Stopped { exit, .. } => Err(exited(exit)),
@@ -260,6 +277,16 @@ impl Vm {
         self.call(|reply| Command::Status { reply }).await
     }
 
+    /// Hot-plugs the NIC of `dev` into the VM.
+    pub(crate) async fn add_nic(&self, dev: NetDevice) -> Result<(), LauncherError> {
+        self.call(|reply| Command::AddNic { dev, reply }).await
+    }
+
+    /// Unplugs the hot-plugged NIC of `tap`.
+    pub(crate) async fn remove_nic(&self, tap: String) -> Result<(), LauncherError> {
+        self.call(|reply| Command::RemoveNic { tap, reply }).await
+    }
+
     /// Stops the VM if it runs and removes every resource of the sandbox.
     pub(crate) async fn teardown(&self) {
         if let Err(e) = self.call(|reply| Command::Shutdown { reply }).await {
@@ -363,6 +390,20 @@ impl Actor {
             }
             Command::Status { reply } => {
                 let _ = reply.send(Ok(self.status()));
+            }
+            Command::AddNic { dev, reply } => {
+                let r = match self.state.live_mut() {
+                    Ok(hv) => hv.nics.add(&hv.qmp, dev).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Command::RemoveNic { tap, reply } => {
+                let r = match self.state.live_mut() {
+                    Ok(hv) => hv.nics.remove(&hv.qmp, &tap).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
             }
             Command::Shutdown { reply } => {
                 self.teardown().await;
