@@ -204,7 +204,11 @@ pub struct Cni {
     conf_file: PathBuf,
     ipam_dir: tempfile::TempDir,
     made: Vec<PathBuf>,
+    /// /opt/cni and /etc/cni are the machine's: one network at a time.
+    _one: std::sync::MutexGuard<'static, ()>,
 }
+
+static CNI_SETUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Cni {
     /// Sets up the network named after `tag`; panics naming what is missing.
@@ -215,6 +219,7 @@ impl Cni {
             "{} is missing: install Debian's containernetworking-plugins (make deps)",
             bridge.display()
         );
+        let one = CNI_SETUP.lock().unwrap_or_else(|p| p.into_inner());
         let mut made = vec![];
         let bin = std::path::Path::new(CTR_CNI_BIN);
         if !bin.exists() && std::fs::symlink_metadata(bin).is_err() {
@@ -279,6 +284,7 @@ impl Cni {
             conf_file,
             ipam_dir,
             made,
+            _one: one,
         }
     }
 

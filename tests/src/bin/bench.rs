@@ -18,6 +18,8 @@ use kata_tests::TestVm;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "bench/net.rs"]
+mod net;
 #[path = "bench/pod.rs"]
 mod pod;
 #[path = "bench/virtiofs.rs"]
@@ -54,6 +56,12 @@ async fn main() {
     // KATA_BENCH_ONLY=virtiofs: only the virtio-fs section (for iterating)
     if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("virtiofs") {
         return virtiofs_section().await;
+    }
+    // KATA_BENCH_ONLY=net: only the pod network section
+    if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("net") {
+        return tokio::task::spawn_blocking(net::net_section)
+            .await
+            .expect("the network section");
     }
     // KATA_BENCH_ONLY=pod: only the containerd pod section
     if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("pod") {
@@ -164,6 +172,9 @@ async fn main() {
     );
 
     pod_section().await;
+    tokio::task::spawn_blocking(net::net_section)
+        .await
+        .expect("the network section");
     virtiofs_section().await;
 }
 
