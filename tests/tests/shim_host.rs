@@ -28,6 +28,23 @@ struct Harness {
     pod: String,
 }
 
+impl Drop for Harness {
+    /// A test that panicked before `finish` leaves no pod directory and no
+    /// mounts behind (deepest mounts first).
+    fn drop(&mut self) {
+        let dir = kata_proto::paths::SandboxPaths::new(&self.pod).dir;
+        if !dir.exists() {
+            return;
+        }
+        let mut ms = kata_tests::containerd::mounts_under(&dir);
+        ms.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for m in ms {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 fn ctx() -> TtrpcContext {
     TtrpcContext {
         mh: Default::default(),
