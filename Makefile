@@ -70,6 +70,7 @@ boot: image
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --release --locked -p kata-agent --features agent-policy --all-targets -- -D warnings
 
 # Every test: unit tests, then the integration and end-to-end tests (root, QEMU
 # under TCG, the real guest image). One release profile for both, one build.
@@ -77,6 +78,8 @@ test: deps test-image lint
 	# the vendored fuse-backend-rs (a path dependency, so cargo counts it in the
 	# workspace) keeps its own tests out: some assume stdout is a pipe
 	$(CARGO) test --release --locked --workspace --exclude fuse-backend-rs -- --test-threads=2
+	# the agent built with policy support (a cargo feature, Kata's AGENT_POLICY)
+	$(CARGO) test --release --locked -p kata-agent --features agent-policy --lib policy
 
 # Fuzzing: libFuzzer targets over the decoders of untrusted input (agent
 # requests and OCI specs; the vsock backend's packets; kata-virtiofsd's FUSE

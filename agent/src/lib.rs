@@ -19,6 +19,8 @@ pub mod guest;
 pub mod init;
 pub mod mounts;
 pub mod network;
+#[cfg(feature = "agent-policy")]
+pub mod policy;
 pub mod reaper;
 pub mod rpc;
 pub mod sandbox;
