@@ -630,7 +630,19 @@ impl AgentService for AgentRpc {
         set_guest_date_time(SetGuestDateTimeRequest) -> ();
         add_swap(AddSwapRequest) -> ();
         update_ephemeral_mounts(UpdateEphemeralMountsRequest) -> ();
+    }
+
+    #[cfg(feature = "agent-policy")]
+    not_yet! {
         set_policy(SetPolicyRequest) -> ();
+    }
+
+    #[cfg(not(feature = "agent-policy"))]
+    async fn set_policy(&self, _r: Request<SetPolicyRequest>) -> Empty {
+        Err(Status::unimplemented(
+            "SetPolicy: this agent was built without policy support \
+             (Kata's AGENT_POLICY: build the agent with --features agent-policy)",
+        ))
     }
 }
 

@@ -729,6 +729,16 @@ async fn bad_input_is_refused_and_leaves_nothing() {
     let mut reply = String::new();
     raw.read_to_string(&mut reply).await.unwrap();
     assert!(reply.starts_with("ERR InvalidArgument"), "{reply}");
+    // the agent of the test image is built without policy support
+    refused(
+        c.set_policy(kata_proto::agent::SetPolicyRequest {
+            policy: "package agent_policy\n".into(),
+        })
+        .await
+        .map(|_| ()),
+        Code::Unimplemented,
+        "built without policy support",
+    );
 }
 
 #[tokio::test]
