@@ -4,7 +4,7 @@
 //! permanent neighbours, routes), and later changes in the netns are
 //! forwarded while the pod lives.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -228,8 +228,8 @@ pub struct NetSync {
 struct Applied {
     /// The generation of netmon's network it has.
     generation: u64,
-    /// Its NICs: host device → the endpoint.
-    nics: BTreeMap<String, Endpoint>,
+    /// The host devices it has NICs of.
+    nics: BTreeSet<String>,
 }
 
 impl NetSync {
@@ -250,7 +250,7 @@ impl NetSync {
                 nics: initial
                     .endpoints
                     .iter()
-                    .map(|e| (e.host_device.clone(), e.clone()))
+                    .map(|e| e.host_device.clone())
                     .collect(),
             }),
         }
@@ -284,34 +284,33 @@ impl NetSync {
             .collect();
         let gone: Vec<String> = a
             .nics
-            .keys()
+            .iter()
             .filter(|d| !now.contains_key(d.as_str()))
             .cloned()
             .collect();
         for dev in gone {
             // the interface vanished from the netns: its NIC goes too
-            if a.nics.remove(&dev).is_some() {
-                match launcher
-                    .remove_nic(NetDevice {
-                        tap: dev.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                {
-                    Ok(_) => info!(device = %dev, "NIC unplugged"),
-                    Err(s) => warn!(device = %dev, "unplugging the NIC: {}", s.message()),
-                }
+            a.nics.remove(&dev);
+            match launcher
+                .remove_nic(NetDevice {
+                    tap: dev.clone(),
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(_) => info!(device = %dev, "NIC unplugged"),
+                Err(s) => warn!(device = %dev, "unplugging the NIC: {}", s.message()),
             }
         }
         for (dev, e) in &now {
-            if a.nics.contains_key(*dev) {
+            if a.nics.contains(*dev) {
                 continue;
             }
             let Some(d) = net_devices_of(e) else { continue };
             match launcher.add_nic(d).await {
                 Ok(_) => {
                     info!(device = %dev, "NIC hot-plugged");
-                    a.nics.insert(dev.to_string(), (*e).clone());
+                    a.nics.insert(dev.to_string());
                 }
                 // the rest of the network still goes to the guest
                 Err(s) => warn!(device = %dev, "hot-plugging a NIC: {}", s.message()),
@@ -320,8 +319,7 @@ impl NetSync {
         // the guest gets what it has NICs for; routes through an interface
         // it lacks would be refused
         let mut have = n.clone();
-        have.endpoints
-            .retain(|e| a.nics.contains_key(&e.host_device));
+        have.endpoints.retain(|e| a.nics.contains(&e.host_device));
         let names: Vec<String> = have
             .endpoints
             .iter()
@@ -330,9 +328,6 @@ impl NetSync {
         have.routes.retain(|r| names.contains(&r.device));
         have.neighbors.retain(|x| names.contains(&x.device));
         configure(&self.agent, &have).await?;
-        for e in &have.endpoints {
-            a.nics.insert(e.host_device.clone(), e.clone());
-        }
         a.generation = n.generation;
         info!(
             generation = n.generation,

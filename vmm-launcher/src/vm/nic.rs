@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::qemu::hotplug_port;
 use crate::qmp::Qmp;
-use crate::spec::check_net_device;
+use crate::spec::{check_net_device, parse_mac};
 use crate::LauncherError;
 
 /// How long the guest may take to release an unplugged NIC.
@@ -30,7 +30,7 @@ pub(super) struct Nics {
     /// Hot-plug root port `i` holds the NIC of this device, if any.
     slots: Vec<Option<String>>,
     /// Every NIC (cold- and hot-plugged): host device → MAC.
-    macs: HashMap<String, String>,
+    macs: HashMap<String, [u8; 6]>,
 }
 
 impl Nics {
@@ -41,7 +41,7 @@ impl Nics {
             slots: vec![None; slots as usize],
             macs: cold
                 .iter()
-                .map(|d| (d.tap.clone(), d.mac.to_ascii_lowercase()))
+                .filter_map(|d| Some((d.tap.clone(), parse_mac(&d.mac)?)))
                 .collect(),
         }
     }
@@ -49,7 +49,7 @@ impl Nics {
     /// Hot-plugs the NIC of `dev`.
     pub(super) async fn add(&mut self, qmp: &Qmp, dev: NetDevice) -> Result<(), LauncherError> {
         check_net_device(&dev).map_err(LauncherError::InvalidSpec)?;
-        let mac = dev.mac.to_ascii_lowercase();
+        let mac = parse_mac(&dev.mac).unwrap_or_default();
         if self.macs.contains_key(&dev.tap) {
             return Err(LauncherError::State(format!(
                 "{} is already a NIC of the VM",
@@ -98,7 +98,7 @@ impl Nics {
                     "driver": "virtio-net-pci",
                     "id": id,
                     "netdev": netdev,
-                    "mac": mac,
+                    "mac": dev.mac,
                     "bus": hotplug_port(slot as u32),
                 })),
             )
@@ -109,7 +109,7 @@ impl Nics {
                 .await;
             return Err(e.into());
         }
-        info!(tap = %dev.tap, %mac, slot, "NIC hot-plugged");
+        info!(tap = %dev.tap, mac = %dev.mac, slot, "NIC hot-plugged");
         self.slots[slot] = Some(dev.tap.clone());
         self.macs.insert(dev.tap, mac);
         Ok(())
