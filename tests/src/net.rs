@@ -16,10 +16,14 @@ pub fn tc(args: &[&str]) -> String {
 }
 
 fn run(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} is missing ({e}): install iproute2"));
+    let out = Command::new(prog).args(args).output().unwrap_or_else(|e| {
+        let package = if prog == "nsenter" {
+            "util-linux"
+        } else {
+            "iproute2"
+        };
+        panic!("{prog} is missing ({e}): install {package}")
+    });
     assert!(
         out.status.success(),
         "{prog} {}: {}",
@@ -81,6 +85,59 @@ impl Netns {
             .map(|n| n.split('@').next().unwrap_or(n).to_string())
             .collect()
     }
+}
+
+/// A busybox httpd in a namespace, killed (by pid) on drop.
+pub struct Httpd(std::process::Child);
+
+impl Drop for Httpd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Netns {
+    /// Starts busybox httpd in the namespace, listening on `listen` (`PORT`
+    /// or `ADDR:PORT`), serving `dir`.
+    pub fn httpd(&self, listen: &str, dir: &std::path::Path) -> Httpd {
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "busybox", "httpd", "-f", "-p", listen, "-h",
+            ])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("busybox httpd in a test netns");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        Httpd(child)
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets it makes stay
+    /// there) and returns its result.
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open a test netns");
+            nix::sched::setns(
+                std::os::fd::AsFd::as_fd(&ns),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .expect("setns into a test netns");
+            f()
+        })
+        .join()
+        .expect("the thread in a test netns")
+    }
+}
+
+/// Runs `ip` with `args` in the network namespace of process `pid`.
+pub fn ip_in_pid(pid: u32, args: &[&str]) -> String {
+    let net = format!("--net=/proc/{pid}/ns/net");
+    let mut a = vec![net.as_str(), "ip"];
+    a.extend_from_slice(args);
+    run("nsenter", &a)
 }
 
 impl Drop for Netns {

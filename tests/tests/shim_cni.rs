@@ -6,39 +6,13 @@
 //! ctr and the plugins run in a namespace the test made (the node's
 //! stand-in), so the bridge and its traffic stay there.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kata_tests::containerd::Containerd;
-use kata_tests::net::{Cni, Netns};
+use kata_tests::net::{ip_in_pid, Cni};
 use kata_tests::shim::{assert_pod_gone, kill_and_delete, wait_task_status, write_config, RUNTIME};
 
 const GONE: Duration = Duration::from_secs(20);
-
-/// A process the test started, killed (by pid) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// busybox httpd on port 8080 of every address of `ns`, serving `dir`.
-fn serve(ns: &Netns, dir: &std::path::Path) -> Proc {
-    let child = Command::new("ip")
-        .args([
-            "netns", "exec", &ns.name, "busybox", "httpd", "-f", "-p", "8080", "-h",
-        ])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("busybox httpd");
-    std::thread::sleep(Duration::from_millis(200));
-    Proc(child)
-}
 
 /// The task's pid as ctr reports it (QEMU's).
 fn task_pid(c: &Containerd, id: &str) -> u32 {
@@ -48,23 +22,6 @@ fn task_pid(c: &Containerd, id: &str) -> u32 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no pid of {id} in {out}"))
-}
-
-/// `ip` in the network namespace of `pid`.
-fn ip_in(pid: u32, args: &[&str]) -> String {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/proc/{pid}/ns/net"))
-        .arg("ip")
-        .args(args)
-        .output()
-        .expect("nsenter (util-linux)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Polls `cmd` in container `id` until its output satisfies `ok`.
@@ -88,7 +45,7 @@ fn cni_pod(model: &str, tag: &str, net: u8) {
     let www = tmp.path().join("www");
     std::fs::create_dir(&www).unwrap();
     std::fs::write(www.join("hello.txt"), "hello from the node\n").unwrap();
-    let _server = serve(&cni.host, &www);
+    let _server = cni.host.httpd("8080", &www);
     let cfg = write_config(
         &tmp.path().join("configuration.toml"),
         "",
@@ -170,12 +127,12 @@ fn cni_pod(model: &str, tag: &str, net: u8) {
         .ip(&["addr", "add", &format!("10.203.{net}.1/24"), "dev", b]);
     cni.host.ip(&["link", "set", b, "up"]);
     kata_tests::net::ip(&["link", "set", a, "netns", &pid.to_string()]);
-    ip_in(
+    ip_in_pid(
         pid,
         &["addr", "add", &format!("10.203.{net}.2/24"), "dev", a],
     );
-    ip_in(pid, &["link", "set", a, "up"]);
-    let mac = ip_in(pid, &["-o", "link", "show", a])
+    ip_in_pid(pid, &["link", "set", a, "up"]);
+    let mac = ip_in_pid(pid, &["-o", "link", "show", a])
         .split_whitespace()
         .skip_while(|w| *w != "link/ether")
         .nth(1)
@@ -213,7 +170,7 @@ fn cni_pod(model: &str, tag: &str, net: u8) {
         out.contains("1 packets received"),
         "over the hot-plugged NIC: {out}"
     );
-    ip_in(pid, &["link", "del", a]);
+    ip_in_pid(pid, &["link", "del", a]);
     wait_exec(
         &c,
         &id,

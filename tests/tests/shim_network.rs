@@ -2,7 +2,6 @@
 //! namespace and a peer namespace the test makes (joined by a veth pair, as
 //! a CNI plugin would), kata-netmon, QEMU under TCG and the guest.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kata_tests::containerd::Containerd;
@@ -10,39 +9,6 @@ use kata_tests::net::PodNet;
 use kata_tests::shim::{assert_pod_gone, kill_and_delete, wait_task_status, write_config, RUNTIME};
 
 const GONE: Duration = Duration::from_secs(20);
-
-/// A busybox httpd in the peer's namespace serving `dir`; killed (by pid)
-/// on drop.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(net: &PodNet, dir: &std::path::Path) -> Server {
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.peer.name,
-            "busybox",
-            "httpd",
-            "-f",
-            "-p",
-        ])
-        .arg(format!("{}:8080", net.addr(1)))
-        .arg("-h")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("busybox httpd in the peer netns");
-    std::thread::sleep(Duration::from_millis(200));
-    Server(child)
-}
 
 fn no_plumbing_left(net: &PodNet) {
     let links = net.pod.links();
@@ -62,7 +28,7 @@ fn a_container_has_the_pod_address_reaches_a_peer_and_follows_changes() {
     let www = tmp.path().join("www");
     std::fs::create_dir(&www).unwrap();
     std::fs::write(www.join("hello.txt"), "hello from the peer\n").unwrap();
-    let _server = serve(&net, &www);
+    let _server = net.peer.httpd(&format!("{}:8080", net.addr(1)), &www);
     let cfg = write_config(&tmp.path().join("configuration.toml"), "", "");
     let c = Containerd::builder().kata_config(&cfg).start();
     let image = c.import_busybox();
@@ -206,7 +172,7 @@ fn killed_netmon_or_shim_leave_no_plumbing() {
     let www = tmp.path().join("www");
     std::fs::create_dir(&www).unwrap();
     std::fs::write(www.join("ping.txt"), "pong\n").unwrap();
-    let _server = serve(&net, &www);
+    let _server = net.peer.httpd(&format!("{}:8080", net.addr(1)), &www);
     let cfg = write_config(&tmp.path().join("configuration.toml"), "", "");
     let c = Containerd::builder().kata_config(&cfg).start();
     let image = c.import_busybox();

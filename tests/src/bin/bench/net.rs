@@ -7,30 +7,16 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsFd;
 use std::time::Instant;
 
 use kata_tests::containerd::Containerd;
-use kata_tests::net::Cni;
+use kata_tests::net::{Cni, Netns};
 use kata_tests::shim::{kill_and_delete, pod_processes, wait_task_status, write_config, RUNTIME};
 
 use super::{pct, pss_kib};
 
 const MIB: usize = 64;
 const STARTS: usize = 3;
-
-/// A TCP listener in the network namespace `ns` (a thread enters it to
-/// bind; the socket stays there).
-fn listen_in(ns: &str) -> TcpListener {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).expect("the bridge's netns");
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        TcpListener::bind("0.0.0.0:0").expect("bind")
-    })
-    .join()
-    .expect("listener thread")
-}
 
 fn exec(c: &Containerd, id: &str, exec_id: &str, cmd: &str) -> String {
     c.ctr_ok(&["task", "exec", "--exec-id", exec_id, id, "sh", "-c", cmd])
@@ -39,7 +25,7 @@ fn exec(c: &Containerd, id: &str, exec_id: &str, cmd: &str) -> String {
 /// Container → peer, MiB/s: busybox httpd in the container serves a blob
 /// (sendfile: large segments, where busybox nc would write a few KiB at a
 /// time), the peer fetches it and times the first byte to the last.
-fn to_peer(c: &Containerd, id: &str, ns: &str) -> f64 {
+fn to_peer(c: &Containerd, id: &str, ns: &Netns) -> f64 {
     let ip = exec(c, id, "addr", "ip -o -4 addr show eth0");
     let ip = ip
         .split_whitespace()
@@ -48,10 +34,7 @@ fn to_peer(c: &Containerd, id: &str, ns: &str) -> f64 {
         .and_then(|a| a.split('/').next())
         .unwrap_or_else(|| panic!("no address in {ip}"))
         .to_string();
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).expect("the bridge's netns");
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    ns.run_in(move || {
         let mut s = TcpStream::connect((ip.as_str(), 8080)).expect("connect to the container");
         s.write_all(b"GET /blob HTTP/1.0\r\n\r\n").expect("request");
         let mut buf = vec![0u8; 256 * 1024];
@@ -67,8 +50,6 @@ fn to_peer(c: &Containerd, id: &str, ns: &str) -> f64 {
         assert!(got >= MIB << 20, "got {got} bytes");
         MIB as f64 / t0.unwrap().elapsed().as_secs_f64()
     })
-    .join()
-    .expect("the fetching thread")
 }
 
 /// Peer → container, MiB/s: the peer times the accept to its last write
@@ -155,9 +136,11 @@ fn measure(cni: &Cni, label: &str, runtime: &str, model: &str, id: &str) -> (Fig
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     let gw = cni.gateway();
-    let l = listen_in(&cni.host.name);
+    let l = cni
+        .host
+        .run_in(|| TcpListener::bind("0.0.0.0:0").expect("bind in the bridge's netns"));
     // best of two: this machine's speed drifts
-    let tp = to_peer(&c, id, &cni.host.name).max(to_peer(&c, id, &cni.host.name));
+    let tp = to_peer(&c, id, &cni.host).max(to_peer(&c, id, &cni.host));
     let fp = from_peer(&c, id, &l, &gw).max(from_peer(&c, id, &l, &gw));
     let rtt = ping(&c, id, &gw);
     let netmon = pod_processes(id)
