@@ -19,7 +19,6 @@ pub mod guest;
 pub mod init;
 pub mod mounts;
 pub mod network;
-#[cfg(feature = "agent-policy")]
 pub mod policy;
 pub mod reaper;
 pub mod rpc;
@@ -65,7 +64,47 @@ pub struct Config {
     pub announce_port: Option<u32>,
     /// The agent's state directory.
     pub root: PathBuf,
+    /// The agent policy (built with `agent-policy`: the policy file read at
+    /// start-up, and whether to log every decision).
+    pub policy: PolicyConfig,
 }
+
+/// Where the agent's policy comes from.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// The policy file (default [`policy::DEFAULT_POLICY_FILE`]).
+    pub file: PathBuf,
+    /// The policy debug log (Kata's AGENT_POLICY_DEBUG): every checked
+    /// request's input and decision as one line on stderr.
+    pub debug: bool,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> PolicyConfig {
+        PolicyConfig {
+            file: policy::DEFAULT_POLICY_FILE.into(),
+            debug: false,
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// The gate this configuration gives.
+    #[cfg(feature = "agent-policy")]
+    fn gate(&self) -> policy::Gate {
+        policy::Gate::load(&self.file, self.debug)
+    }
+
+    /// The gate this configuration gives: without policy support, all allowed.
+    #[cfg(not(feature = "agent-policy"))]
+    fn gate(&self) -> policy::Gate {
+        policy::Gate
+    }
+}
+
+/// The largest request the agent decodes: room for the largest policy
+/// (`SetPolicy`, 8 MiB) and a CopyFile chunk, above tonic's 4 MiB default.
+pub const MAX_REQUEST: usize = 16 << 20;
 
 /// The default state directory in the guest.
 pub const DEFAULT_ROOT: &str = "/run/kata-agent";
@@ -92,10 +131,12 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         what: format!("state directory {}", cfg.root.display()),
         source,
     })?;
-    let agent = Arc::new(Agent::new(cfg.init, cfg.root.clone()));
+    let agent = Arc::new(Agent::new(cfg.init, cfg.root.clone(), cfg.policy.gate()));
     let router = tonic::transport::Server::builder()
         .add_service(HealthServer::new(HealthService(agent.clone())))
-        .add_service(AgentServiceServer::new(AgentRpc(agent.clone())));
+        .add_service(
+            AgentServiceServer::new(AgentRpc(agent.clone())).max_decoding_message_size(MAX_REQUEST),
+        );
     // Set once the server is asked to stop: clients get a few seconds to
     // leave, then the serve loop is dropped.
     let stopping = Arc::new(Notify::new());

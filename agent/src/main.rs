@@ -16,6 +16,14 @@ struct Args {
     /// The agent's state directory.
     #[arg(long, default_value = kata_agent::DEFAULT_ROOT)]
     root: PathBuf,
+    /// The agent policy file (an agent built with the agent-policy feature;
+    /// in the guest the image's /etc/kata-opa/default-policy.rego).
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// Log every checked request and its decision on stderr (in the guest:
+    /// `agent.policy_debug` on the kernel command line).
+    #[arg(long)]
+    policy_debug: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +37,8 @@ fn main() -> std::process::ExitCode {
         Args::try_parse().unwrap_or(Args {
             listen: None,
             root: kata_agent::DEFAULT_ROOT.into(),
+            policy: None,
+            policy_debug: false,
         })
     } else {
         Args::parse()
@@ -43,6 +53,17 @@ fn main() -> std::process::ExitCode {
             }
         },
     };
+    if args.policy.is_some() && !cfg!(feature = "agent-policy") {
+        eprintln!("kata-agent: --policy: this agent was built without policy support (feature agent-policy)");
+        return std::process::ExitCode::from(2);
+    }
+    let mut policy = kata_agent::PolicyConfig {
+        debug: args.policy_debug,
+        ..Default::default()
+    };
+    if let Some(f) = args.policy {
+        policy.file = f;
+    }
     let mut debug_console = false;
     let mut sandbox_id = None;
     if pid1 {
@@ -57,6 +78,7 @@ fn main() -> std::process::ExitCode {
         }
         debug_console = init::cmdline_option(&cmdline, "debug_console").is_some();
         sandbox_id = init::cmdline_option(&cmdline, "sandbox_id");
+        policy.debug |= init::cmdline_option(&cmdline, "policy_debug").is_some();
     }
     kata_proto::logging::init("kata-agent", sandbox_id.as_deref());
     let rt = match kata_proto::runtime() {
@@ -100,6 +122,7 @@ fn main() -> std::process::ExitCode {
             init: pid1,
             announce_port,
             root: args.root,
+            policy,
         })
         .await
     });

@@ -1,9 +1,10 @@
 //! The agent's gRPC services: Kata's `Health` and `AgentService`.
 //!
-//! Containers and processes, stdio control, cgroups, OOM events and the
-//! sandbox calls are implemented; networking, hot-plug and policy calls answer
-//! `Unimplemented` with the call's name, so a client never mistakes them for a
-//! failure of the guest. Errors carry proper codes: NotFound, AlreadyExists,
+//! Containers and processes, stdio control, cgroups, OOM events, networking,
+//! the sandbox calls and SetPolicy are implemented; the others (metrics,
+//! hot-plug) answer `Unimplemented` with the call's name, so a client never
+//! mistakes them for a failure of the guest. Every AgentService call is first
+//! checked by the agent policy (`take`). Errors carry proper codes: NotFound, AlreadyExists,
 //! InvalidArgument, FailedPrecondition.
 
 use std::collections::{HashMap, HashSet};
@@ -45,6 +46,8 @@ pub struct Agent {
     creating: Mutex<HashSet<String>>,
     oom_tx: mpsc::UnboundedSender<String>,
     oom_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+    /// The agent policy in force (allows all without the `agent-policy` feature).
+    pub policy: crate::policy::Gate,
 }
 
 /// The cgroup under which a sandbox's containers go when their spec names
@@ -59,7 +62,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Agent {
     /// A fresh agent.
-    pub fn new(init: bool, root: PathBuf) -> Agent {
+    pub fn new(init: bool, root: PathBuf, policy: crate::policy::Gate) -> Agent {
         let (oom_tx, oom_rx) = mpsc::unbounded_channel();
         Agent {
             shutdown: Notify::new(),
@@ -73,6 +76,7 @@ impl Agent {
             creating: Mutex::new(HashSet::new()),
             oom_tx,
             oom_rx: tokio::sync::Mutex::new(oom_rx),
+            policy,
         }
     }
 
@@ -84,8 +88,28 @@ impl Agent {
             .ok_or_else(|| Status::not_found(format!("no container {id:?} in this sandbox")))
     }
 
-    /// The stdio of a process, for the stdio port.
+    /// The stdio of a process, for the stdio port. Attaching an output is
+    /// checked by the policy as `ReadStreamRequest`, stdin as
+    /// `WriteStreamRequest` (the RPCs Kata's runtime polls instead).
     pub fn stdio_of(&self, h: &Header) -> Result<Arc<Stdio>, Status> {
+        match h.which {
+            kata_proto::stdio::Which::Stdin => self.policy.check(
+                "WriteStreamRequest",
+                &WriteStreamRequest {
+                    container_id: h.container_id.clone(),
+                    exec_id: h.exec_id.clone(),
+                    data: vec![],
+                },
+            )?,
+            _ => self.policy.check(
+                "ReadStreamRequest",
+                &ReadStreamRequest {
+                    container_id: h.container_id.clone(),
+                    exec_id: h.exec_id.clone(),
+                    len: 0,
+                },
+            )?,
+        }
         Ok(self
             .container(&h.container_id)?
             .process(&h.exec_id)?
@@ -148,19 +172,20 @@ fn ok() -> Empty {
 }
 
 macro_rules! not_yet {
-    ($( $name:ident ( $req:ty ) -> $resp:ty ;)*) => {
+    ($( $name:ident ( $req:ty as $kata:literal ) -> $resp:ty ;)*) => {
         $(
             // Written the way async_trait expands a method: the attribute does
             // not see inside macro output.
             fn $name<'life0, 'async_trait>(
                 &'life0 self,
-                _r: Request<$req>,
+                r: Request<$req>,
             ) -> Pin<Box<dyn Future<Output = Result<Response<$resp>, Status>> + Send + 'async_trait>>
             where
                 'life0: 'async_trait,
                 Self: 'async_trait,
             {
                 Box::pin(async {
+                    self.take($kata, r)?;
                     Err(Status::unimplemented(concat!(
                         stringify!($name),
                         " is not implemented by this kata-agent yet"
@@ -246,7 +271,8 @@ impl AgentService for AgentRpc {
         &self,
         r: Request<GuestDetailsRequest>,
     ) -> Result<Response<GuestDetailsResponse>, Status> {
-        let want_block_size = r.into_inner().mem_block_size;
+        let r = self.take("GuestDetailsRequest", r)?;
+        let want_block_size = r.mem_block_size;
         let d = guest::details().map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(GuestDetailsResponse {
             mem_block_size_bytes: if want_block_size {
@@ -273,7 +299,7 @@ impl AgentService for AgentRpc {
     }
 
     async fn create_sandbox(&self, r: Request<CreateSandboxRequest>) -> Empty {
-        let r = r.into_inner();
+        let r = self.take("CreateSandboxRequest", r)?;
         if !r.sandbox_id.is_empty() {
             container::check_id("sandbox_id", &r.sandbox_id)?;
         }
@@ -308,7 +334,7 @@ impl AgentService for AgentRpc {
     }
 
     async fn create_container(&self, r: Request<CreateContainerRequest>) -> Empty {
-        let r = r.into_inner();
+        let r = self.take("CreateContainerRequest", r)?;
         let id = r.container_id.clone();
         container::check_id("container_id", &id)?;
         // Reserve the id, so that two creates of one id cannot race.
@@ -330,14 +356,15 @@ impl AgentService for AgentRpc {
     }
 
     async fn start_container(&self, r: Request<StartContainerRequest>) -> Empty {
-        let c = self.0.container(&r.into_inner().container_id)?;
+        let r = self.take("StartContainerRequest", r)?;
+        let c = self.0.container(&r.container_id)?;
         c.start().await?;
         info!(container = %c.id, pid = c.init.pid, "container started");
         ok()
     }
 
     async fn remove_container(&self, r: Request<RemoveContainerRequest>) -> Empty {
-        let r = r.into_inner();
+        let r = self.take("RemoveContainerRequest", r)?;
         let c = self.0.container(&r.container_id)?;
         let timeout = if r.timeout == 0 {
             Duration::from_secs(10)
@@ -352,7 +379,7 @@ impl AgentService for AgentRpc {
     }
 
     async fn exec_process(&self, r: Request<ExecProcessRequest>) -> Empty {
-        let r = r.into_inner();
+        let r = self.take("ExecProcessRequest", r)?;
         let c = self.0.container(&r.container_id)?;
         container::check_id("exec_id", &r.exec_id)?;
         let (json, terminal) = r
@@ -373,7 +400,7 @@ impl AgentService for AgentRpc {
     }
 
     async fn signal_process(&self, r: Request<SignalProcessRequest>) -> Empty {
-        let r = r.into_inner();
+        let r = self.take("SignalProcessRequest", r)?;
         let c = self.0.container(&r.container_id)?;
         let sig = signal_number(r.signal)?;
         if r.all {
@@ -392,7 +419,7 @@ impl AgentService for AgentRpc {
         &self,
         r: Request<WaitProcessRequest>,
     ) -> Result<Response<WaitProcessResponse>, Status> {
-        let r = r.into_inner();
+        let r = self.take("WaitProcessRequest", r)?;
         let c = self.0.container(&r.container_id)?;
         let p = c.process(&r.exec_id)?;
         let status = p.wait().await;
@@ -407,7 +434,7 @@ impl AgentService for AgentRpc {
     }
 
     async fn update_container(&self, r: Request<UpdateContainerRequest>) -> Empty {
-        let r = r.into_inner();
+        let r = self.take("UpdateContainerRequest", r)?;
         let c = self.0.container(&r.container_id)?;
         let res = parse_resources(r.resources)?;
         c.cgroup
@@ -420,7 +447,8 @@ impl AgentService for AgentRpc {
         &self,
         r: Request<StatsContainerRequest>,
     ) -> Result<Response<StatsContainerResponse>, Status> {
-        let c = self.0.container(&r.into_inner().container_id)?;
+        let r = self.take("StatsContainerRequest", r)?;
+        let c = self.0.container(&r.container_id)?;
         let cg = c.cgroup.stats().map_err(|e| e.status("cgroup stats"))?;
         Ok(Response::new(StatsContainerResponse {
             cgroup_stats: Some(cg),
@@ -429,7 +457,8 @@ impl AgentService for AgentRpc {
     }
 
     async fn pause_container(&self, r: Request<PauseContainerRequest>) -> Empty {
-        let c = self.0.container(&r.into_inner().container_id)?;
+        let r = self.take("PauseContainerRequest", r)?;
+        let c = self.0.container(&r.container_id)?;
         if c.state() != State::Running {
             return Err(Status::failed_precondition(format!(
                 "container {} is {:?}: only a running container can be paused",
@@ -443,7 +472,8 @@ impl AgentService for AgentRpc {
     }
 
     async fn resume_container(&self, r: Request<ResumeContainerRequest>) -> Empty {
-        let c = self.0.container(&r.into_inner().container_id)?;
+        let r = self.take("ResumeContainerRequest", r)?;
+        let c = self.0.container(&r.container_id)?;
         if c.state() != State::Paused {
             return Err(Status::failed_precondition(format!(
                 "container {} is {:?}, not paused",
@@ -460,7 +490,7 @@ impl AgentService for AgentRpc {
         &self,
         r: Request<ListProcessesRequest>,
     ) -> Result<Response<ListProcessesResponse>, Status> {
-        let r = r.into_inner();
+        let r = self.take("ListProcessesRequest", r)?;
         let c = self.0.container(&r.container_id)?;
         let mut pids = c.cgroup.pids().map_err(|e| e.status("listing processes"))?;
         pids.sort_unstable();
@@ -492,14 +522,14 @@ impl AgentService for AgentRpc {
     }
 
     async fn close_stdin(&self, r: Request<CloseStdinRequest>) -> Empty {
-        let r = r.into_inner();
+        let r = self.take("CloseStdinRequest", r)?;
         let c = self.0.container(&r.container_id)?;
         c.process(&r.exec_id)?.stdio.close_stdin();
         ok()
     }
 
     async fn tty_win_resize(&self, r: Request<TtyWinResizeRequest>) -> Empty {
-        let r = r.into_inner();
+        let r = self.take("TtyWinResizeRequest", r)?;
         let c = self.0.container(&r.container_id)?;
         let (rows, cols) = match (u16::try_from(r.row), u16::try_from(r.column)) {
             (Ok(a), Ok(b)) => (a, b),
@@ -516,29 +546,33 @@ impl AgentService for AgentRpc {
 
     async fn write_stdin(
         &self,
-        _r: Request<WriteStreamRequest>,
+        r: Request<WriteStreamRequest>,
     ) -> Result<Response<WriteStreamResponse>, Status> {
+        self.take("WriteStreamRequest", r)?;
         Err(polled_stdio())
     }
 
     async fn read_stdout(
         &self,
-        _r: Request<ReadStreamRequest>,
+        r: Request<ReadStreamRequest>,
     ) -> Result<Response<ReadStreamResponse>, Status> {
+        self.take("ReadStreamRequest", r)?;
         Err(polled_stdio())
     }
 
     async fn read_stderr(
         &self,
-        _r: Request<ReadStreamRequest>,
+        r: Request<ReadStreamRequest>,
     ) -> Result<Response<ReadStreamResponse>, Status> {
+        self.take("ReadStreamRequest", r)?;
         Err(polled_stdio())
     }
 
     async fn get_oom_event(
         &self,
-        _r: Request<GetOomEventRequest>,
+        r: Request<GetOomEventRequest>,
     ) -> Result<Response<OomEvent>, Status> {
+        self.take("GetOOMEventRequest", r)?;
         let mut rx = self.0.oom_rx.lock().await;
         match rx.recv().await {
             Some(container_id) => Ok(Response::new(OomEvent { container_id })),
@@ -547,7 +581,7 @@ impl AgentService for AgentRpc {
     }
 
     async fn copy_file(&self, r: Request<CopyFileRequest>) -> Empty {
-        let r = r.into_inner();
+        let r = self.take("CopyFileRequest", r)?;
         let root = self.0.root.clone();
         tokio::task::spawn_blocking(move || sandbox::copy_file(&root, &r))
             .await
@@ -555,7 +589,8 @@ impl AgentService for AgentRpc {
         ok()
     }
 
-    async fn destroy_sandbox(&self, _r: Request<DestroySandboxRequest>) -> Empty {
+    async fn destroy_sandbox(&self, r: Request<DestroySandboxRequest>) -> Empty {
+        self.take("DestroySandboxRequest", r)?;
         info!("DestroySandbox: ending every container; the agent ends once this reply is sent");
         self.0.destroy_all().await;
         // The reply must reach the host before the guest goes away: the serve
@@ -568,9 +603,9 @@ impl AgentService for AgentRpc {
         &self,
         r: Request<UpdateInterfaceRequest>,
     ) -> Result<Response<Interface>, Status> {
+        let r = self.take("UpdateInterfaceRequest", r)?;
         self.guest_network("UpdateInterface")?;
         let want = r
-            .into_inner()
             .interface
             .ok_or_else(|| Status::invalid_argument("UpdateInterface: interface is missing"))?;
         let h = network::connect()?;
@@ -581,8 +616,9 @@ impl AgentService for AgentRpc {
         &self,
         r: Request<UpdateRoutesRequest>,
     ) -> Result<Response<Routes>, Status> {
+        let r = self.take("UpdateRoutesRequest", r)?;
         self.guest_network("UpdateRoutes")?;
-        let want = r.into_inner().routes.map(|r| r.routes).unwrap_or_default();
+        let want = r.routes.map(|r| r.routes).unwrap_or_default();
         let h = network::connect()?;
         Ok(Response::new(Routes {
             routes: network::update_routes(&h, &want).await?,
@@ -591,18 +627,17 @@ impl AgentService for AgentRpc {
 
     async fn list_interfaces(
         &self,
-        _r: Request<ListInterfacesRequest>,
+        r: Request<ListInterfacesRequest>,
     ) -> Result<Response<Interfaces>, Status> {
+        self.take("ListInterfacesRequest", r)?;
         let h = network::connect()?;
         Ok(Response::new(Interfaces {
             interfaces: network::list_interfaces(&h).await?,
         }))
     }
 
-    async fn list_routes(
-        &self,
-        _r: Request<ListRoutesRequest>,
-    ) -> Result<Response<Routes>, Status> {
+    async fn list_routes(&self, r: Request<ListRoutesRequest>) -> Result<Response<Routes>, Status> {
+        self.take("ListRoutesRequest", r)?;
         let h = network::connect()?;
         Ok(Response::new(Routes {
             routes: network::list_routes(&h).await?,
@@ -610,43 +645,41 @@ impl AgentService for AgentRpc {
     }
 
     async fn add_arp_neighbors(&self, r: Request<AddArpNeighborsRequest>) -> Empty {
+        let r = self.take("AddARPNeighborsRequest", r)?;
         self.guest_network("AddARPNeighbors")?;
-        let want = r
-            .into_inner()
-            .neighbors
-            .map(|n| n.arp_neighbors)
-            .unwrap_or_default();
+        let want = r.neighbors.map(|n| n.arp_neighbors).unwrap_or_default();
         let h = network::connect()?;
         network::add_neighbours(&h, &want).await?;
         ok()
     }
 
     not_yet! {
-        get_metrics(GetMetricsRequest) -> Metrics;
-        get_volume_stats(VolumeStatsRequest) -> VolumeStatsResponse;
-        online_cpu_mem(OnlineCpuMemRequest) -> ();
-        reseed_random_dev(ReseedRandomDevRequest) -> ();
-        mem_hotplug_by_probe(MemHotplugByProbeRequest) -> ();
-        set_guest_date_time(SetGuestDateTimeRequest) -> ();
-        add_swap(AddSwapRequest) -> ();
-        update_ephemeral_mounts(UpdateEphemeralMountsRequest) -> ();
+        get_metrics(GetMetricsRequest as "GetMetricsRequest") -> Metrics;
+        get_volume_stats(VolumeStatsRequest as "VolumeStatsRequest") -> VolumeStatsResponse;
+        online_cpu_mem(OnlineCpuMemRequest as "OnlineCPUMemRequest") -> ();
+        reseed_random_dev(ReseedRandomDevRequest as "ReseedRandomDevRequest") -> ();
+        mem_hotplug_by_probe(MemHotplugByProbeRequest as "MemHotplugByProbeRequest") -> ();
+        set_guest_date_time(SetGuestDateTimeRequest as "SetGuestDateTimeRequest") -> ();
+        add_swap(AddSwapRequest as "AddSwapRequest") -> ();
+        update_ephemeral_mounts(UpdateEphemeralMountsRequest as "UpdateEphemeralMountsRequest") -> ();
     }
 
-    #[cfg(feature = "agent-policy")]
-    not_yet! {
-        set_policy(SetPolicyRequest) -> ();
-    }
-
-    #[cfg(not(feature = "agent-policy"))]
-    async fn set_policy(&self, _r: Request<SetPolicyRequest>) -> Empty {
-        Err(Status::unimplemented(
-            "SetPolicy: this agent was built without policy support \
-             (Kata's AGENT_POLICY: build the agent with --features agent-policy)",
-        ))
+    /// Checked by the policy in force (without policy support: refused).
+    async fn set_policy(&self, r: Request<SetPolicyRequest>) -> Empty {
+        self.0.policy.set_policy(&r.into_inner().policy)?;
+        ok()
     }
 }
 
 impl AgentRpc {
+    /// The request of a call, once the agent policy allowed it as `name`
+    /// (the request's message name in agent.proto, as Kata's policies use).
+    fn take<T: serde::Serialize>(&self, name: &str, r: Request<T>) -> Result<T, Status> {
+        let r = r.into_inner();
+        self.0.policy.check(name, &r)?;
+        Ok(r)
+    }
+
     /// Network changes are for the guest's own namespace: a host-mode agent
     /// refuses them rather than change its host's network.
     fn guest_network(&self, call: &str) -> Result<(), Status> {
