@@ -8,11 +8,17 @@ TARGET := x86_64-unknown-linux-gnu
 BIN := $(CURDIR)/target/$(TARGET)/release
 GUEST_DIR := $(CURDIR)/target/guest
 TEST_GUEST_DIR := $(CURDIR)/target/guest-test
+# The test image whose agent checks every request against a policy.
+POLICY_GUEST_DIR := $(CURDIR)/target/guest-test-policy
+# `make image AGENT_POLICY=yes`: Kata's switch. The image gets the agent built
+# with the agent-policy feature and the allow-all default policy.
+AGENT_POLICY ?= no
 # Debian packages the build, the image and the tests need.
 APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++ containerd iproute2 containernetworking-plugins
 export KATA_TEST_BIN_DIR := $(BIN)
 export KATA_TEST_GUEST_DIR := $(TEST_GUEST_DIR)
 export KATA_GUEST_DIR := $(GUEST_DIR)
+export KATA_TEST_POLICY_GUEST_DIR := $(POLICY_GUEST_DIR)
 
 .PHONY: all deps build image test-image run boot install test unit lint bench fuzz clean
 
@@ -33,16 +39,29 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# The agent with policy support is kata-agent-policy (built first: the
+# workspace build then puts the plain kata-agent back in place).
 build:
+	$(CARGO) build --release --locked -p kata-agent --features agent-policy
+	cp $(BIN)/kata-agent $(BIN)/kata-agent-policy
 	$(CARGO) build --release --locked --workspace --bins
 
+ifeq ($(AGENT_POLICY),yes)
+IMAGE_AGENT := --agent $(BIN)/kata-agent-policy --policy $(CURDIR)/agent/policy/allow-all.rego
+else
+IMAGE_AGENT := --agent $(BIN)/kata-agent
+endif
+
 image: deps build
-	$(BIN)/kata-ctl image build --output $(GUEST_DIR) --agent $(BIN)/kata-agent
+	$(BIN)/kata-ctl image build --output $(GUEST_DIR) $(IMAGE_AGENT)
 
 # The test image: the agent's image plus the vsock test peer (booted with rdinit=).
+# And its twin with the policy agent and the allow-all default policy.
 test-image: deps build
 	$(BIN)/kata-ctl image build --output $(TEST_GUEST_DIR) --agent $(BIN)/kata-agent \
 	  --extra $(BIN)/kata-test-guest
+	$(BIN)/kata-ctl image build --output $(POLICY_GUEST_DIR) --agent $(BIN)/kata-agent-policy \
+	  --policy $(CURDIR)/agent/policy/allow-all.rego --extra $(BIN)/kata-test-guest
 
 # One container end to end: a private containerd, the busybox image built
 # locally, `ctr run --runtime io.containerd.kata.v2 ... uname -a` (scripts/run.sh).

@@ -6,6 +6,7 @@ mod check;
 mod env;
 mod image;
 mod oci_image;
+mod policy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,12 @@ enum Command {
     /// Talks to an agent directly (Kata's agent-ctl): any AgentService or
     /// Health RPC with a JSON request, or one stdio stream of a process.
     Agent(agent::AgentArgs),
+    /// The agent policy: a pod's decision log, replaying it against a
+    /// policy, generating a policy from a container's spec, the annotation.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
     /// Writes a busybox container image as an OCI image layout tar, for
     /// `ctr image import` (no registry needed).
     OciImage {
@@ -91,6 +98,11 @@ enum ImageCommand {
         /// Cache of downloaded kernel packages.
         #[arg(long, default_value = image::DEFAULT_CACHE_DIR)]
         cache_dir: PathBuf,
+        /// An agent policy (Rego) to install as the guest's default policy,
+        /// /etc/kata-opa/default-policy.rego (Kata's AGENT_POLICY=yes; use with
+        /// an agent built with the agent-policy feature).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
     },
 }
 
@@ -105,6 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     kernel_package,
                     extras,
                     cache_dir,
+                    policy,
                 },
         } => {
             let opts = image::BuildOptions {
@@ -114,6 +127,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kernel_package,
                 extras,
                 cache_dir,
+                policy,
             };
             let report = image::build(&opts)?;
             tracing::debug!(kver = %report.manifest.kver, up_to_date = report.up_to_date, "image build done");
@@ -125,6 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => agent::run(args),
+        Command::Policy { command } => policy::run(command),
         Command::Env { config } => {
             print!("{}", env::render(config.as_deref())?);
             Ok(ExitCode::SUCCESS)

@@ -82,6 +82,7 @@ macro_rules! bounded_calls {
 
 bounded_calls! {
     create_sandbox: "CreateSandbox" (pb::CreateSandboxRequest) -> ();
+    set_policy: "SetPolicy" (pb::SetPolicyRequest) -> ();
     destroy_sandbox: "DestroySandbox" (pb::DestroySandboxRequest) -> ();
     create_container: "CreateContainer" (pb::CreateContainerRequest) -> ();
     start_container: "StartContainer" (pb::StartContainerRequest) -> ();

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kata_proto::dialer::Address;
-use kata_proto::stdio::{attach, Which};
+use kata_proto::stdio::{attach, AttachError, Which};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// The FIFO paths containerd gave for one process (empty: none).
 #[derive(Debug, Clone, Default)]
@@ -48,9 +48,18 @@ pub async fn attach_outputs(
         outs.push((Which::Stderr, p.stderr.clone()));
     }
     for (which, path) in outs {
-        let stream = attach(agent, which, cid, exec_id, ATTACH_TIMEOUT)
-            .await
-            .with_context(|| format!("attaching {} of {cid}", which.as_str()))?;
+        let stream = match attach(agent, which, cid, exec_id, ATTACH_TIMEOUT).await {
+            Ok(s) => Some(s),
+            // The agent policy refuses this output (ReadStreamRequest): the
+            // process runs, its FIFO gets no byte and its end at once.
+            Err(AttachError::Refused { code, message, .. }) if code == "PermissionDenied" => {
+                warn!(container = cid, exec_id, "{}: {message}", which.as_str());
+                None
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("attaching {} of {cid}", which.as_str()))
+            }
+        };
         let fifo = if path.is_empty() {
             None
         } else {
@@ -68,9 +77,12 @@ pub async fn attach_outputs(
 }
 
 async fn copy_out(
-    mut from: kata_proto::dialer::Stream,
+    from: Option<kata_proto::dialer::Stream>,
     mut to: Option<tokio::net::unix::pipe::Sender>,
 ) {
+    let Some(mut from) = from else {
+        return;
+    };
     let mut buf = vec![0u8; BUF];
     loop {
         let n = match from.read(&mut buf).await {
@@ -98,9 +110,16 @@ pub async fn attach_stdin(
     if p.stdin.is_empty() {
         return Ok(());
     }
-    let mut stream = attach(agent, Which::Stdin, cid, exec_id, ATTACH_TIMEOUT)
-        .await
-        .with_context(|| format!("attaching STDIN of {cid}"))?;
+    let mut stream = match attach(agent, Which::Stdin, cid, exec_id, ATTACH_TIMEOUT).await {
+        Ok(s) => s,
+        // The agent policy refuses stdin (WriteStreamRequest): the process
+        // runs without input; containerd's writer is never read.
+        Err(AttachError::Refused { code, message, .. }) if code == "PermissionDenied" => {
+            warn!(container = cid, exec_id, "STDIN: {message}");
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("attaching STDIN of {cid}")),
+    };
     let path = PathBuf::from(&p.stdin);
     copies.stdin_path = Some(path.clone());
     copies.stdin = Some(tokio::spawn(async move {

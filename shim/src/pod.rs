@@ -320,6 +320,7 @@ impl Pod {
                     why: e.to_string(),
                 })?;
             let agent = Agent::new(ch, Duration::from_millis(cfg.agent.kata.request_timeout_ms));
+            set_policy(&agent, &cfg).await?;
             agent
                 .create_sandbox(CreateSandboxRequest {
                     sandbox_id: id.into(),
@@ -531,6 +532,7 @@ impl Pod {
             });
         }
         let limit = Duration::from_secs(cfg.agent.kata.dial_timeout.max(1));
+        set_policy(&agent.with_deadline(limit), cfg).await?;
         agent
             .with_deadline(limit)
             .create_sandbox(CreateSandboxRequest {
@@ -772,4 +774,26 @@ pub async fn cleanup_dead(paths: &SandboxPaths) {
         }
     }
     remove_dir(paths);
+}
+
+/// Gives the agent the pod's policy (the annotation
+/// `io.katacontainers.config.agent.policy`), first thing after it answers:
+/// before CreateSandbox and any container, so the policy judges them all.
+/// Without the annotation SetPolicy is not called (the guest's default
+/// policy stays in force).
+async fn set_policy(agent: &Agent, cfg: &Config) -> Result<(), PodError> {
+    let Some(policy) = &cfg.agent.kata.policy else {
+        return Ok(());
+    };
+    agent
+        .set_policy(kata_proto::agent::SetPolicyRequest {
+            policy: policy.clone(),
+        })
+        .await
+        .map_err(|source| PodError::Agent {
+            what: "SetPolicy with the pod's io.katacontainers.config.agent.policy",
+            source,
+        })?;
+    info!(bytes = policy.len(), "agent policy of the pod's annotation in force");
+    Ok(())
 }

@@ -225,9 +225,63 @@ impl Policy {
     }
 }
 
+/// The request message names of the agent API's `AgentService` (what a
+/// policy has rules for), read from the text of agent.proto.
+pub fn request_names(agent_proto: &str) -> Vec<String> {
+    let mut names: Vec<String> = agent_proto
+        .split("service AgentService")
+        .nth(1)
+        .and_then(|s| s.split("\n}").next())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim().strip_prefix("rpc ")?;
+            let (_, rest) = l.split_once('(')?;
+            Some(rest.split_once(')')?.0.trim().to_string())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Kata's CI check: the default policy has a rule for every request,
+    /// and each allows it.
+    #[test]
+    fn allow_all_allows_every_request_of_agent_proto() {
+        let proto = include_str!("../../../proto/protos/agent.proto");
+        let names = request_names(proto);
+        assert!(names.len() >= 30, "{names:?}");
+        for n in ["ExecProcessRequest", "SetPolicyRequest", "ReadStreamRequest", "GetOOMEventRequest"] {
+            assert!(names.iter().any(|x| x == n), "{n} in {names:?}");
+        }
+        let mut p = Policy::from_text("allow-all.rego", ALLOW_ALL).unwrap();
+        for n in &names {
+            p.check(n, "{}")
+                .unwrap_or_else(|e| panic!("allow-all.rego has no rule allowing {n}: {e}"));
+            assert!(
+                ALLOW_ALL.contains(&format!("default {n} := true")),
+                "allow-all.rego states {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn log_lines_round_trip_behind_console_noise() {
+        let r = LogRecord {
+            request: "ExecProcessRequest".into(),
+            input: serde_json::json!({"container_id": "c1"}),
+            allowed: false,
+        };
+        let line = r.to_line();
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
+        assert_eq!(LogRecord::from_line(&format!("[  1.2] x{line}")), Some(r));
+        assert_eq!(LogRecord::from_line("kata-agent INFO nothing"), None);
+    }
 
     const POLICY: &str = r#"
 package agent_policy

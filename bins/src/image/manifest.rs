@@ -87,6 +87,10 @@ pub struct Manifest {
     pub initrd_size: u64,
     /// Digest of every input of the build (see `Inputs`).
     pub inputs_digest: String,
+    /// SHA-256 of the agent policy at /etc/kata-opa/default-policy.rego,
+    /// if the image carries one (`--policy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 impl Manifest {
@@ -143,6 +147,9 @@ pub struct Inputs<'a> {
     pub required_modules: &'a [&'a str],
     /// Optional modules.
     pub optional_modules: &'a [&'a str],
+    /// The default agent policy's checksum (absent: no policy file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<&'a str>,
 }
 
 impl Inputs<'_> {
@@ -204,6 +211,7 @@ pub(crate) mod tests {
             },
             initrd_size: 42,
             inputs_digest: "e".into(),
+            policy: None,
         }
     }
 
@@ -243,6 +251,7 @@ pub(crate) mod tests {
             extras: &extras,
             required_modules: &["virtio"],
             optional_modules: &[],
+            policy: None,
         };
         let j = Inputs {
             agent: "a2",

@@ -73,6 +73,15 @@ pub enum ImageError {
         /// Why.
         source: std::io::Error,
     },
+    /// The policy does not parse (it would lock the guest: the agent refuses
+    /// everything with a broken default policy).
+    #[error("--policy {path}: {message}")]
+    Policy {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
     /// Two extras with one name.
     #[error("two --extra files are both named {0}; they would both be /usr/bin/{0}")]
     DuplicateExtra(String),
@@ -100,7 +109,14 @@ pub struct BuildOptions {
     pub extras: Vec<PathBuf>,
     /// Cache of unpacked kernel packages.
     pub cache_dir: PathBuf,
+    /// The agent policy to put at [`POLICY_PATH`] (Kata's AGENT_POLICY=yes;
+    /// the agent must be built with the agent-policy feature to use it).
+    pub policy: Option<PathBuf>,
 }
+
+/// Where the guest's agent reads its default policy (Kata's path), in the
+/// initramfs.
+pub const POLICY_PATH: &str = "etc/kata-opa/default-policy.rego";
 
 /// What a build did.
 #[derive(Debug, Clone)]
@@ -176,6 +192,16 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ImageError> {
         extras.push((Extra { path, sha256: sha }, p.clone()));
     }
     extras.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+    let policy_sha = match &opts.policy {
+        Some(p) => {
+            kata_agent_policy::Policy::from_file(p).map_err(|e| ImageError::Policy {
+                path: p.clone(),
+                message: e.to_string(),
+            })?;
+            Some(manifest::sha256_file(p)?)
+        }
+        None => None,
+    };
     let extra_list: Vec<Extra> = extras.iter().map(|e| e.0.clone()).collect();
 
     step(1, "resolving the kernel package with apt-cache");
@@ -194,6 +220,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ImageError> {
         extras: &extra_list,
         required_modules: modules::REQUIRED,
         optional_modules: modules::OPTIONAL,
+        policy: policy_sha.as_deref(),
     };
     let digest = inputs.digest();
     if let Some(m) = up_to_date(&opts.output, &digest) {
@@ -244,6 +271,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ImageError> {
     archive.bytes(MODULES_LIST, 0o644, list.into_bytes())?;
     for (e, src) in &extras {
         archive.file(&e.path, 0o755, src)?;
+    }
+    if let Some(p) = &opts.policy {
+        archive.dir("etc/kata-opa", 0o755)?;
+        archive.file(POLICY_PATH, 0o644, p)?;
     }
 
     // Everything is written next to the output, then renamed into place.
@@ -301,6 +332,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ImageError> {
             },
             initrd_size,
             inputs_digest: digest.clone(),
+            policy: policy_sha.clone(),
         };
         let mpath = tmp.join(manifest::FILE);
         let mut mf = std::fs::File::create(&mpath).map_err(io_err(&mpath))?;

@@ -62,6 +62,7 @@ const AGENT_KEYS: &[&str] = &[
     "dial_timeout",
     "kernel_modules",
     "enable_tracing",
+    "policy",
 ];
 
 /// The runtime keys an annotation may set without `enable_annotations`.
@@ -145,7 +146,7 @@ impl Config {
                 Err(Problem::Value(expected)) => {
                     return Err(ConfigError::BadAnnotation {
                         annotation: annotation.clone(),
-                        value: value.clone(),
+                        value: shortened(value),
                         expected,
                     })
                 }
@@ -265,6 +266,19 @@ fn set_agent(cfg: &mut Config, key: &str, v: &str) -> Result<(), Problem> {
         "debug_console_enabled" => a.debug_console_enabled = boolean(v)?,
         "enable_tracing" => a.enable_tracing = boolean(v)?,
         "dial_timeout" => a.dial_timeout = uint(v)?,
+        "policy" => {
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v.trim())
+                .map_err(|e| expected(&format!("the agent policy (Rego) as base64 ({e})")))?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                expected("the agent policy (Rego) as base64 of UTF-8 text (it decodes to binary)")
+            })?;
+            if text.trim().is_empty() {
+                return Err(expected("the agent policy (Rego) as base64 (it decodes to nothing)"));
+            }
+            a.policy = Some(text);
+        }
         "kernel_modules" => {
             let modules: Vec<String> = v
                 .split(';')
@@ -297,6 +311,15 @@ fn set_runtime(cfg: &mut Config, key: &str, v: &str) -> Result<(), Problem> {
         _ => unreachable!("annotation key {key} is listed in RUNTIME_KEYS"),
     }
     Ok(())
+}
+
+/// A value as an error message shows it: at most 64 characters (a policy
+/// annotation may be megabytes).
+fn shortened(v: &str) -> String {
+    match v.char_indices().nth(64) {
+        Some((i, _)) => format!("{}... ({} bytes)", &v[..i], v.len()),
+        None => v.to_string(),
+    }
 }
 
 fn expected(what: &str) -> Problem {

@@ -273,6 +273,11 @@ pub struct Agent {
     pub kernel_modules: Vec<String>,
     /// Export the agent's trace spans.
     pub enable_tracing: bool,
+    /// The agent policy (Rego text) the shim gives the agent with SetPolicy
+    /// before any container is created: only from the pod's annotation
+    /// `io.katacontainers.config.agent.policy` (base64), never a TOML key.
+    #[serde(skip)]
+    pub policy: Option<String>,
 }
 
 impl Default for Agent {
@@ -284,6 +289,7 @@ impl Default for Agent {
             debug_console_enabled: false,
             kernel_modules: Vec::new(),
             enable_tracing: false,
+            policy: None,
         }
     }
 }

@@ -197,6 +197,16 @@ fn config_annotations_bad_values_name_the_annotation() {
             "expected a ;-separated list",
         ),
         (
+            "io.katacontainers.config.agent.policy".into(),
+            "not base64!",
+            "expected the agent policy (Rego) as base64",
+        ),
+        (
+            "io.katacontainers.config.agent.policy".into(),
+            "//79",
+            "base64 of UTF-8 text",
+        ),
+        (
             "io.katacontainers.config.agent.dial_timeout".into(),
             "-5",
             "expected an unsigned integer",
@@ -390,4 +400,24 @@ fn config_glob_matching() {
     for (p, s) in no {
         assert!(!glob_match(p, s), "{p} should not match {s}");
     }
+}
+
+#[test]
+fn the_policy_annotation_is_decoded() {
+    let mut c = cfg("");
+    // "package agent_policy\n"
+    apply(
+        &mut c,
+        &[(
+            "io.katacontainers.config.agent.policy",
+            "cGFja2FnZSBhZ2VudF9wb2xpY3kK",
+        )],
+    )
+    .unwrap();
+    assert_eq!(c.agent.kata.policy.as_deref(), Some("package agent_policy\n"));
+    let long = "A".repeat(10_000) + "!";
+    let e = apply(&mut c, &[("io.katacontainers.config.agent.policy", &long)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.len() < 400 && e.contains("(10001 bytes)"), "{e}");
 }
