@@ -179,7 +179,10 @@ fn eval(policy: &Path, inputs: &Path) -> Result<ExitCode> {
             writeln!(out, "{:>5} {} {}", n + 1, r.request, word(allowed))?;
         } else {
             differ += 1;
-            let why = decision.err().map(|e| format!(" ({e})")).unwrap_or_default();
+            let why = decision
+                .err()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
             writeln!(
                 out,
                 "{:>5} {} {} (recorded: {}) DIFFERS{why}",
@@ -227,10 +230,16 @@ container_matches(c) {
     object.get(p, "env", []) == c.process.env
     p.user == c.process.user
     object.get(p, "cwd", "") == c.process.cwd
-    object.get(p, "capabilities", {}) == c.process.capabilities
+    cap_sets(object.get(p, "capabilities", {})) == cap_sets(c.process.capabilities)
     object.get(p, "noNewPrivileges", false) == c.process.noNewPrivileges
     object.get(input.OCI.root, "readonly", false) == c.readonly_root
     guest_mounts == c.mounts
+}
+
+# capabilities are sets (their order in a spec means nothing)
+cap_sets(c) := {k: v |
+    k := ["ambient", "bounding", "effective", "inheritable", "permitted"][_]
+    v := {x | x := object.get(c, k, [])[_]}
 }
 
 guest_mounts := [m |
@@ -256,8 +265,8 @@ pub fn generate(bundles: &[PathBuf], allow_exec: &[String]) -> Result<String> {
         } else {
             b.clone()
         };
-        let text =
-            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         let spec: oci_spec::runtime::Spec = serde_json::from_str(&text)
             .with_context(|| format!("{}: not an OCI runtime spec", path.display()))?;
         containers.push(container_of(&spec).with_context(|| path.display().to_string())?);
@@ -344,10 +353,7 @@ fn dropped_by_shim(m: &Value) -> bool {
     }
     let src = m.get("source").and_then(Value::as_str).unwrap_or_default();
     let src = Path::new(src);
-    ["/dev", "/proc", "/sys"]
-        .iter()
-        .any(|p| src.starts_with(p))
-        && !src.starts_with("/dev/shm")
+    ["/dev", "/proc", "/sys"].iter().any(|p| src.starts_with(p)) && !src.starts_with("/dev/shm")
 }
 
 #[cfg(test)]
@@ -374,7 +380,10 @@ mod tests {
         let p = Policy::from_text("gen", &text).unwrap();
         drop(p);
         assert!(text.contains("default SetPolicyRequest := false"), "{text}");
-        assert!(text.contains("default StartContainerRequest := true"), "{text}");
+        assert!(
+            text.contains("default StartContainerRequest := true"),
+            "{text}"
+        );
         // /dev/kmsg is dropped by the shim, /data becomes a bind
         assert!(!text.contains("/dev/kmsg"), "{text}");
         assert!(text.contains("\"bind\""), "{text}");

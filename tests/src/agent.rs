@@ -151,18 +151,39 @@ pub struct HostAgent {
 impl HostAgent {
     /// Starts `kata-agent --listen unix://... --root ...` and connects.
     pub async fn start() -> HostAgent {
+        HostAgent::start_bin("kata-agent", None).await
+    }
+
+    /// Starts the agent built with policy support (`kata-agent-policy`) on
+    /// the policy `text` (`policy.rego` in the directory), with its policy
+    /// debug log; its stderr goes to [`HostAgent::log`].
+    pub async fn start_with_policy(text: &str) -> HostAgent {
+        HostAgent::start_bin("kata-agent-policy", Some(text)).await
+    }
+
+    /// The agent's stderr, for an agent started with a policy.
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    async fn start_bin(bin: &str, policy: Option<&str>) -> HostAgent {
         crate::require_root();
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("agent.sock");
         let rootfs = busybox_rootfs(dir.path());
-        let child = std::process::Command::new(crate::bin("kata-agent"))
-            .arg("--listen")
+        let mut cmd = std::process::Command::new(crate::bin(bin));
+        cmd.arg("--listen")
             .arg(format!("unix://{}", sock.display()))
             .arg("--root")
             .arg(dir.path().join("state"))
-            .env("KATA_LOG", "debug,h2=info,hyper=info,tower=info,tonic=info")
-            .spawn()
-            .expect("kata-agent starts");
+            .env("KATA_LOG", "debug,h2=info,hyper=info,tower=info,tonic=info");
+        if let Some(text) = policy {
+            let p = dir.path().join("policy.rego");
+            std::fs::write(&p, text).unwrap();
+            let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+            cmd.arg("--policy").arg(p).arg("--policy-debug").stderr(log);
+        }
+        let child = cmd.spawn().expect("kata-agent starts");
         let deadline = Instant::now() + Duration::from_secs(10);
         let io = kata_proto::paths::hybrid_listener_path(&sock, kata_proto::paths::ports::STDIO);
         while !(sock.exists() && io.exists()) {
