@@ -35,7 +35,22 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// The test guest image (agent + test peer), built by `make test-image`.
 pub fn guest_dir() -> PathBuf {
-    let d = env_dir("KATA_TEST_GUEST_DIR", "it builds the test guest image");
+    image_dir(env_dir(
+        "KATA_TEST_GUEST_DIR",
+        "it builds the test guest image",
+    ))
+}
+
+/// The test guest image whose agent has policy support and the allow-all
+/// default policy, built by `make test-image`.
+pub fn policy_guest_dir() -> PathBuf {
+    image_dir(env_dir(
+        "KATA_TEST_POLICY_GUEST_DIR",
+        "it builds the policy test guest image",
+    ))
+}
+
+fn image_dir(d: PathBuf) -> PathBuf {
     for f in ["vmlinuz", "initrd.img", "manifest.json"] {
         assert!(
             d.join(f).exists(),

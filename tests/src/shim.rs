@@ -11,7 +11,16 @@ pub const RUNTIME: &str = "io.containerd.kata.v2";
 /// binaries of this build) to `path`, with `extra` TOML appended to the
 /// `[hypervisor.qemu]` section (`extra_sections` after everything).
 pub fn write_config(path: &Path, qemu_extra: &str, extra_sections: &str) -> PathBuf {
-    let guest = crate::guest_dir();
+    write_config_for(&crate::guest_dir(), path, qemu_extra, extra_sections)
+}
+
+/// [`write_config`] for the guest image in `guest`.
+pub fn write_config_for(
+    guest: &Path,
+    path: &Path,
+    qemu_extra: &str,
+    extra_sections: &str,
+) -> PathBuf {
     let text = format!(
         "[hypervisor.qemu]\n\
          kernel = \"{}\"\n\
