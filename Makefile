@@ -99,6 +99,10 @@ test: deps test-image lint
 	$(CARGO) test --release --locked --workspace --exclude fuse-backend-rs -- --test-threads=2
 	# the agent built with policy support (a cargo feature, Kata's AGENT_POLICY)
 	$(CARGO) test --release --locked -p kata-agent --features agent-policy --lib policy
+	# the end-to-end suite once more in guests whose agent checks every
+	# request against the image's allow-all policy
+	KATA_TEST_GUEST_DIR=$(POLICY_GUEST_DIR) $(CARGO) test --release --locked -p kata-tests \
+	  --test shim_e2e -- --test-threads=2
 
 # Fuzzing: libFuzzer targets over the decoders of untrusted input (agent
 # requests and OCI specs; the vsock backend's packets; kata-virtiofsd's FUSE
