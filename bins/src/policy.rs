@@ -387,7 +387,7 @@ mod tests {
         // /dev/kmsg is dropped by the shim, /data becomes a bind
         assert!(!text.contains("/dev/kmsg"), "{text}");
         assert!(text.contains("\"bind\""), "{text}");
-        assert!(generate(&[f.clone()], &["ls".into()]).is_err());
+        assert!(generate(std::slice::from_ref(&f), &["ls".into()]).is_err());
         assert!(generate(&[d.path().join("nope.json")], &[]).is_err());
     }
 }

@@ -158,7 +158,12 @@ impl HostAgent {
     /// the policy `text` (`policy.rego` in the directory), with its policy
     /// debug log; its stderr goes to [`HostAgent::log`].
     pub async fn start_with_policy(text: &str) -> HostAgent {
-        HostAgent::start_bin("kata-agent-policy", Some(text)).await
+        HostAgent::start_bin("kata-agent-policy", Some((text, true))).await
+    }
+
+    /// [`HostAgent::start_with_policy`] without the debug log (benchmarks).
+    pub async fn start_with_quiet_policy(text: &str) -> HostAgent {
+        HostAgent::start_bin("kata-agent-policy", Some((text, false))).await
     }
 
     /// The agent's stderr, for an agent started with a policy.
@@ -166,7 +171,7 @@ impl HostAgent {
         self.dir.path().join("agent.log")
     }
 
-    async fn start_bin(bin: &str, policy: Option<&str>) -> HostAgent {
+    async fn start_bin(bin: &str, policy: Option<(&str, bool)>) -> HostAgent {
         crate::require_root();
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("agent.sock");
@@ -177,11 +182,14 @@ impl HostAgent {
             .arg("--root")
             .arg(dir.path().join("state"))
             .env("KATA_LOG", "debug,h2=info,hyper=info,tower=info,tonic=info");
-        if let Some(text) = policy {
+        if let Some((text, debug)) = policy {
             let p = dir.path().join("policy.rego");
             std::fs::write(&p, text).unwrap();
             let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-            cmd.arg("--policy").arg(p).arg("--policy-debug").stderr(log);
+            cmd.arg("--policy").arg(p).stderr(log);
+            if debug {
+                cmd.arg("--policy-debug");
+            }
         }
         let child = cmd.spawn().expect("kata-agent starts");
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -22,6 +22,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 mod net;
 #[path = "bench/pod.rs"]
 mod pod;
+#[path = "bench/policy.rs"]
+mod policy;
 #[path = "bench/virtiofs.rs"]
 mod virtiofs;
 
@@ -62,6 +64,10 @@ async fn main() {
         return tokio::task::spawn_blocking(net::net_section)
             .await
             .expect("the network section");
+    }
+    // KATA_BENCH_ONLY=policy: only the agent policy section
+    if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("policy") {
+        return policy::policy_section().await;
     }
     // KATA_BENCH_ONLY=pod: only the containerd pod section
     if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("pod") {
@@ -170,6 +176,7 @@ async fn main() {
         "| VM stdout throughput vs the raw vsock bulk echo above | {:.2}x |",
         guest.mib_s / (64.0 / bulk)
     );
+    policy::policy_section().await;
 
     pod_section().await;
     tokio::task::spawn_blocking(net::net_section)
