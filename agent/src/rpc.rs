@@ -654,7 +654,6 @@ impl AgentService for AgentRpc {
     }
 
     not_yet! {
-        get_metrics(GetMetricsRequest as "GetMetricsRequest") -> Metrics;
         get_volume_stats(VolumeStatsRequest as "VolumeStatsRequest") -> VolumeStatsResponse;
         online_cpu_mem(OnlineCpuMemRequest as "OnlineCPUMemRequest") -> ();
         reseed_random_dev(ReseedRandomDevRequest as "ReseedRandomDevRequest") -> ();
@@ -662,6 +661,24 @@ impl AgentService for AgentRpc {
         set_guest_date_time(SetGuestDateTimeRequest as "SetGuestDateTimeRequest") -> ();
         add_swap(AddSwapRequest as "AddSwapRequest") -> ();
         update_ephemeral_mounts(UpdateEphemeralMountsRequest as "UpdateEphemeralMountsRequest") -> ();
+    }
+
+    /// The agent process and the guest in Prometheus text (Kata's
+    /// `kata_agent_*` and `kata_guest_*` families), read now.
+    async fn get_metrics(
+        &self,
+        r: Request<GetMetricsRequest>,
+    ) -> Result<Response<Metrics>, Status> {
+        self.take("GetMetricsRequest", r)?;
+        let text = tokio::task::spawn_blocking(|| {
+            let mut m = kata_proto::metrics::Metrics::new();
+            kata_proto::metrics::add_process(&mut m, "kata_agent", "self", &[]);
+            kata_proto::metrics::add_guest(&mut m, "/proc", &["/", "/run"]);
+            m.render()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(Metrics { metrics: text }))
     }
 
     /// Checked by the policy in force (without policy support: refused).

@@ -54,6 +54,15 @@ enum Command {
     /// Talks to an agent directly (Kata's agent-ctl): any AgentService or
     /// Health RPC with a JSON request, or one stdio stream of a process.
     Agent(agent::AgentArgs),
+    /// Prints one pod's metrics (Prometheus text) from its shim's management
+    /// socket: what kata-monitor serves for it, without Prometheus.
+    Metrics {
+        /// The pod (sandbox) id.
+        id: String,
+        /// The pod's directory (default: $KATA_RUN_DIR/<ID>, else /run/kata/<ID>).
+        #[arg(long, value_name = "DIR")]
+        sandbox_dir: Option<PathBuf>,
+    },
     /// The agent policy: a pod's decision log, replaying it against a
     /// policy, generating a policy from a container's spec, the annotation.
     Policy {
@@ -140,6 +149,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Agent(args) => agent::run(args),
         Command::Policy { command } => policy::run(command),
+        Command::Metrics { id, sandbox_dir } => {
+            kata_proto::ids::check("ID", &id)?;
+            let paths = match sandbox_dir {
+                Some(d) => kata_proto::paths::SandboxPaths::in_dir(d),
+                None => kata_proto::paths::SandboxPaths::new(&id),
+            };
+            let sock = paths.shim_monitor_socket();
+            let rt = kata_proto::runtime()?;
+            let text = rt
+                .block_on(kata_proto::http::get_unix(
+                    &sock,
+                    "/metrics",
+                    std::time::Duration::from_secs(10),
+                    kata_proto::metrics::MAX_TEXT,
+                ))
+                .map_err(|e| anyhow::anyhow!("{e} (is pod {id} running on this host?)"))?;
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Env { config } => {
             print!("{}", env::render(config.as_deref())?);
             Ok(ExitCode::SUCCESS)

@@ -11,8 +11,10 @@
 pub mod config;
 pub mod dialer;
 pub mod host;
+pub mod http;
 pub mod ids;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod paths;
 pub mod process;

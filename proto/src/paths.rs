@@ -31,6 +31,10 @@ pub fn run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/kata"))
 }
 
+/// The shim's management socket in a pod's directory (Kata runtime-rs's
+/// name): HTTP with `/metrics` and `/agent-url`, for kata-monitor and kata-ctl.
+pub const SHIM_MONITOR_SOCKET: &str = "shim-monitor.sock";
+
 /// The files of one sandbox directory.
 #[derive(Debug, Clone)]
 pub struct SandboxPaths {
@@ -77,6 +81,11 @@ impl SandboxPaths {
     /// The jail's root (a mount point inside the hypervisor's mount namespace).
     pub fn jail_root(&self) -> PathBuf {
         self.dir.join("root")
+    }
+
+    /// The shim's management socket ([`SHIM_MONITOR_SOCKET`]).
+    pub fn shim_monitor_socket(&self) -> PathBuf {
+        self.dir.join(SHIM_MONITOR_SOCKET)
     }
 
     /// Default guest console log.

@@ -96,6 +96,7 @@ bounded_calls! {
     close_stdin: "CloseStdin" (pb::CloseStdinRequest) -> ();
     update_container: "UpdateContainer" (pb::UpdateContainerRequest) -> ();
     stats_container: "StatsContainer" (pb::StatsContainerRequest) -> pb::StatsContainerResponse;
+    get_metrics: "GetMetrics" (pb::GetMetricsRequest) -> pb::Metrics;
     update_interface: "UpdateInterface" (pb::UpdateInterfaceRequest) -> pb::Interface;
     update_routes: "UpdateRoutes" (pb::UpdateRoutesRequest) -> pb::Routes;
     add_arp_neighbors: "AddARPNeighbors" (pb::AddArpNeighborsRequest) -> ();

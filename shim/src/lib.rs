@@ -10,6 +10,7 @@ pub mod agent;
 pub mod error;
 pub mod guest_events;
 pub mod io;
+pub mod monitor;
 pub mod mounts;
 pub mod network;
 pub mod options;

@@ -42,6 +42,9 @@ fn main() {
             (!id.is_empty()).then_some(id.as_str()),
         ),
     }
+    if serving {
+        kata_shim::monitor::install_recorder();
+    }
     let rt = match kata_proto::runtime() {
         Ok(rt) => rt,
         Err(e) => {

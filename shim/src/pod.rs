@@ -192,6 +192,8 @@ struct Children {
     net: Option<Arc<crate::network::NetSync>>,
     /// Forwards netmon's changes to the guest.
     net_follow: Option<tokio::task::JoinHandle<()>>,
+    /// Serves the management socket.
+    monitor: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Where pod start time went.
@@ -634,6 +636,34 @@ impl Pod {
         }
     }
 
+    /// Serves the pod's management socket (metrics, the agent's address).
+    pub async fn start_monitor(self: &Arc<Self>) {
+        let path = self.paths.shim_monitor_socket();
+        match crate::monitor::spawn(path.clone(), Arc::downgrade(self)) {
+            Ok(h) => self.children.lock().await.monitor = Some(h),
+            Err(e) => warn!("management socket {}: {e}", path.display()),
+        }
+    }
+
+    /// The pod's host processes besides the shim, with their metric prefix.
+    pub async fn process_pids(&self) -> Vec<(&'static str, u32)> {
+        let mut out = vec![];
+        if self.launcher.is_some() && self.hypervisor_pid != 0 {
+            out.push(("kata_hypervisor", self.hypervisor_pid));
+        }
+        let c = self.children.lock().await;
+        if let Some(id) = c.launcher.as_ref().and_then(|c| c.id()) {
+            out.push(("kata_launcher", id));
+        }
+        if let Some(id) = c.virtiofsd.as_ref().and_then(|c| c.id()) {
+            out.push(("kata_virtiofsd", id));
+        }
+        if let Some(id) = c.netmon.as_ref().and_then(|n| n.child.id()) {
+            out.push(("kata_netmon", id));
+        }
+        out
+    }
+
     /// Stops the VM at once (the pod failed).
     pub async fn stop_vm(&self) {
         let Some(mut l) = self.launcher.clone() else {
@@ -667,6 +697,10 @@ impl Pod {
 }
 
 async fn teardown_children(paths: &SandboxPaths, c: &mut Children) {
+    if let Some(t) = c.monitor.take() {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(paths.shim_monitor_socket());
     if let Some(t) = c.net_follow.take() {
         t.abort();
     }
@@ -794,6 +828,9 @@ async fn set_policy(agent: &Agent, cfg: &Config) -> Result<(), PodError> {
             what: "SetPolicy with the pod's io.katacontainers.config.agent.policy",
             source,
         })?;
-    info!(bytes = policy.len(), "agent policy of the pod's annotation in force");
+    info!(
+        bytes = policy.len(),
+        "agent policy of the pod's annotation in force"
+    );
     Ok(())
 }

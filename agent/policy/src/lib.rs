@@ -256,7 +256,12 @@ mod tests {
         let proto = include_str!("../../../proto/protos/agent.proto");
         let names = request_names(proto);
         assert!(names.len() >= 30, "{names:?}");
-        for n in ["ExecProcessRequest", "SetPolicyRequest", "ReadStreamRequest", "GetOOMEventRequest"] {
+        for n in [
+            "ExecProcessRequest",
+            "SetPolicyRequest",
+            "ReadStreamRequest",
+            "GetOOMEventRequest",
+        ] {
             assert!(names.iter().any(|x| x == n), "{n} in {names:?}");
         }
         let mut p = Policy::from_text("allow-all.rego", ALLOW_ALL).unwrap();

@@ -275,7 +275,9 @@ fn set_agent(cfg: &mut Config, key: &str, v: &str) -> Result<(), Problem> {
                 expected("the agent policy (Rego) as base64 of UTF-8 text (it decodes to binary)")
             })?;
             if text.trim().is_empty() {
-                return Err(expected("the agent policy (Rego) as base64 (it decodes to nothing)"));
+                return Err(expected(
+                    "the agent policy (Rego) as base64 (it decodes to nothing)",
+                ));
             }
             a.policy = Some(text);
         }

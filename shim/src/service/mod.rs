@@ -275,7 +275,9 @@ impl Service {
             let pod = Pod::attach_host_agent(id, cfg, addr.clone())
                 .await
                 .map_err(|e| err(e.code(), format!("attaching the host agent: {e}")))?;
-            return Ok(Arc::new(pod));
+            let pod = Arc::new(pod);
+            pod.start_monitor().await;
+            return Ok(pod);
         }
         cfg.check_files()
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("configuration {name}: {e}")))?;
@@ -293,7 +295,9 @@ impl Service {
         )
         .await
         .map_err(|e| err(e.code(), format!("creating the pod VM: {e}")))?;
-        Ok(Arc::new(pod))
+        let pod = Arc::new(pod);
+        pod.start_monitor().await;
+        Ok(pod)
     }
 
     /// Mounts the rootfs and binds, creates the container in the guest,

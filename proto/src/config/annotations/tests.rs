@@ -414,7 +414,10 @@ fn the_policy_annotation_is_decoded() {
         )],
     )
     .unwrap();
-    assert_eq!(c.agent.kata.policy.as_deref(), Some("package agent_policy\n"));
+    assert_eq!(
+        c.agent.kata.policy.as_deref(),
+        Some("package agent_policy\n")
+    );
     let long = "A".repeat(10_000) + "!";
     let e = apply(&mut c, &[("io.katacontainers.config.agent.policy", &long)])
         .unwrap_err()
