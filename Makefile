@@ -14,7 +14,7 @@ POLICY_GUEST_DIR := $(CURDIR)/target/guest-test-policy
 # with the agent-policy feature and the allow-all default policy.
 AGENT_POLICY ?= no
 # Debian packages the build, the image and the tests need.
-APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++ containerd iproute2 containernetworking-plugins
+APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++ containerd iproute2 containernetworking-plugins prometheus
 export KATA_TEST_BIN_DIR := $(BIN)
 export KATA_TEST_GUEST_DIR := $(TEST_GUEST_DIR)
 export KATA_GUEST_DIR := $(GUEST_DIR)
@@ -77,7 +77,7 @@ DESTDIR ?=
 install: image
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/usr/share/kata-rs/guest $(DESTDIR)/usr/share/defaults/kata-containers
 	install -m 0755 $(BIN)/containerd-shim-kata-v2 $(BIN)/kata-vmm-launcher $(BIN)/kata-virtiofsd \
-	  $(BIN)/kata-netmon $(BIN)/kata-ctl $(DESTDIR)$(PREFIX)/bin/
+	  $(BIN)/kata-netmon $(BIN)/kata-ctl $(BIN)/kata-monitor $(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)/manifest.json \
 	  $(DESTDIR)/usr/share/kata-rs/guest/
 	install -m 0644 config/configuration.toml $(DESTDIR)/usr/share/defaults/kata-containers/configuration.toml
@@ -106,11 +106,11 @@ test: deps test-image lint
 
 # Fuzzing: libFuzzer targets over the decoders of untrusted input (agent
 # requests and OCI specs; the vsock backend's packets; kata-virtiofsd's FUSE
-# requests), FUZZ_SECONDS each.
+# requests; Prometheus text from a guest or a pod), FUZZ_SECONDS each.
 # Coverage instrumentation uses stable rustc flags only (no nightly, no
 # cargo-fuzz); libfuzzer-sys builds libFuzzer with g++.
 FUZZ_SECONDS ?= 90
-FUZZ_TARGETS := agent_request vsock_packet fuse_request
+FUZZ_TARGETS := agent_request vsock_packet fuse_request metrics_text
 FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
   -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
   -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks
