@@ -88,15 +88,23 @@ fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs_f64(args.scrape_timeout),
         own,
     });
-    let rt = kata_proto::runtime()?;
-    rt.block_on(serve(args.listen, m))
+    // one thread: the scrapes are I/O bound, and one malloc arena stays small
+    let rt = kata_proto::runtime_current_thread()?;
+    rt.block_on(serve(args.listen, m, kata_proto::residency::image_range()))
 }
 
-async fn serve(addr: SocketAddr, m: Arc<Monitor>) -> anyhow::Result<()> {
+async fn serve(
+    addr: SocketAddr,
+    m: Arc<Monitor>,
+    image: Option<std::ops::Range<usize>>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("--listen {addr}: {e}"))?;
     info!(%addr, dir = %m.dir.display(), "serving /metrics, /sandboxes, /agent-url");
+    if let Some(r) = image {
+        kata_proto::residency::drop_image_pages(&r);
+    }
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -144,7 +152,12 @@ async fn handle(m: &Monitor, req: Request<hyper::body::Incoming>) -> Response<Fu
         );
     }
     match req.uri().path() {
-        "/metrics" => reply(StatusCode::OK, km::CONTENT_TYPE, m.metrics().await.render()),
+        "/metrics" => {
+            let text = m.metrics().await.render();
+            let r = reply(StatusCode::OK, km::CONTENT_TYPE, text);
+            kata_proto::residency::trim_heap();
+            r
+        }
         "/sandboxes" => {
             let pods = m.live_pods().await;
             if query(&req, "format") == Some("json") {

@@ -312,9 +312,7 @@ fn valid_label(n: &str) -> bool {
 }
 
 fn parse_sample(line: &str) -> Result<Sample, String> {
-    let name_end = line
-        .find(['{', ' '])
-        .ok_or("a sample without a value")?;
+    let name_end = line.find(['{', ' ']).ok_or("a sample without a value")?;
     let name = &line[..name_end];
     if !valid_name(name) {
         return Err(format!("{name:?} is not a metric name"));
@@ -725,12 +723,7 @@ fn nix_statvfs(path: &str) -> std::io::Result<(u64, u64, u64, u64, u64, u64)> {
         return Err(std::io::Error::last_os_error());
     }
     Ok((
-        s.f_frsize,
-        s.f_blocks,
-        s.f_bfree,
-        s.f_bavail,
-        s.f_files,
-        s.f_ffree,
+        s.f_frsize, s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree,
     ))
 }
 

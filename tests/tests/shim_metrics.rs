@@ -3,82 +3,14 @@
 //! node, and a real Prometheus (Debian's package) scraping kata-monitor.
 //! Needs root, containerd, QEMU and prometheus (`make test` installs them).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kata_tests::containerd::Containerd;
-use kata_tests::shim::{assert_pod_gone, kill_and_delete, run_detached, write_config, RUNTIME};
+use kata_tests::monitor::{free_port, get, raw, start as monitor, Proc};
+use kata_tests::shim::{assert_pod_gone, kill_and_delete, run_detached, write_config};
 
 const GONE: Duration = Duration::from_secs(20);
-
-/// A free loopback TCP port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A process this test started, killed and reaped on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn monitor(port: u16) -> Proc {
-    let p = Proc(
-        Command::new(kata_tests::bin("kata-monitor"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("kata-monitor starts"),
-    );
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "kata-monitor did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    p
-}
-
-/// GET `path` from 127.0.0.1:`port`: (status, body).
-fn get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
-}
-
-fn raw(port: u16, request: &[u8]) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
 
 fn value(metrics: &str, series_prefix: &str) -> Option<f64> {
     metrics

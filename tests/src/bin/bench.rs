@@ -18,6 +18,8 @@ use kata_tests::TestVm;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "bench/metrics.rs"]
+mod metrics;
 #[path = "bench/net.rs"]
 mod net;
 #[path = "bench/pod.rs"]
@@ -64,6 +66,12 @@ async fn main() {
         return tokio::task::spawn_blocking(net::net_section)
             .await
             .expect("the network section");
+    }
+    // KATA_BENCH_ONLY=metrics: only the metrics section
+    if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("metrics") {
+        return tokio::task::spawn_blocking(metrics::metrics_section)
+            .await
+            .expect("the metrics section");
     }
     // KATA_BENCH_ONLY=policy: only the agent policy section
     if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("policy") {
@@ -179,6 +187,9 @@ async fn main() {
     policy::policy_section().await;
 
     pod_section().await;
+    tokio::task::spawn_blocking(metrics::metrics_section)
+        .await
+        .expect("the metrics section");
     tokio::task::spawn_blocking(net::net_section)
         .await
         .expect("the network section");
