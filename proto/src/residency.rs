@@ -111,6 +111,16 @@ fn page_size() -> usize {
     }
 }
 
+/// Gives the heap's free pages back to the kernel (glibc's `malloc_trim`):
+/// after a burst of allocations (a scrape's metrics text and parse), so an
+/// idle daemon's PSS is what it keeps, not what it once needed.
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,15 +168,5 @@ mod tests {
         assert!(r.len() > 4096);
         drop_image_pages(&r);
         assert_eq!(format!("{}", 40 + 2), "42");
-    }
-}
-
-/// Gives the heap's free pages back to the kernel (glibc's `malloc_trim`):
-/// after a burst of allocations (a scrape's metrics text and parse), so an
-/// idle daemon's PSS is what it keeps, not what it once needed.
-pub fn trim_heap() {
-    // SAFETY: malloc_trim only releases free memory of the allocator.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
