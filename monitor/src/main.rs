@@ -19,10 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
-use kata_proto::http::{get_unix, GetError};
+use hyper::{Request, StatusCode};
+use kata_proto::http::{self, get_unix, reply, GetError};
 use kata_proto::metrics::{self as km, Metrics};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing::{info, warn};
@@ -115,25 +113,15 @@ async fn serve(
             }
         };
         let m = m.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
+        http::serve_connection(
+            stream,
+            move |req| {
                 let m = m.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&m, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
-        });
+                async move { handle(&m, req).await }
+            },
+            Duration::from_secs(60),
+        );
     }
-}
-
-fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    if let Ok(v) = content_type.parse() {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
 }
 
 fn query<'a>(req: &'a Request<hyper::body::Incoming>, key: &str) -> Option<&'a str> {
@@ -143,7 +131,7 @@ fn query<'a>(req: &'a Request<hyper::body::Incoming>, key: &str) -> Option<&'a s
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-async fn handle(m: &Monitor, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+async fn handle(m: &Monitor, req: Request<hyper::body::Incoming>) -> http::Reply {
     if req.method() != hyper::Method::GET {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,

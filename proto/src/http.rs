@@ -71,3 +71,39 @@ pub async fn get_unix(
         .await
         .map_err(|_| GetError::Timeout(socket.display().to_string(), timeout))?
 }
+
+/// A reply of the small HTTP servers (the shim's management socket,
+/// kata-monitor).
+pub type Reply = hyper::Response<http_body_util::Full<Bytes>>;
+
+/// A reply with `status`, `content_type` and `body`.
+pub fn reply(status: hyper::StatusCode, content_type: &str, body: String) -> Reply {
+    let mut r = hyper::Response::new(http_body_util::Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Serves HTTP/1.1 on one accepted connection in a task of its own, each
+/// request answered by `handler`, the whole connection bounded by `limit`
+/// (a client that stalls loses it). A request hyper cannot parse gets 400.
+pub fn serve_connection<S, F, Fut>(stream: S, handler: F, limit: Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Reply> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let svc = hyper::service::service_fn(move |req| {
+            let h = handler.clone();
+            async move { Ok::<_, std::convert::Infallible>(h(req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+        if let Err(e) = tokio::time::timeout(limit, conn).await {
+            tracing::debug!("HTTP connection: {e}");
+        }
+    });
+}

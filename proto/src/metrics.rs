@@ -626,38 +626,12 @@ pub fn add_guest(m: &mut Metrics, proc: &str, mounts: &[&str]) {
             v,
         );
     }
-    const NET: &[&str] = &[
-        "recv_bytes",
-        "recv_packets",
-        "recv_errs",
-        "recv_drop",
-        "recv_fifo",
-        "recv_frame",
-        "recv_compressed",
-        "recv_multicast",
-        "sent_bytes",
-        "sent_packets",
-        "sent_errs",
-        "sent_drop",
-        "sent_fifo",
-        "sent_colls",
-        "sent_carrier",
-        "sent_compressed",
-    ];
-    for l in read("net/dev").lines().skip(2) {
-        if let Some((name, rest)) = l.split_once(':') {
-            for (item, v) in NET.iter().zip(rest.split_whitespace()) {
-                if let Ok(v) = v.parse() {
-                    m.gauge(
-                        "kata_guest_netdev_stat",
-                        "Guest network devices (/proc/net/dev).",
-                        &[("interface", name.trim()), ("item", item)],
-                        v,
-                    );
-                }
-            }
-        }
-    }
+    add_netdev(
+        m,
+        "kata_guest_netdev_stat",
+        "Guest network devices (/proc/net/dev).",
+        &read("net/dev"),
+    );
     const DISK: &[&str] = &[
         "reads",
         "reads_merged",
@@ -709,6 +683,38 @@ pub fn add_guest(m: &mut Metrics, proc: &str, mounts: &[&str]) {
                     &[("mountpoint", mp), ("item", item)],
                     v as f64,
                 );
+            }
+        }
+    }
+}
+
+/// Adds the devices of a /proc/<pid>/net/dev `text` as family `name`,
+/// labelled `interface` and `item` (recv_bytes, sent_packets, ...).
+pub fn add_netdev(m: &mut Metrics, name: &str, help: &str, text: &str) {
+    const ITEMS: &[&str] = &[
+        "recv_bytes",
+        "recv_packets",
+        "recv_errs",
+        "recv_drop",
+        "recv_fifo",
+        "recv_frame",
+        "recv_compressed",
+        "recv_multicast",
+        "sent_bytes",
+        "sent_packets",
+        "sent_errs",
+        "sent_drop",
+        "sent_fifo",
+        "sent_colls",
+        "sent_carrier",
+        "sent_compressed",
+    ];
+    for l in text.lines().skip(2) {
+        if let Some((dev, rest)) = l.split_once(':') {
+            for (item, v) in ITEMS.iter().zip(rest.split_whitespace()) {
+                if let Ok(v) = v.parse() {
+                    m.gauge(name, help, &[("interface", dev.trim()), ("item", item)], v);
+                }
             }
         }
     }

@@ -16,9 +16,8 @@
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, StatusCode};
+use kata_proto::http::{self, reply};
 use kata_proto::metrics::{self as km, Metrics};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::UnixListener;
@@ -92,31 +91,16 @@ pub fn spawn(
                 }
             };
             let pod = pod.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let pod = pod.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(req, pod).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn).await {
-                    debug!("management socket connection: {e}");
-                }
-            });
+            http::serve_connection(
+                stream,
+                move |req| handle(req, pod.clone()),
+                Duration::from_secs(30),
+            );
         }
     }))
 }
 
-fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    if let Ok(v) = content_type.parse() {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
-}
-
-async fn handle(req: Request<hyper::body::Incoming>, pod: Weak<Pod>) -> Response<Full<Bytes>> {
+async fn handle(req: Request<hyper::body::Incoming>, pod: Weak<Pod>) -> http::Reply {
     let Some(pod) = pod.upgrade() else {
         return reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -157,7 +141,15 @@ pub async fn collect(pod: &Arc<Pod>) -> Metrics {
     for (prefix, pid) in pod.process_pids().await {
         km::add_process(&mut m, prefix, &pid.to_string(), &[]);
         if prefix == "kata_hypervisor" {
-            add_netdev(&mut m, pid);
+            // its network namespace is the pod's
+            if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/dev")) {
+                km::add_netdev(
+                    &mut m,
+                    "kata_hypervisor_netdev",
+                    "Network devices of the pod's network namespace, as the hypervisor sees them.",
+                    &text,
+                );
+            }
         }
     }
     add_virtiofsd(&mut m, &pod.paths.virtiofsd_control()).await;
@@ -237,44 +229,15 @@ async fn add_virtiofsd(m: &mut Metrics, control: &std::path::Path) {
     );
 }
 
-/// The hypervisor's network devices (its netns: the pod's), as Kata's
-/// `kata_hypervisor_netdev{interface,item}`.
-fn add_netdev(m: &mut Metrics, pid: u32) {
-    const ITEMS: &[&str] = &[
-        "recv_bytes",
-        "recv_packets",
-        "recv_errs",
-        "recv_drop",
-        "recv_fifo",
-        "recv_frame",
-        "recv_compressed",
-        "recv_multicast",
-        "sent_bytes",
-        "sent_packets",
-        "sent_errs",
-        "sent_drop",
-        "sent_fifo",
-        "sent_colls",
-        "sent_carrier",
-        "sent_compressed",
-    ];
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/dev")) else {
-        return;
-    };
-    for l in text.lines().skip(2) {
-        if let Some((name, rest)) = l.split_once(':') {
-            for (item, v) in ITEMS.iter().zip(rest.split_whitespace()) {
-                if let Ok(v) = v.parse() {
-                    m.gauge(
-                        "kata_hypervisor_netdev",
-                        "Network devices of the pod's network namespace, as the hypervisor sees them.",
-                        &[("interface", name.trim()), ("item", item)],
-                        v,
-                    );
-                }
-            }
-        }
-    }
+/// A guest's GetMetrics text as the shim keeps it: parsed strictly (size,
+/// series, names, labels, numbers) and cut to the `kata_agent_*` and
+/// `kata_guest_*` families; `true` if the guest sent others (dropped).
+fn checked_guest_text(text: &str) -> Result<(Metrics, bool), String> {
+    let mut g = Metrics::parse(text)?;
+    let before = g.names().count();
+    g.retain(|n| n.starts_with("kata_agent_") || n.starts_with("kata_guest_"));
+    let foreign = g.names().count() != before;
+    Ok((g, foreign))
 }
 
 /// The agent's and guest's metrics (GetMetrics), bounded and checked.
@@ -303,11 +266,9 @@ async fn guest(pod: &Arc<Pod>) -> Metrics {
             return Metrics::new();
         }
     };
-    match Metrics::parse(&text) {
-        Ok(mut g) => {
-            let before = g.names().count();
-            g.retain(|n| n.starts_with("kata_agent_") || n.starts_with("kata_guest_"));
-            if g.names().count() != before {
+    match checked_guest_text(&text) {
+        Ok((g, foreign)) => {
+            if foreign {
                 fail("foreign_family");
             }
             g
@@ -317,5 +278,27 @@ async fn guest(pod: &Arc<Pod>) -> Metrics {
             fail("malformed");
             Metrics::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_cannot_pose_as_the_host_or_flood_the_scrape() {
+        let text =
+            "kata_guest_load{item=\"load1\"} 0.5\nkata_shim_fds 99999\nkata_hypervisor_threads 1\n";
+        let (m, foreign) = checked_guest_text(text).unwrap();
+        assert!(foreign);
+        assert_eq!(m.names().collect::<Vec<_>>(), vec!["kata_guest_load"]);
+        assert!(checked_guest_text("kata_guest_load{item=\"x} 1").is_err());
+        assert!(checked_guest_text("kata_guest_load NaNa").is_err());
+        let flood = "kata_guest_x 1\n".repeat(km::MAX_SERIES + 1);
+        assert!(checked_guest_text(&flood).is_err());
+        let (m, foreign) =
+            checked_guest_text("# TYPE kata_agent_fds gauge\nkata_agent_fds 7\n").unwrap();
+        assert!(!foreign);
+        assert_eq!(m.len(), 1);
     }
 }

@@ -35,20 +35,7 @@ fn agent_rpcs() -> Vec<(String, String)> {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/protos/agent.proto"),
     )
     .unwrap();
-    let service = proto
-        .split("service AgentService")
-        .nth(1)
-        .and_then(|s| s.split("\n}").next())
-        .unwrap()
-        .to_string();
-    service
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim().strip_prefix("rpc ")?;
-            let (name, rest) = l.split_once('(')?;
-            Some((name.trim().into(), rest.split_once(')')?.0.trim().into()))
-        })
-        .collect()
+    kata_agent_policy::agent_rpcs(&proto)
 }
 
 fn denied(o: &Output, request: &str, what: &str) {

@@ -225,10 +225,10 @@ impl Policy {
     }
 }
 
-/// The request message names of the agent API's `AgentService` (what a
-/// policy has rules for), read from the text of agent.proto.
-pub fn request_names(agent_proto: &str) -> Vec<String> {
-    let mut names: Vec<String> = agent_proto
+/// The RPCs of the agent API's `AgentService`, read from the text of
+/// agent.proto: (RPC name, request message name).
+pub fn agent_rpcs(agent_proto: &str) -> Vec<(String, String)> {
+    agent_proto
         .split("service AgentService")
         .nth(1)
         .and_then(|s| s.split("\n}").next())
@@ -236,9 +236,21 @@ pub fn request_names(agent_proto: &str) -> Vec<String> {
         .lines()
         .filter_map(|l| {
             let l = l.trim().strip_prefix("rpc ")?;
-            let (_, rest) = l.split_once('(')?;
-            Some(rest.split_once(')')?.0.trim().to_string())
+            let (name, rest) = l.split_once('(')?;
+            Some((
+                name.trim().to_string(),
+                rest.split_once(')')?.0.trim().to_string(),
+            ))
         })
+        .collect()
+}
+
+/// The request message names of `AgentService` (what a policy has rules
+/// for), sorted, each once.
+pub fn request_names(agent_proto: &str) -> Vec<String> {
+    let mut names: Vec<String> = agent_rpcs(agent_proto)
+        .into_iter()
+        .map(|(_, r)| r)
         .collect();
     names.sort();
     names.dedup();
