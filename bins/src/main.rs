@@ -4,6 +4,7 @@ mod agent;
 mod boot;
 mod check;
 mod env;
+mod exec;
 mod image;
 mod oci_image;
 mod policy;
@@ -54,6 +55,9 @@ enum Command {
     /// Talks to an agent directly (Kata's agent-ctl): any AgentService or
     /// Health RPC with a JSON request, or one stdio stream of a process.
     Agent(agent::AgentArgs),
+    /// A shell in a pod's guest through the agent's debug console (Kata's
+    /// `kata-runtime exec`; the pod needs debug_console_enabled).
+    Exec(exec::ExecArgs),
     /// Prints one pod's metrics (Prometheus text) from its shim's management
     /// socket: what kata-monitor serves for it, without Prometheus.
     Metrics {
@@ -149,6 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Agent(args) => agent::run(args),
         Command::Policy { command } => policy::run(command),
+        Command::Exec(args) => exec::run(args),
         Command::Metrics { id, sandbox_dir } => {
             kata_proto::ids::check("ID", &id)?;
             let paths = match sandbox_dir {

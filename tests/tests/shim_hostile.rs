@@ -57,6 +57,27 @@ fn a_hostile_guest_gains_nothing_through_the_share() {
     let mode = std::fs::metadata(&paths.dir).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700, "{} mode {mode:o}", paths.dir.display());
 
+    // an operator's shell in the guest: kata-ctl exec through the debug console
+    let mut exec = std::process::Command::new(kata_tests::bin("kata-ctl"));
+    exec.args(["exec", pod]);
+    let o = kata_tests::containerd::run_bounded(
+        exec,
+        Some(b"echo exec-$((20+22)) $(cat /proc/1/comm); exit\n"),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("exec-42 init"), "{out}");
+    let mut exec = std::process::Command::new(kata_tests::bin("kata-ctl"));
+    exec.args(["exec", "no-such-pod"]);
+    let o = kata_tests::containerd::run_bounded(exec, None, Duration::from_secs(30)).unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("debug_console_enabled"),
+        "{err}"
+    );
+
     // guest root plants symlinks where the shim is about to mount the next
     // container, and a directory in the running container's tree
     let target = tmp.path().join("host-target");
