@@ -35,9 +35,25 @@ const CALL_BUCKETS: &[f64] = &[
 
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// This executable's read-only image, read at start-up (see
+/// kata_proto::residency).
+static IMAGE: OnceLock<Option<std::ops::Range<usize>>> = OnceLock::new();
+
+/// Once the pod is up, the pages only start-up used (configuration parsing,
+/// helper launches, the VM's creation) stop counting in the shim's PSS:
+/// the image's read-only pages are dropped and fault back in as used, and
+/// the heap is trimmed.
+pub fn settle() {
+    if let Some(Some(image)) = IMAGE.get() {
+        kata_proto::residency::drop_image_pages(image);
+    }
+    kata_proto::residency::trim_heap();
+}
+
 /// Installs the shim's metrics recorder (once per process): the task API
 /// counters and histogram are kept from then on.
 pub fn install_recorder() {
+    IMAGE.get_or_init(kata_proto::residency::image_range);
     RECORDER.get_or_init(|| {
         let builder = PrometheusBuilder::new().set_buckets(CALL_BUCKETS).ok()?;
         let recorder = builder.build_recorder();

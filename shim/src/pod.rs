@@ -643,6 +643,7 @@ impl Pod {
             Ok(h) => self.children.lock().await.monitor = Some(h),
             Err(e) => warn!("management socket {}: {e}", path.display()),
         }
+        crate::monitor::settle();
     }
 
     /// The pod's host processes besides the shim, with their metric prefix.
