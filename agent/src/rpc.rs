@@ -672,7 +672,7 @@ impl AgentService for AgentRpc {
         self.take("GetMetricsRequest", r)?;
         let text = tokio::task::spawn_blocking(|| {
             let mut m = kata_proto::metrics::Metrics::new();
-            kata_proto::metrics::add_process(&mut m, "kata_agent", "self", &[]);
+            kata_proto::metrics::add_process(&mut m, "kata_agent", "self");
             kata_proto::metrics::add_guest(&mut m, "/proc", &["/", "/run"]);
             m.render()
         })

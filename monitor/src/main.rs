@@ -103,25 +103,16 @@ async fn serve(
     if let Some(r) = image {
         kata_proto::residency::drop_image_pages(&r);
     }
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let m = m.clone();
-        http::serve_connection(
-            stream,
-            move |req| {
-                let m = m.clone();
-                async move { handle(&m, req).await }
-            },
-            Duration::from_secs(60),
-        );
-    }
+    http::serve(
+        || async { listener.accept().await.map(|(s, _)| s) },
+        move |req| {
+            let m = m.clone();
+            async move { handle(&m, req).await }
+        },
+        Duration::from_secs(60),
+    )
+    .await;
+    Ok(())
 }
 
 fn query<'a>(req: &'a Request<hyper::body::Incoming>, key: &str) -> Option<&'a str> {
@@ -237,18 +228,16 @@ impl Monitor {
         let mut all = Metrics::new();
         let mut running = 0u32;
         for (id, r) in results {
-            match r
-                .map_err(|e| e.to_string())
-                .and_then(|text| Metrics::parse(&text))
-            {
-                Ok(pod) => {
-                    running += 1;
-                    all.merge(pod, &[("sandbox_id", &id)]);
-                }
+            let parsed = match r {
                 // a stale socket: the shim is gone, not a failed scrape
-                Err(e) if e.starts_with("connecting to") => {}
+                Err(GetError::Connect(..)) => continue,
+                Err(e) => Err(e.to_string()),
+                Ok(text) => Metrics::parse(&text),
+            };
+            running += 1;
+            match parsed {
+                Ok(pod) => all.merge(pod, &[("sandbox_id", &id)]),
                 Err(e) => {
-                    running += 1;
                     warn!(sandbox = %id, "scrape failed: {e}");
                     metrics::counter!("kata_monitor_scrape_failed_count").increment(1);
                 }
@@ -259,7 +248,7 @@ impl Monitor {
         metrics::histogram!("kata_monitor_scrape_durations_histogram_milliseconds")
             .record(t.elapsed().as_secs_f64() * 1e3);
         let mut own = Metrics::parse(&self.own.render()).unwrap_or_default();
-        km::add_process(&mut own, "kata_monitor", "self", &[]);
+        km::add_process(&mut own, "kata_monitor", "self");
         all.merge(own, &[]);
         all
     }

@@ -86,6 +86,28 @@ pub fn reply(status: hyper::StatusCode, content_type: &str, body: String) -> Rep
     r
 }
 
+/// Serves HTTP/1.1 on every connection `accept` gives, each in a task of its
+/// own (see [`serve_connection`]), forever; an accept error is logged and
+/// retried after 100 ms (a full fd table must not spin).
+pub async fn serve<S, A, AF, F, Fut>(mut accept: A, handler: F, limit: Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    A: FnMut() -> AF,
+    AF: std::future::Future<Output = std::io::Result<S>>,
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Reply> + Send + 'static,
+{
+    loop {
+        match accept().await {
+            Ok(stream) => serve_connection(stream, handler.clone(), limit),
+            Err(e) => {
+                tracing::warn!("HTTP accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Serves HTTP/1.1 on one accepted connection in a task of its own, each
 /// request answered by `handler`, the whole connection bounded by `limit`
 /// (a client that stalls loses it). A request hyper cannot parse gets 400.

@@ -460,51 +460,28 @@ const STATUS_ITEMS: &[&str] = &[
 ];
 
 /// Adds the process metrics of `pid` (`/proc/<pid>`; "self" for this one)
-/// as `<prefix>_threads`, `_proc_status`, `_proc_stat`, `_io_stat`, `_fds`,
-/// each sample with the `extra` labels. A process that is gone adds nothing.
-pub fn add_process(m: &mut Metrics, prefix: &str, pid: &str, extra: &[(&str, &str)]) {
+/// as `<prefix>_threads`, `_proc_status{item}`, `_proc_stat{item}`,
+/// `_io_stat{item}`, `_fds`. A process that is gone adds nothing.
+pub fn add_process(m: &mut Metrics, prefix: &str, pid: &str) {
     let dir = format!("/proc/{pid}");
-    let with = |item: &str| -> Vec<(String, String)> {
-        let mut l: Vec<(String, String)> = extra
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        l.push(("item".into(), item.into()));
-        l
-    };
-    let push = |m: &mut Metrics,
-                name: &str,
-                help: &str,
-                kind: Kind,
-                labels: Vec<(String, String)>,
-                v: f64| {
-        let refs: Vec<(&str, &str)> = labels
-            .iter()
-            .map(|(a, b)| (a.as_str(), b.as_str()))
-            .collect();
-        m.add(name, help, kind, &refs, v);
-    };
     if let Ok(text) = std::fs::read_to_string(format!("{dir}/status")) {
         let items = colon_lines(&text);
+        let name = format!("{prefix}_proc_status");
         for (k, v) in &items {
             if STATUS_ITEMS.contains(&k.as_str()) {
-                push(
-                    m,
-                    &format!("{prefix}_proc_status"),
+                m.gauge(
+                    &name,
                     "Process status (/proc/<pid>/status), sizes in bytes.",
-                    Kind::Gauge,
-                    with(k),
+                    &[("item", k)],
                     *v,
                 );
             }
         }
         if let Some((_, t)) = items.iter().find(|(k, _)| k == "Threads") {
-            push(
-                m,
+            m.gauge(
                 &format!("{prefix}_threads"),
                 "Threads of the process.",
-                Kind::Gauge,
-                with("").into_iter().filter(|(k, _)| k != "item").collect(),
+                &[],
                 *t,
             );
         }
@@ -513,15 +490,14 @@ pub fn add_process(m: &mut Metrics, prefix: &str, pid: &str, extra: &[(&str, &st
         // the command name is in parentheses and may hold spaces
         if let Some((_, rest)) = text.rsplit_once(')') {
             let fields: Vec<&str> = rest.split_whitespace().collect();
+            let name = format!("{prefix}_proc_stat");
             for (item, pos) in STAT_FIELDS {
                 // `rest` starts at field 3 (state)
                 if let Some(v) = fields.get(pos - 3).and_then(|v| v.parse::<f64>().ok()) {
-                    push(
-                        m,
-                        &format!("{prefix}_proc_stat"),
+                    m.gauge(
+                        &name,
                         "Process statistics (/proc/<pid>/stat): times in clock ticks.",
-                        Kind::Gauge,
-                        with(item),
+                        &[("item", item)],
                         v,
                     );
                 }
@@ -529,24 +505,21 @@ pub fn add_process(m: &mut Metrics, prefix: &str, pid: &str, extra: &[(&str, &st
         }
     }
     if let Ok(text) = std::fs::read_to_string(format!("{dir}/io")) {
+        let name = format!("{prefix}_io_stat");
         for (k, v) in colon_lines(&text) {
-            push(
-                m,
-                &format!("{prefix}_io_stat"),
+            m.gauge(
+                &name,
                 "Process I/O statistics (/proc/<pid>/io).",
-                Kind::Gauge,
-                with(&k),
+                &[("item", &k)],
                 v,
             );
         }
     }
     if let Ok(d) = std::fs::read_dir(format!("{dir}/fd")) {
-        push(
-            m,
+        m.gauge(
             &format!("{prefix}_fds"),
             "Open file descriptors of the process.",
-            Kind::Gauge,
-            with("").into_iter().filter(|(k, _)| k != "item").collect(),
+            &[],
             d.count() as f64,
         );
     }
@@ -833,7 +806,7 @@ mod tests {
     #[test]
     fn this_process_and_this_machine() {
         let mut m = Metrics::new();
-        add_process(&mut m, "kata_test", "self", &[]);
+        add_process(&mut m, "kata_test", "self");
         for f in [
             "kata_test_threads",
             "kata_test_proc_status",
@@ -856,7 +829,7 @@ mod tests {
         );
         Metrics::parse(&t).unwrap();
         let mut gone = Metrics::new();
-        add_process(&mut gone, "x", "999999999", &[]);
+        add_process(&mut gone, "x", "999999999");
         assert!(gone.is_empty());
     }
 }

@@ -96,24 +96,15 @@ pub fn spawn(
     // root only: the agent's address and the pod's figures are the node's
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!("management socket: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let pod = pod.clone();
-            http::serve_connection(
-                stream,
-                move |req| handle(req, pod.clone()),
-                Duration::from_secs(30),
-            );
-        }
-    }))
+    let listener = Arc::new(listener);
+    Ok(tokio::spawn(http::serve(
+        move || {
+            let l = listener.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        },
+        move |req| handle(req, pod.clone()),
+        Duration::from_secs(30),
+    )))
 }
 
 async fn handle(req: Request<hyper::body::Incoming>, pod: Weak<Pod>) -> http::Reply {
@@ -153,9 +144,9 @@ async fn handle(req: Request<hyper::body::Incoming>, pod: Weak<Pod>) -> http::Re
 /// Everything `/metrics` holds for `pod`, read now.
 pub async fn collect(pod: &Arc<Pod>) -> Metrics {
     let mut m = recorded();
-    km::add_process(&mut m, "kata_shim", "self", &[]);
+    km::add_process(&mut m, "kata_shim", "self");
     for (prefix, pid) in pod.process_pids().await {
-        km::add_process(&mut m, prefix, &pid.to_string(), &[]);
+        km::add_process(&mut m, prefix, &pid.to_string());
         if prefix == "kata_hypervisor" {
             // its network namespace is the pod's
             if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/dev")) {
