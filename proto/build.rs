@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "protos/agent.proto",
         "protos/launcher.proto",
         "protos/virtiofsd.proto",
+        "protos/trace.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -21,6 +21,7 @@ pub mod process;
 pub mod residency;
 pub mod stdio;
 pub mod tap;
+pub mod trace;
 
 /// The agent API (Kata's agent.proto names and meaning).
 #[allow(clippy::all, missing_docs, clippy::undocumented_unsafe_blocks)]
@@ -38,6 +39,13 @@ pub mod launcher {
 #[allow(clippy::all, missing_docs, clippy::undocumented_unsafe_blocks)]
 pub mod virtiofsd {
     tonic::include_proto!("kata.virtiofsd.v1");
+}
+
+/// The agent's span stream to kata-trace-forwarder (protos/trace.proto; see
+/// [`trace::wire`]).
+#[allow(clippy::all, missing_docs)]
+pub mod tracepb {
+    tonic::include_proto!("kata.trace.v1");
 }
 
 /// kata-netmon's API (protos/netmon.proto).

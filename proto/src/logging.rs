@@ -20,12 +20,11 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::format::{DefaultFields, Format, Json, JsonFields, Writer};
-use tracing_subscriber::fmt::{
-    FmtContext, FormatEvent, FormatFields, MakeWriter, SubscriberBuilder,
-};
+use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer};
 
 static SANDBOX: OnceLock<String> = OnceLock::new();
 
@@ -97,30 +96,39 @@ fn filter(default_level: &str) -> EnvFilter {
     }
 }
 
-/// The subscriber of every program, text lines, to `writer`.
-fn text<W>(
-    component: &'static str,
-    writer: W,
-) -> SubscriberBuilder<DefaultFields, Line, EnvFilter, W>
+/// The line-writing layer of every program: text or JSON lines to `writer`,
+/// filtered by `KATA_LOG`.
+fn lines<S, W>(component: &'static str, writer: W, json: bool) -> Box<dyn Layer<S> + Send + Sync>
 where
+    S: Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let format = LineFormat::Text(Format::default().with_ansi(false));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter("info"))
-        .with_writer(writer)
-        .event_format(Line { component, format })
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer);
+    if json {
+        let format = LineFormat::Json(Format::default().json());
+        layer
+            .fmt_fields(JsonFields::new())
+            .event_format(Line { component, format })
+            .with_filter(filter("info"))
+            .boxed()
+    } else {
+        let format = LineFormat::Text(Format::default().with_ansi(false));
+        layer
+            .event_format(Line { component, format })
+            .with_filter(filter("info"))
+            .boxed()
+    }
 }
 
-/// As [`text`], JSON lines.
-fn json<W>(component: &'static str, writer: W) -> SubscriberBuilder<JsonFields, Line, EnvFilter, W>
+/// The subscriber of every program: log lines, and the spans for
+/// [`crate::trace`] (which records nothing until tracing is started).
+fn subscriber<W>(component: &'static str, writer: W, json: bool) -> impl Subscriber + Send + Sync
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let format = LineFormat::Json(Format::default().json());
-    text(component, writer)
-        .fmt_fields(JsonFields::new())
-        .event_format(Line { component, format })
+    tracing_subscriber::registry()
+        .with(lines(component, writer, json))
+        .with(crate::trace::layer(component))
 }
 
 /// Installs the global subscriber. `sandbox_id` is printed on every line (it can
@@ -138,12 +146,14 @@ where
     if let Some(id) = sandbox_id {
         set_sandbox_id(id);
     }
+    let json = std::env::var("KATA_LOG_FORMAT").is_ok_and(|v| v == "json");
     // A second init in the same process (tests) keeps the first subscriber.
-    let _ = if std::env::var("KATA_LOG_FORMAT").is_ok_and(|v| v == "json") {
-        json(component, writer).try_init()
-    } else {
-        text(component, writer).try_init()
-    };
+    let _ = tracing::subscriber::set_global_default(subscriber(component, writer, json));
+}
+
+/// The sandbox id set with [`set_sandbox_id`] (or [`init`]).
+pub fn sandbox_id() -> Option<&'static str> {
+    SANDBOX.get().map(String::as_str)
 }
 
 /// Sets the sandbox id printed on every line; only the first call counts.
@@ -301,11 +311,8 @@ mod tests {
     /// written so far, and the guard that keeps the subscriber.
     fn capture(json_lines: bool) -> (impl Fn() -> String, tracing::subscriber::DefaultGuard) {
         let buf = Buf::default();
-        let guard = if json_lines {
-            tracing::subscriber::set_default(json("test-component", buf.clone()).finish())
-        } else {
-            tracing::subscriber::set_default(text("test-component", buf.clone()).finish())
-        };
+        let guard =
+            tracing::subscriber::set_default(subscriber("test-component", buf.clone(), json_lines));
         let lines = move || String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         (lines, guard)
     }
