@@ -446,9 +446,11 @@ pub struct CreateArgs {
 pub async fn create(args: CreateArgs) -> Result<Arc<Container>, Status> {
     let spec = args.spec;
     let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-    let cgroup = ContainerCgroup::create(&args.cgroup_path, resources.as_ref())
-        .map(Arc::new)
-        .map_err(|e| e.status(&format!("cgroup {}", args.cgroup_path)))?;
+    let cgroup = tracing::info_span!("cgroup").in_scope(|| {
+        ContainerCgroup::create(&args.cgroup_path, resources.as_ref())
+            .map(Arc::new)
+            .map_err(|e| e.status(&format!("cgroup {}", args.cgroup_path)))
+    })?;
     let process = spec.process().clone().unwrap_or_default();
     let terminal = process.terminal().unwrap_or(false);
     let (stdio, fds) = match Stdio::new(terminal) {
@@ -470,7 +472,10 @@ pub async fn create(args: CreateArgs) -> Result<Arc<Container>, Status> {
         seccomp: args.seccomp,
     };
     let cg = cgroup.clone();
+    // namespaces, mounts, seccomp: the helper's set-up up to the init's exec
+    let phase = tracing::info_span!("spawn_init");
     let r = tokio::task::spawn_blocking(move || -> Result<(Helper, i32), Status> {
+        let _phase = phase.entered();
         let mut h = spawn_helper(&req, fds, &cg)?;
         let pid = h.pid;
         match childinit::recv::<ChildMsg>(&mut h.sock) {

@@ -133,6 +133,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     })?;
     let agent = Arc::new(Agent::new(cfg.init, cfg.root.clone(), cfg.policy.gate()));
     let router = tonic::transport::Server::builder()
+        .trace_fn(kata_proto::trace::server_span)
         .add_service(HealthServer::new(HealthService(agent.clone())))
         .add_service(
             AgentServiceServer::new(AgentRpc(agent.clone())).max_decoding_message_size(MAX_REQUEST),

@@ -24,6 +24,11 @@ struct Args {
     /// `agent.policy_debug` on the kernel command line).
     #[arg(long)]
     policy_debug: bool,
+    /// Send trace spans to kata-trace-forwarder on this unix socket (host
+    /// mode; in the guest: `agent.trace` on the kernel command line sends
+    /// them to host vsock port 10240).
+    #[arg(long, value_name = "PATH")]
+    trace_socket: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +44,7 @@ fn main() -> std::process::ExitCode {
             root: kata_agent::DEFAULT_ROOT.into(),
             policy: None,
             policy_debug: false,
+            trace_socket: None,
         })
     } else {
         Args::parse()
@@ -66,6 +72,10 @@ fn main() -> std::process::ExitCode {
     }
     let mut debug_console = false;
     let mut sandbox_id = None;
+    let mut trace_to = args
+        .trace_socket
+        .clone()
+        .map(kata_proto::dialer::Address::Unix);
     if pid1 {
         if let Err(e) = init::leave_initramfs().and_then(|_| init::early_mounts()) {
             eprintln!("kata-agent: {e}");
@@ -79,8 +89,21 @@ fn main() -> std::process::ExitCode {
         debug_console = init::cmdline_option(&cmdline, "debug_console").is_some();
         sandbox_id = init::cmdline_option(&cmdline, "sandbox_id");
         policy.debug |= init::cmdline_option(&cmdline, "policy_debug").is_some();
+        if init::cmdline_option(&cmdline, "trace").is_some() {
+            trace_to = Some(kata_proto::dialer::Address::Vsock {
+                cid: tokio_vsock::VMADDR_CID_HOST,
+                port: ports::TRACING,
+            });
+        }
     }
     kata_proto::logging::init("kata-agent", sandbox_id.as_deref());
+    if let Some(to) = trace_to {
+        // spans leave from a thread of their own, through a bounded queue:
+        // no request waits on tracing
+        if let Err(e) = kata_proto::trace::start(kata_proto::trace::Sink::Stream(to)) {
+            tracing::error!("tracing: {e}");
+        }
+    }
     let rt = match kata_proto::runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -129,6 +152,8 @@ fn main() -> std::process::ExitCode {
     if let Err(e) = &result {
         tracing::error!("{e}");
     }
+    // the last spans (DestroySandbox's) leave before the guest powers off
+    kata_proto::trace::flush(std::time::Duration::from_secs(1));
     if pid1 {
         init::power_off();
     }

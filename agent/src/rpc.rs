@@ -674,6 +674,20 @@ impl AgentService for AgentRpc {
             let mut m = kata_proto::metrics::Metrics::new();
             kata_proto::metrics::add_process(&mut m, "kata_agent", "self");
             kata_proto::metrics::add_guest(&mut m, "/proc", &["/", "/run"]);
+            if kata_proto::trace::enabled() {
+                m.counter(
+                    "kata_agent_trace_spans_exported_total",
+                    "Trace spans the agent sent to kata-trace-forwarder.",
+                    &[],
+                    kata_proto::trace::exported() as f64,
+                );
+                m.counter(
+                    "kata_agent_trace_spans_dropped_total",
+                    "Trace spans the agent dropped (queue full, forwarder unreachable).",
+                    &[],
+                    kata_proto::trace::dropped() as f64,
+                );
+            }
             m.render()
         })
         .await
@@ -728,7 +742,10 @@ impl AgentRpc {
             .map(|p| p.to_string_lossy().into_owned())
             .filter(|p| !p.is_empty())
             .unwrap_or_else(|| format!("/{}/{id}", cgroup_parent(&sandbox_id)));
-        let storages = sandbox::mount_storages(&r.storages, &sandbox::storage_bases(&self.0.root))?;
+        let storages = {
+            let _phase = tracing::info_span!("mount_storages").entered();
+            sandbox::mount_storages(&r.storages, &sandbox::storage_bases(&self.0.root))?
+        };
         let oom_tx = self.0.oom_tx.clone();
         let created = container::create(container::CreateArgs {
             id: id.clone(),
@@ -737,6 +754,7 @@ impl AgentRpc {
             seccomp: !disable_seccomp,
             storages: storages.clone(),
         })
+        .instrument(tracing::info_span!("create_container"))
         .await;
         let c = match created {
             Ok(c) => c,

@@ -8,6 +8,7 @@ mod exec;
 mod image;
 mod oci_image;
 mod policy;
+mod trace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,6 +73,11 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: policy::PolicyCommand,
+    },
+    /// Tracing: where a container's start went, from its trace's spans.
+    Trace {
+        #[command(subcommand)]
+        command: trace::TraceCommand,
     },
     /// Writes a busybox container image as an OCI image layout tar, for
     /// `ctr image import` (no registry needed).
@@ -153,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Agent(args) => agent::run(args),
         Command::Policy { command } => policy::run(command),
+        Command::Trace { command } => trace::run(command),
         Command::Exec(args) => exec::run(args),
         Command::Metrics { id, sandbox_dir } => {
             kata_proto::ids::check("ID", &id)?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use kata_proto::agent as pb;
 use kata_proto::agent::agent_service_client::AgentServiceClient;
+use kata_proto::trace::{traced, Traced};
 use tonic::transport::Channel;
 
 use crate::error::{err, grpc_code, Code};
@@ -47,7 +48,7 @@ impl From<AgentError> for containerd_shim::protos::ttrpc::Error {
 /// The agent client: cheap to clone, every call bounded by `deadline`.
 #[derive(Clone, Debug)]
 pub struct AgentClient {
-    inner: AgentServiceClient<Channel>,
+    inner: AgentServiceClient<Traced>,
     deadline: Duration,
 }
 
@@ -103,10 +104,11 @@ bounded_calls! {
 }
 
 impl AgentClient {
-    /// A client over `channel` whose calls wait at most `deadline`.
+    /// A client over `channel` whose calls wait at most `deadline` (and
+    /// carry the current span's traceparent).
     pub fn new(channel: Channel, deadline: Duration) -> Self {
         Self {
-            inner: AgentServiceClient::new(channel),
+            inner: AgentServiceClient::new(traced(channel)),
             deadline,
         }
     }

@@ -65,4 +65,5 @@ fn main() {
     ));
     // a stdin copy may still wait in a blocking FIFO open: do not wait for it
     rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    kata_proto::trace::flush(std::time::Duration::from_secs(2));
 }

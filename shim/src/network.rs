@@ -18,6 +18,7 @@ use kata_proto::launcher::NetDevice;
 use kata_proto::netmon::netmon_client::NetmonClient;
 use kata_proto::netmon::{Endpoint, Network};
 use kata_proto::paths::SandboxPaths;
+use kata_proto::trace::Traced;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
@@ -218,7 +219,7 @@ pub async fn configure(agent: &AgentClient, n: &Network) -> Result<(), NetError>
 /// One change at a time: the follower and a Start's sync share the lock.
 pub struct NetSync {
     netmon: NetmonClient<Channel>,
-    launcher: LauncherClient<Channel>,
+    launcher: LauncherClient<Traced>,
     agent: AgentClient,
     applied: Mutex<Applied>,
 }
@@ -237,7 +238,7 @@ impl NetSync {
     /// [`configure`] ran).
     pub fn new(
         netmon: NetmonClient<Channel>,
-        launcher: LauncherClient<Channel>,
+        launcher: LauncherClient<Traced>,
         agent: AgentClient,
         initial: &Network,
     ) -> NetSync {

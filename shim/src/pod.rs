@@ -12,12 +12,12 @@ use kata_proto::dialer::Address;
 use kata_proto::launcher::launcher_client::LauncherClient;
 use kata_proto::launcher::{Accelerator, CreateVmRequest, StartVmRequest, StopVmRequest, VmSpec};
 use kata_proto::paths::{ports, SandboxPaths};
+use kata_proto::trace::Traced;
 use kata_vmm_launcher::client::{die_with_parent, LauncherProcess, LiveLauncher};
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
-use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::agent::AgentError;
 use crate::error::{grpc_code, Code};
@@ -174,7 +174,7 @@ pub struct Pod {
     /// The hypervisor's pid (what containerd sees as the task's pid).
     pub hypervisor_pid: u32,
     /// The launcher, when the pod runs in a VM (None: a host-mode agent).
-    launcher: Option<LauncherClient<Channel>>,
+    launcher: Option<LauncherClient<Traced>>,
     /// Where the guest sees the share (container rootfs and binds).
     pub guest_share: PathBuf,
     children: Mutex<Children>,
@@ -185,7 +185,7 @@ pub struct Pod {
 #[derive(Default)]
 struct Children {
     launcher: Option<Child>,
-    launcher_client: Option<LauncherClient<Channel>>,
+    launcher_client: Option<LauncherClient<Traced>>,
     virtiofsd: Option<Child>,
     netmon: Option<kata_netmon::client::NetmonProcess>,
     /// Keeps the guest's network what netmon reports.
@@ -194,6 +194,8 @@ struct Children {
     net_follow: Option<tokio::task::JoinHandle<()>>,
     /// Serves the management socket.
     monitor: Option<tokio::task::JoinHandle<()>>,
+    /// kata-trace-forwarder, when the agent traces.
+    forwarder: Option<Child>,
 }
 
 /// Where pod start time went.
@@ -230,6 +232,7 @@ async fn spawn_virtiofsd(cfg: &Config, id: &str, paths: &SandboxPaths) -> Result
         .arg("--control-socket")
         .arg(paths.virtiofsd_control())
         .args(&q.virtio_fs_extra_args)
+        .envs(kata_proto::trace::child_env())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true);
@@ -237,6 +240,70 @@ async fn spawn_virtiofsd(cfg: &Config, id: &str, paths: &SandboxPaths) -> Result
     let mut child = cmd
         .spawn()
         .map_err(PodError::host(format!("starting {}", bin.display())))?;
+    let ready = match child.stdout.take() {
+        Some(out) => kata_proto::wait_ready_line(out, Duration::from_secs(10)).await,
+        None => Err("no stdout".into()),
+    };
+    if let Err(why) = ready {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(PodError::Host {
+            what: format!("starting {}", bin.display()),
+            why,
+        });
+    }
+    Ok(child)
+}
+
+/// Starts tracing the shim's work as the pod's configuration says
+/// (`[runtime] enable_tracing`): spans to `jaeger_endpoint`.
+pub fn start_tracing(cfg: &Config) -> std::result::Result<(), String> {
+    let exporter = kata_proto::trace::otlp::Exporter::new(
+        cfg.runtime.tracing_endpoint(),
+        cfg.runtime.tracing_auth(),
+    )
+    .map_err(|e| format!("jaeger_endpoint: {e}"))?;
+    kata_proto::trace::start(kata_proto::trace::Sink::Otlp(exporter))
+}
+
+/// Starts kata-trace-forwarder on the hybrid vsock listener of host port
+/// 10240, before the guest boots; its log lines join the shim's.
+async fn spawn_forwarder(cfg: &Config, id: &str, paths: &SandboxPaths) -> Result<Child> {
+    let bin = cfg
+        .agent
+        .kata
+        .trace_forwarder_path()
+        .map_err(PodError::Config)?;
+    let socket = kata_proto::paths::hybrid_listener_path(&paths.vsock_uds(), ports::TRACING);
+    let mut cmd = Command::new(&bin);
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .arg("--otlp-endpoint")
+        .arg(cfg.runtime.tracing_endpoint())
+        .arg("--sandbox-id")
+        .arg(id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some((user, password)) = cfg.runtime.tracing_auth() {
+        cmd.arg("--otlp-user")
+            .arg(user)
+            .env("KATA_TRACE_PASSWORD", password);
+    }
+    die_with_parent(&mut cmd);
+    let mut child = cmd
+        .spawn()
+        .map_err(PodError::host(format!("starting {}", bin.display())))?;
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(err).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                info!(helper = "kata-trace-forwarder", "{l}");
+            }
+        });
+    }
     let ready = match child.stdout.take() {
         Some(out) => kata_proto::wait_ready_line(out, Duration::from_secs(10)).await,
         None => Err("no stdout".into()),
@@ -363,7 +430,7 @@ impl Pod {
         hostname: &str,
         netns: NetnsChoice,
         children: &mut Children,
-    ) -> Result<(Agent, Address, u32, LauncherClient<Channel>, Timings)> {
+    ) -> Result<(Agent, Address, u32, LauncherClient<Traced>, Timings)> {
         let t0 = Instant::now();
         let q = &cfg.hypervisor.qemu;
         // root-only whatever the umask: nothing below is for other host users
@@ -420,9 +487,26 @@ impl Pod {
                     why: format!("{e:#}"),
                 })
         };
-        // and kata-netmon plumbs the pod's network meanwhile
+        // and kata-netmon plumbs the pod's network meanwhile, and
+        // kata-trace-forwarder waits for the agent's spans
         let net = crate::network::start(cfg, id, paths, netns);
-        let (fs, launcher, net) = tokio::join!(fs, launcher, net);
+        let forwarder = async {
+            if cfg.agent.kata.enable_tracing {
+                Ok(Some(spawn_forwarder(cfg, id, paths).await?))
+            } else {
+                Ok(None)
+            }
+        };
+        let (fs, launcher, net, forwarder) = async { tokio::join!(fs, launcher, net, forwarder) }
+            .instrument(info_span!("helpers"))
+            .await;
+        let forwarder_err = match forwarder {
+            Ok(f) => {
+                children.forwarder = f;
+                None
+            }
+            Err(e) => Some(e),
+        };
         let (net, net_err) = match net {
             Ok(Some(n)) => (Some(n.initial), {
                 children.netmon = Some(n.netmon);
@@ -456,6 +540,9 @@ impl Pod {
         if let Some(e) = net_err {
             return Err(e.into());
         }
+        if let Some(e) = forwarder_err {
+            return Err(e);
+        }
         let helpers = t0.elapsed();
 
         let mut params = q.kernel_params.clone();
@@ -464,6 +551,9 @@ impl Pod {
         }
         if cfg.agent.kata.debug_console_enabled {
             params.push_str(" agent.debug_console");
+        }
+        if cfg.agent.kata.enable_tracing {
+            params.push_str(" agent.trace");
         }
         let spec = VmSpec {
             vcpus: size.vcpus,
@@ -492,6 +582,7 @@ impl Pod {
         };
         let created = client
             .create_vm(CreateVmRequest { spec: Some(spec) })
+            .instrument(info_span!("create_vm"))
             .await
             .map_err(|status| PodError::Launcher {
                 what: "creating the VM",
@@ -505,6 +596,7 @@ impl Pod {
             .start_vm(StartVmRequest {
                 agent_ready_timeout_seconds: cfg.agent.kata.dial_timeout.max(1) as u32,
             })
+            .instrument(info_span!("boot"))
             .await
             .map_err(|status| PodError::Launcher {
                 what: "starting the VM",
@@ -517,6 +609,7 @@ impl Pod {
             port: ports::AGENT,
         };
         let ch = kata_proto::dialer::channel(&agent_addr, Duration::from_secs(10))
+            .instrument(info_span!("agent_connect"))
             .await
             .map_err(|e| PodError::Host {
                 what: "connecting to the agent".into(),
@@ -551,7 +644,9 @@ impl Pod {
                 source,
             })?;
         if let (Some(n), Some(nm)) = (net, children.netmon.as_ref()) {
-            crate::network::configure(&agent, &n).await?;
+            crate::network::configure(&agent, &n)
+                .instrument(info_span!("network"))
+                .await?;
             let sync = Arc::new(crate::network::NetSync::new(
                 nm.client.clone(),
                 client.clone(),
@@ -662,6 +757,9 @@ impl Pod {
         if let Some(id) = c.netmon.as_ref().and_then(|n| n.child.id()) {
             out.push(("kata_netmon", id));
         }
+        if let Some(id) = c.forwarder.as_ref().and_then(|c| c.id()) {
+            out.push(("kata_trace_forwarder", id));
+        }
         out
     }
 
@@ -728,6 +826,9 @@ async fn teardown_children(paths: &SandboxPaths, c: &mut Children) {
     if let Err(e) = kata_vmm_launcher::client::cleanup(paths, LiveLauncher::Refuse) {
         warn!("launcher cleanup: {e}");
     }
+    if let Some(child) = c.forwarder.take() {
+        stop_forwarder(child).await;
+    }
     if let Some(mut child) = c.virtiofsd.take() {
         // it exits by itself once QEMU disconnected
         if tokio::time::timeout(Duration::from_secs(3), child.wait())
@@ -759,6 +860,25 @@ async fn teardown_children(paths: &SandboxPaths, c: &mut Children) {
         crate::network::remove_netns(&paths.pod_netns());
     }
     remove_dir(paths);
+}
+
+/// Stops kata-trace-forwarder once the guest is gone: SIGTERM (it sends
+/// the spans it holds), a kill after 3 s.
+async fn stop_forwarder(mut child: Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(Duration::from_secs(3), child.wait())
+        .await
+        .is_err()
+    {
+        warn!("kata-trace-forwarder did not exit: killing it");
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
 }
 
 /// Removes what a killed kata-netmon left in `netns`.

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod containerd;
 pub mod monitor;
 pub mod net;
+pub mod otlp;
 pub mod shim;
 
 use std::path::{Path, PathBuf};

@@ -114,6 +114,8 @@ impl Forwarder {
         };
         let mut d = Decoder::new();
         let mut buf = vec![0u8; READ_CHUNK];
+        // this host's clock minus the sender's (its Clock frames)
+        let mut offset: Option<i64> = None;
         loop {
             let n = match s.read(&mut buf).await {
                 Ok(0) => return,
@@ -126,7 +128,7 @@ impl Forwarder {
             d.feed(&buf[..n]);
             loop {
                 match d.next_frame() {
-                    Ok(Some(f)) => self.take(f),
+                    Ok(Some(f)) => self.take(f, &mut offset),
                     Ok(None) => break,
                     Err(e) => {
                         self.counters
@@ -140,8 +142,23 @@ impl Forwarder {
         }
     }
 
-    fn take(&self, f: wire::Frame) {
+    fn take(&self, f: wire::Frame, offset: &mut Option<i64>) {
         match f.body {
+            Some(Body::Clock(c)) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as i128)
+                    .unwrap_or(0);
+                let o =
+                    (now - c.unix_nano as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+                if offset.is_none() {
+                    info!(
+                        offset_ms = o / 1_000_000,
+                        "the sender's clock differs from this host's: its span times are moved by the offset"
+                    );
+                }
+                *offset = Some(o);
+            }
             Some(Body::Hello(h)) => {
                 info!(service = %h.service, version = %h.version, "span stream opened");
             }
@@ -151,7 +168,10 @@ impl Forwarder {
                     .fetch_add(d.count, Ordering::Relaxed);
                 kata_proto::info_limited!(count = d.count, "the agent dropped spans");
             }
-            Some(Body::Span(s)) => {
+            Some(Body::Span(mut s)) => {
+                if let Some(o) = *offset {
+                    wire::shift(&mut s, o);
+                }
                 self.counters.received.fetch_add(1, Ordering::Relaxed);
                 if self.tx.try_send(s).is_err() {
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
@@ -302,5 +322,41 @@ mod tests {
         assert!(text.contains("\"sandbox_id\":\"pod1\""), "{text}");
         assert_eq!(counters.refused_streams.load(Ordering::Relaxed), 1);
         assert_eq!(counters.received.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn span_times_move_by_the_senders_clock_offset() {
+        let (fw, mut rx) = Forwarder::new();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        // the sender's clock is 2 s behind this host's
+        let mut b = wire::PREAMBLE.to_vec();
+        let clock = wire::Frame {
+            body: Some(Body::Clock(wire::Clock {
+                unix_nano: now - 2_000_000_000,
+            })),
+        };
+        wire::encode_frame(&clock, &mut b).unwrap();
+        let mut s = span(1);
+        s.start_unix_nano = now - 2_000_000_000;
+        s.end_unix_nano = now - 1_000_000_000;
+        wire::encode_frame(
+            &wire::Frame {
+                body: Some(Body::Span(s)),
+            },
+            &mut b,
+        )
+        .unwrap();
+        let (mut a, r) = tokio::io::duplex(1 << 16);
+        a.write_all(&b).await.unwrap();
+        drop(a);
+        fw.serve_stream(r).await;
+        let got = rx.recv().await.unwrap();
+        let moved = got.start_unix_nano as i128 - now as i128;
+        // moved to about now (what the 2 s offset says), give or take the test's own time
+        assert!(moved.abs() < 500_000_000, "moved {moved} ns from now");
+        assert_eq!(got.end_unix_nano - got.start_unix_nano, 1_000_000_000);
     }
 }

@@ -100,6 +100,7 @@ impl From<Cli> for Config {
 }
 
 fn main() {
+    kata_proto::trace::mark_start();
     let config = Config::from(Cli::parse());
     if std::env::var_os("KATA_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
         // fuse-backend-rs logs guest-triggered failures at error level
@@ -107,7 +108,10 @@ fn main() {
     }
     kata_proto::logging::init(NAME, config.sandbox_id.as_deref());
     match kata_virtiofsd::run(config) {
-        Ok(code) => std::process::exit(code),
+        Ok(code) => {
+            kata_proto::trace::flush(std::time::Duration::from_secs(1));
+            std::process::exit(code)
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             std::process::exit(1);

@@ -248,6 +248,11 @@ fn wait_server(child: Pid, ready: OwnedFd, signals: &SigSet, cleanup: Cleanup) -
     let mut out = std::io::stdout();
     let _ = writeln!(out, "READY");
     let _ = out.flush();
+    // past the fork: a traced shim's collector gets the start-up's span
+    match kata_proto::trace::start_from_env() {
+        Ok(()) => kata_proto::trace::record_startup("virtiofsd_startup"),
+        Err(e) => tracing::warn!("tracing: {e}; kata-virtiofsd is not traced"),
+    }
 
     let mut stopping: Option<Instant> = None;
     let mut killed = false;

@@ -22,7 +22,7 @@ pub struct LauncherProcess {
     /// The sandbox's paths.
     pub paths: SandboxPaths,
     /// The gRPC client.
-    pub client: LauncherClient<tonic::transport::Channel>,
+    pub client: LauncherClient<kata_proto::trace::Traced>,
 }
 
 /// Why the launcher could not be started.
@@ -62,6 +62,8 @@ impl LauncherProcess {
     ) -> Result<LauncherProcess, ClientError> {
         let mut cmd = Command::new(binary);
         die_with_parent(&mut cmd);
+        // a traced caller's launcher traces too, in the caller's trace
+        cmd.envs(kata_proto::trace::child_env());
         let mut child = cmd
             .arg("--sandbox-id")
             .arg(sandbox_id)
@@ -92,7 +94,7 @@ impl LauncherProcess {
         Ok(LauncherProcess {
             child,
             paths,
-            client: LauncherClient::new(ch),
+            client: LauncherClient::new(kata_proto::trace::traced(ch)),
         })
     }
 }

@@ -118,6 +118,7 @@ pub async fn run(
     info!(socket = %sock.display(), "launcher listening");
     on_listening();
     let served = tonic::transport::Server::builder()
+        .trace_fn(kata_proto::trace::server_span)
         .add_service(LauncherServer::new(svc))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
         .await;

@@ -39,6 +39,10 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     kata_proto::logging::init("kata-vmm-launcher", Some(&args.sandbox_id));
+    // a traced shim passes its collector: the launcher's spans join its trace
+    if let Err(e) = kata_proto::trace::start_from_env() {
+        tracing::warn!("tracing: {e}; the launcher is not traced");
+    }
     let paths = match &args.sandbox_dir {
         Some(d) => SandboxPaths::in_dir(d),
         None => SandboxPaths::new(&args.sandbox_id),
@@ -62,6 +66,7 @@ fn main() -> std::process::ExitCode {
             .map_err(|e| e.to_string())
         }
     };
+    kata_proto::trace::flush(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -52,6 +52,8 @@ pub const DEFAULT_GUEST_DIR: &str = "/usr/share/kata-rs/guest";
 
 /// File name of the VMM launcher, looked for when `launcher` is empty.
 pub const LAUNCHER_NAME: &str = "kata-vmm-launcher";
+/// The file name of kata-trace-forwarder.
+pub const TRACE_FORWARDER_NAME: &str = "kata-trace-forwarder";
 
 /// File name of the virtio-fs daemon, looked for when `virtio_fs_daemon` is empty.
 pub const VIRTIOFSD_NAME: &str = "kata-virtiofsd";
@@ -271,8 +273,13 @@ pub struct Agent {
     /// Guest kernel modules to load at sandbox creation: each entry is a
     /// module name followed by its parameters, e.g. `"e1000e EEE=1"`.
     pub kernel_modules: Vec<String>,
-    /// Export the agent's trace spans.
+    /// The agent traces its requests: its spans go over vsock port 10240
+    /// to a kata-trace-forwarder the shim starts, which sends them to
+    /// `[runtime] jaeger_endpoint`.
     pub enable_tracing: bool,
+    /// The kata-trace-forwarder to run (default: next to the shim, else in
+    /// `$PATH`).
+    pub trace_forwarder: PathBuf,
     /// The agent policy (Rego text) the shim gives the agent with SetPolicy
     /// before any container is created: only from the pod's annotation
     /// `io.katacontainers.config.agent.policy` (base64), never a TOML key.
@@ -289,6 +296,7 @@ impl Default for Agent {
             debug_console_enabled: false,
             kernel_modules: Vec::new(),
             enable_tracing: false,
+            trace_forwarder: PathBuf::new(),
             policy: None,
         }
     }
@@ -314,6 +322,16 @@ pub struct Runtime {
     pub disable_new_netns: bool,
     /// Accepted for Kata compatibility (Go's pprof); no effect.
     pub enable_pprof: bool,
+    /// The shim, the launcher and kata-virtiofsd trace: one trace per
+    /// container, exported to `jaeger_endpoint`.
+    pub enable_tracing: bool,
+    /// The OTLP/gRPC collector of the traces (Kata's key; Jaeger >= 1.35
+    /// takes OTLP on port 4317); empty: `http://localhost:4317`.
+    pub jaeger_endpoint: String,
+    /// Basic authentication user for the collector (Kata's key).
+    pub jaeger_user: String,
+    /// Basic authentication password for the collector (Kata's key).
+    pub jaeger_password: String,
     /// Size the VM once, at boot, for the whole pod, and never resize it.
     pub static_sandbox_resource_mgmt: bool,
     /// Experimental features to enable (see [`EXPERIMENTAL_FEATURES`]).
@@ -329,6 +347,10 @@ impl Default for Runtime {
             disable_guest_seccomp: false,
             disable_new_netns: false,
             enable_pprof: false,
+            enable_tracing: false,
+            jaeger_endpoint: String::new(),
+            jaeger_user: String::new(),
+            jaeger_password: String::new(),
             static_sandbox_resource_mgmt: true,
             experimental: Vec::new(),
         }
@@ -650,6 +672,34 @@ impl Qemu {
             &self.virtio_fs_daemon,
             VIRTIOFSD_NAME,
         )
+    }
+}
+
+impl Agent {
+    /// The kata-trace-forwarder to run: `trace_forwarder`, else
+    /// [`TRACE_FORWARDER_NAME`] next to the running program, else in `$PATH`.
+    pub fn trace_forwarder_path(&self) -> Result<PathBuf, ConfigError> {
+        resolve_helper(
+            "agent.kata.trace_forwarder",
+            &self.trace_forwarder,
+            TRACE_FORWARDER_NAME,
+        )
+    }
+}
+
+impl Runtime {
+    /// The collector traces go to: `jaeger_endpoint`, else the local one.
+    pub fn tracing_endpoint(&self) -> &str {
+        if self.jaeger_endpoint.is_empty() {
+            crate::trace::otlp::DEFAULT_ENDPOINT
+        } else {
+            &self.jaeger_endpoint
+        }
+    }
+
+    /// The collector's basic authentication, if a user is configured.
+    pub fn tracing_auth(&self) -> Option<(&str, &str)> {
+        (!self.jaeger_user.is_empty()).then_some((&self.jaeger_user, &self.jaeger_password))
     }
 }
 

@@ -174,6 +174,39 @@ pub fn parent_from_env(span: &tracing::Span) {
     }
 }
 
+static STARTED: OnceLock<SystemTime> = OnceLock::new();
+
+/// Notes when the program started, for [`record_startup`]; first thing in
+/// `main`.
+pub fn mark_start() {
+    let _ = STARTED.set(SystemTime::now());
+}
+
+/// Records one span `name` from [`mark_start`] until now, a child of
+/// [`TRACEPARENT_ENV`]'s span: the start-up of a helper that cannot trace
+/// while it starts (kata-virtiofsd forks, so it starts its exporter thread
+/// only afterwards).
+pub fn record_startup(name: &'static str) {
+    use opentelemetry::trace::{Span as _, Tracer as _};
+    let (Some(provider), true) = (PROVIDER.get(), enabled()) else {
+        return;
+    };
+    let tracer = provider.tracer("kata-rs");
+    let parent = match std::env::var(TRACEPARENT_ENV) {
+        Ok(tp) => {
+            let carrier = Carrier(vec![("traceparent".into(), tp)]);
+            TraceContextPropagator::new().extract(&carrier)
+        }
+        Err(_) => opentelemetry::Context::new(),
+    };
+    let start = STARTED.get().copied().unwrap_or_else(SystemTime::now);
+    let mut span = tracer
+        .span_builder(name)
+        .with_start_time(start)
+        .start_with_context(&tracer, &parent);
+    span.end();
+}
+
 /// Sends the spans finished so far, waiting at most `timeout` (before a
 /// program exits).
 pub fn flush(timeout: Duration) {
@@ -472,6 +505,13 @@ impl Output {
             };
             wire::encode_frame(&hello, &mut bytes).map_err(|e| e.to_string())?;
         }
+        // the guest's clock, for the forwarder to line its times up
+        let clock = wire::Frame {
+            body: Some(wire::frame::Body::Clock(wire::Clock {
+                unix_nano: nanos(SystemTime::now()),
+            })),
+        };
+        wire::encode_frame(&clock, &mut bytes).map_err(|e| e.to_string())?;
         // the drops not yet told to the forwarder (the total stays for the
         // agent's metrics)
         let unreported = DROPPED

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-pub use crate::tracepb::{attribute, frame, Attribute, Dropped, Event, Frame, Hello, Span};
+pub use crate::tracepb::{attribute, frame, Attribute, Clock, Dropped, Event, Frame, Hello, Span};
 
 /// The schema version this build speaks.
 pub const VERSION: u8 = 1;
@@ -167,6 +167,23 @@ pub fn decode_stream(data: &[u8]) -> Result<Vec<Frame>, WireError> {
         out.push(f);
     }
     Ok(out)
+}
+
+/// Moves every time of `s` by `offset_ns` (the receiver's clock minus the
+/// sender's), saturating at the ends of the range.
+pub fn shift(s: &mut Span, offset_ns: i64) {
+    let mv = |t: u64| -> u64 {
+        if offset_ns >= 0 {
+            t.saturating_add(offset_ns as u64)
+        } else {
+            t.saturating_sub(offset_ns.unsigned_abs())
+        }
+    };
+    s.start_unix_nano = mv(s.start_unix_nano);
+    s.end_unix_nano = mv(s.end_unix_nano);
+    for e in &mut s.events {
+        e.time_unix_nano = mv(e.time_unix_nano);
+    }
 }
 
 /// `s` cut to at most `max` bytes at a character boundary.

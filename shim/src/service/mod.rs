@@ -26,7 +26,7 @@ use kata_proto::agent as pb;
 use kata_proto::config::Config;
 use oci_spec::runtime::Spec;
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::error::{err, Code};
 use crate::guest_events::{forward_oom, RateLimit, OOM_BURST, OOM_PER_SEC};
@@ -34,6 +34,14 @@ use crate::io::{self as stdio, Paths};
 use crate::pod::{Pod, Size};
 use crate::spec::{self as ocispec, Role};
 use crate::{mounts, options};
+
+/// What Create reads first ([`Service::prepare_create`]).
+struct Prepared {
+    spec: Spec,
+    role: Role,
+    pod_id: String,
+    config: Option<(Config, String)>,
+}
 
 /// Bundle file naming the pod of a container, read by `shim delete` after a
 /// crash.
@@ -91,6 +99,7 @@ impl Service {
             pod: Mutex::new(None),
             destroying: AtomicBool::new(false),
             containers: StdMutex::new(HashMap::new()),
+            traces: StdMutex::new(HashMap::new()),
         }))
     }
 
@@ -259,7 +268,9 @@ impl Service {
         });
     }
 
-    async fn create_pod(&self, id: &str, spec: &Spec, opts: Option<&Any>) -> TtrpcResult<Arc<Pod>> {
+    /// The pod's configuration (the file, then the pod's annotations), and
+    /// the file's name for errors.
+    fn pod_config(&self, spec: &Spec, opts: Option<&Any>) -> TtrpcResult<(Config, String)> {
         let explicit = opts.and_then(options::config_path);
         let (mut cfg, source) = Config::discover_with_source(explicit.as_deref())
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
@@ -271,6 +282,106 @@ impl Service {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "the built-in configuration".into());
+        Ok((cfg, name))
+    }
+
+    /// What Create reads before it acts: the checked ids, the spec, and for
+    /// the pod's first container the pod's configuration; tracing starts
+    /// here when that configuration asks for it.
+    fn prepare_create(&self, req: &api::CreateTaskRequest) -> TtrpcResult<Prepared> {
+        let cid = req.id.as_str();
+        kata_proto::ids::ContainerId::new(cid)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        if self.container(cid).is_ok() {
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("container {cid} already exists"),
+            ));
+        }
+        let spec = load_spec(&req.bundle)?;
+        let role = ocispec::role(&spec);
+        let pod_id = ocispec::pod_id(&spec, cid);
+        // the pod id of a member comes from its annotations
+        kata_proto::ids::SandboxId::new(pod_id.as_str())
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let config = if role == Role::Owner {
+            kata_proto::logging::set_sandbox_id(cid);
+            let (cfg, name) = self.pod_config(&spec, req.options.as_ref())?;
+            if cfg.runtime.enable_tracing {
+                crate::pod::start_tracing(&cfg).map_err(|e| {
+                    err(Code::INVALID_ARGUMENT, format!("configuration {name}: {e}"))
+                })?;
+            }
+            Some((cfg, name))
+        } else {
+            None
+        };
+        Ok(Prepared {
+            spec,
+            role,
+            pod_id,
+            config,
+        })
+    }
+
+    /// Starts container `cid`'s trace (its root span lives until Delete)
+    /// and returns the span of its Create; no span when tracing is off.
+    fn container_trace(&self, cid: &str) -> tracing::Span {
+        if !kata_proto::trace::enabled() {
+            return tracing::Span::none();
+        }
+        let root = tracing::info_span!(
+            parent: None,
+            "container",
+            otel.name = "container",
+            container_id = cid,
+            sandbox_id = kata_proto::logging::sandbox_id().unwrap_or("")
+        );
+        self.0
+            .traces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cid.to_string(), root);
+        self.call_span("Create", cid)
+    }
+
+    /// Ends container `cid`'s trace (its root span is exported once the
+    /// spans under it have ended).
+    fn end_container_trace(&self, cid: &str) {
+        self.0
+            .traces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(cid);
+    }
+
+    /// The span of one task API call about container `cid`, in that
+    /// container's trace. Wait, State, Stats and Connect get none: they
+    /// wait or poll, and would bury the lifecycle in noise.
+    fn call_span(&self, method: &'static str, cid: &str) -> tracing::Span {
+        if !kata_proto::trace::enabled() || matches!(method, "Wait" | "State" | "Stats" | "Connect")
+        {
+            return tracing::Span::none();
+        }
+        let traces = self.0.traces.lock().unwrap_or_else(|p| p.into_inner());
+        let parent = traces.get(cid).and_then(|root| root.id());
+        tracing::info_span!(
+            parent: parent,
+            "task",
+            otel.name = method,
+            otel.kind = "server",
+            container_id = cid,
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty
+        )
+    }
+
+    async fn create_pod(
+        &self,
+        id: &str,
+        spec: &Spec,
+        (cfg, name): (Config, String),
+    ) -> TtrpcResult<Arc<Pod>> {
         if let PodSource::HostAgent(addr) = &self.0.source {
             let pod = Pod::attach_host_agent(id, cfg, addr.clone())
                 .await

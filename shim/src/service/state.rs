@@ -98,6 +98,9 @@ pub(super) struct Inner {
     pub(super) pod: Mutex<Option<Arc<Pod>>>,
     pub(super) destroying: AtomicBool,
     pub(super) containers: StdMutex<HashMap<String, Arc<Ctr>>>,
+    /// The root span of each container's trace (Create to Delete), while
+    /// tracing is on.
+    pub(super) traces: StdMutex<HashMap<String, tracing::Span>>,
 }
 
 /// Now, as containerd's timestamps.

@@ -2,14 +2,28 @@
 
 use super::*;
 
-/// Counts a task API call and its time, by method and result code, for the
-/// pod's `/metrics` (`kata_shim_task_calls_total`,
-/// `kata_shim_task_call_duration_seconds`).
-fn metered<T>(method: &'static str, t0: std::time::Instant, r: &TtrpcResult<T>) {
+/// Ends a task API call: counts it and its time, by method and result code,
+/// for the pod's `/metrics` (`kata_shim_task_calls_total`,
+/// `kata_shim_task_call_duration_seconds`), and marks its span failed with
+/// the error.
+fn finish<T>(
+    span: &tracing::Span,
+    method: &'static str,
+    t0: std::time::Instant,
+    r: &TtrpcResult<T>,
+) {
     let code = match r {
         Ok(_) => "OK".to_string(),
-        Err(containerd_shim::protos::ttrpc::Error::RpcStatus(s)) => format!("{:?}", s.code()),
-        Err(_) => "UNKNOWN".to_string(),
+        Err(containerd_shim::protos::ttrpc::Error::RpcStatus(s)) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_message", s.message());
+            format!("{:?}", s.code())
+        }
+        Err(e) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_message", e.to_string());
+            "UNKNOWN".to_string()
+        }
     };
     crate::monitor::record_call(method, &code, t0.elapsed());
 }
@@ -22,27 +36,24 @@ impl Task for Service {
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         let t0 = std::time::Instant::now();
+        // the spec, and the pod's configuration for the first container,
+        // are read before anything else: the configuration says whether
+        // this call is traced
+        let prepared = self.prepare_create(&req);
+        let span = self.container_trace(&req.id);
         let r: TtrpcResult<api::CreateTaskResponse> = async {
             let cid = req.id.clone();
-            kata_proto::ids::ContainerId::new(cid.as_str())
-                .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
-            if self.container(&cid).is_ok() {
-                return Err(err(
-                    Code::ALREADY_EXISTS,
-                    format!("container {cid} already exists"),
-                ));
-            }
-            let spec = load_spec(&req.bundle)?;
-            let role = ocispec::role(&spec);
-            let pod_id = ocispec::pod_id(&spec, &cid);
-            // the pod id of a member comes from its annotations
-            kata_proto::ids::SandboxId::new(pod_id.as_str())
-                .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+            let Prepared {
+                spec,
+                role,
+                pod_id,
+                config,
+            } = prepared?;
             // tells `shim delete` which pod to clean if this shim dies
             let _ = std::fs::write(Path::new(&req.bundle).join(SANDBOX_FILE), &pod_id);
             let owner = role == Role::Owner;
-            let pod = match role {
-                Role::Owner => {
+            let pod = match (role, config) {
+                (Role::Owner, Some(config)) => {
                     let mut slot = self.0.pod.lock().await;
                     if let Some(p) = slot.as_ref() {
                         return Err(err(
@@ -50,13 +61,15 @@ impl Task for Service {
                             format!("this shim already serves pod {}", p.id),
                         ));
                     }
-                    kata_proto::logging::set_sandbox_id(&cid);
-                    let pod = self.create_pod(&cid, &spec, req.options.as_ref()).await?;
+                    let pod = self.create_pod(&cid, &spec, config).await?;
                     *slot = Some(pod.clone());
                     self.spawn_pod_watch(pod.clone());
                     pod
                 }
-                Role::Member { sandbox_id } => {
+                (Role::Owner, None) => {
+                    return Err(err(Code::INTERNAL, "the pod's configuration was not read"))
+                }
+                (Role::Member { sandbox_id }, _) => {
                     let pod = self.pod().await?;
                     if pod.id != sandbox_id {
                         return Err(err(
@@ -126,8 +139,13 @@ impl Task for Service {
                 ..Default::default()
             })
         }
+        .instrument(span.clone())
         .await;
-        metered("Create", t0, &r);
+        finish(&span, "Create", t0, &r);
+        if r.is_err() {
+            // a failed create ends its container's trace
+            self.end_container_trace(&req.id);
+        }
         r
     }
 
@@ -137,6 +155,7 @@ impl Task for Service {
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("Start", &req.id);
         let r: TtrpcResult<api::StartResponse> = async {
             let c = self.container(&req.id)?;
             let p = c.process(&req.exec_id)?;
@@ -227,8 +246,9 @@ impl Task for Service {
                 ..Default::default()
             })
         }
+        .instrument(span.clone())
         .await;
-        metered("Start", t0, &r);
+        finish(&span, "Start", t0, &r);
         r
     }
 
@@ -238,6 +258,7 @@ impl Task for Service {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("Delete", &req.id);
         let r: TtrpcResult<api::DeleteResponse> = async {
             let c = self.container(&req.id)?;
             let pid = self
@@ -330,8 +351,12 @@ impl Task for Service {
                 ..Default::default()
             })
         }
+        .instrument(span.clone())
         .await;
-        metered("Delete", t0, &r);
+        finish(&span, "Delete", t0, &r);
+        if r.is_ok() && req.exec_id.is_empty() {
+            self.end_container_trace(&req.id);
+        }
         r
     }
 
@@ -341,6 +366,7 @@ impl Task for Service {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("State", &req.id);
         let r: TtrpcResult<api::StateResponse> = async {
             let c = self.container(&req.id)?;
             let p = c.process(&req.exec_id)?;
@@ -368,8 +394,9 @@ impl Task for Service {
                 ..Default::default()
             })
         }
+        .instrument(span.clone())
         .await;
-        metered("State", t0, &r);
+        finish(&span, "State", t0, &r);
         r
     }
 
@@ -379,6 +406,7 @@ impl Task for Service {
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("Pids", &req.id);
         let r: TtrpcResult<api::PidsResponse> = async {
             self.container(&req.id)?;
             let agent = self.pod().await?.agent();
@@ -401,15 +429,19 @@ impl Task for Service {
                 ..Default::default()
             })
         }
+        .instrument(span.clone())
         .await;
-        metered("Pids", t0, &r);
+        finish(&span, "Pids", t0, &r);
         r
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let t0 = std::time::Instant::now();
-        let r: TtrpcResult<api::Empty> = async { self.set_paused(&req.id, true).await }.await;
-        metered("Pause", t0, &r);
+        let span = self.call_span("Pause", &req.id);
+        let r: TtrpcResult<api::Empty> = async { self.set_paused(&req.id, true).await }
+            .instrument(span.clone())
+            .await;
+        finish(&span, "Pause", t0, &r);
         r
     }
 
@@ -419,8 +451,11 @@ impl Task for Service {
         req: api::ResumeRequest,
     ) -> TtrpcResult<api::Empty> {
         let t0 = std::time::Instant::now();
-        let r: TtrpcResult<api::Empty> = async { self.set_paused(&req.id, false).await }.await;
-        metered("Resume", t0, &r);
+        let span = self.call_span("Resume", &req.id);
+        let r: TtrpcResult<api::Empty> = async { self.set_paused(&req.id, false).await }
+            .instrument(span.clone())
+            .await;
+        finish(&span, "Resume", t0, &r);
         r
     }
 
@@ -430,19 +465,22 @@ impl Task for Service {
         _req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("Checkpoint", &_req.id);
         let r: TtrpcResult<api::Empty> = async {
             Err(err(
                 Code::UNIMPLEMENTED,
                 "checkpoint is not supported by kata-rs: a VM's containers cannot be checkpointed with CRIU",
             ))
         }
+        .instrument(span.clone())
         .await;
-        metered("Checkpoint", t0, &r);
+        finish(&span, "Checkpoint", t0, &r);
         r
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("Kill", &req.id);
         let r: TtrpcResult<api::Empty> = async {
             let c = self.container(&req.id)?;
             let p = c.process(&req.exec_id)?;
@@ -474,8 +512,9 @@ impl Task for Service {
                 .await?;
             Ok(api::Empty::default())
         }
+        .instrument(span.clone())
         .await;
-        metered("Kill", t0, &r);
+        finish(&span, "Kill", t0, &r);
         r
     }
 
@@ -485,6 +524,7 @@ impl Task for Service {
         req: api::ExecProcessRequest,
     ) -> TtrpcResult<api::Empty> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("Exec", &req.id);
         let r: TtrpcResult<api::Empty> = async {
             let c = self.container(&req.id)?;
             if req.exec_id.is_empty() {
@@ -531,8 +571,9 @@ impl Task for Service {
             .await;
             Ok(api::Empty::default())
         }
+        .instrument(span.clone())
         .await;
-        metered("Exec", t0, &r);
+        finish(&span, "Exec", t0, &r);
         r
     }
 
@@ -542,6 +583,7 @@ impl Task for Service {
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("ResizePty", &req.id);
         let r: TtrpcResult<api::Empty> = async {
             self.container(&req.id)?.process(&req.exec_id)?;
             let agent = self.pod().await?.agent();
@@ -555,8 +597,9 @@ impl Task for Service {
                 .await?;
             Ok(api::Empty::default())
         }
+        .instrument(span.clone())
         .await;
-        metered("ResizePty", t0, &r);
+        finish(&span, "ResizePty", t0, &r);
         r
     }
 
@@ -566,6 +609,7 @@ impl Task for Service {
         req: api::CloseIORequest,
     ) -> TtrpcResult<api::Empty> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("CloseIo", &req.id);
         let r: TtrpcResult<api::Empty> = async {
             let p = self.container(&req.id)?.process(&req.exec_id)?;
             if req.stdin {
@@ -575,8 +619,9 @@ impl Task for Service {
             }
             Ok(api::Empty::default())
         }
+        .instrument(span.clone())
         .await;
-        metered("CloseIo", t0, &r);
+        finish(&span, "CloseIo", t0, &r);
         r
     }
 
@@ -586,6 +631,7 @@ impl Task for Service {
         req: api::UpdateTaskRequest,
     ) -> TtrpcResult<api::Empty> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("Update", &req.id);
         let r: TtrpcResult<api::Empty> = async {
             self.container(&req.id)?;
             let json = req
@@ -610,8 +656,9 @@ impl Task for Service {
                 .await?;
             Ok(api::Empty::default())
         }
+        .instrument(span.clone())
         .await;
-        metered("Update", t0, &r);
+        finish(&span, "Update", t0, &r);
         r
     }
 
@@ -621,6 +668,7 @@ impl Task for Service {
         req: api::WaitRequest,
     ) -> TtrpcResult<api::WaitResponse> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("Wait", &req.id);
         let r: TtrpcResult<api::WaitResponse> = async {
             let p = self.container(&req.id)?.process(&req.exec_id)?;
             let mut rx = p.exit.subscribe();
@@ -638,8 +686,9 @@ impl Task for Service {
                 ..Default::default()
             })
         }
+        .instrument(span.clone())
         .await;
-        metered("Wait", t0, &r);
+        finish(&span, "Wait", t0, &r);
         r
     }
 
@@ -649,6 +698,7 @@ impl Task for Service {
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("Stats", &req.id);
         let r: TtrpcResult<api::StatsResponse> = async {
             self.container(&req.id)?;
             let agent = self.pod().await?.agent();
@@ -663,8 +713,9 @@ impl Task for Service {
                 ..Default::default()
             })
         }
+        .instrument(span.clone())
         .await;
-        metered("Stats", t0, &r);
+        finish(&span, "Stats", t0, &r);
         r
     }
 
@@ -674,6 +725,7 @@ impl Task for Service {
         _req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("Connect", "");
         let r: TtrpcResult<api::ConnectResponse> = async {
             let pid = self
                 .0
@@ -690,8 +742,9 @@ impl Task for Service {
                 ..Default::default()
             })
         }
+        .instrument(span.clone())
         .await;
-        metered("Connect", t0, &r);
+        finish(&span, "Connect", t0, &r);
         r
     }
 
@@ -701,6 +754,7 @@ impl Task for Service {
         _req: api::ShutdownRequest,
     ) -> TtrpcResult<api::Empty> {
         let t0 = std::time::Instant::now();
+        let span = self.call_span("Shutdown", "");
         let r: TtrpcResult<api::Empty> = async {
             let empty = self
                 .0
@@ -711,12 +765,21 @@ impl Task for Service {
             if empty {
                 self.destroy_pod().await;
                 info!("shutting down");
+                // the process ends soon: what was traced leaves first
+                self.0
+                    .traces
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+                kata_proto::trace::flush(Duration::from_secs(2));
                 self.0.exit.signal();
             }
             Ok(api::Empty::default())
         }
+        .instrument(span.clone())
         .await;
-        metered("Shutdown", t0, &r);
+        finish(&span, "Shutdown", t0, &r);
+
         r
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use kata_proto::launcher::{Accelerator, VmSpec};
 use kata_proto::paths::{self, ports};
 use kata_proto::process::start_time;
+use tracing::Instrument;
 use tracing::{debug, info, warn};
 
 use super::nic::{open_devices, Nics};
@@ -67,6 +68,8 @@ impl Actor {
             let what = format!("{what} {}", p.display());
             move |e: std::io::Error| LauncherError::Io(what, e)
         };
+        // (no await until QEMU is spawned: the span is left before one)
+        let prepare = tracing::info_span!("jail_prepare").entered();
         // vm/ is the one host directory the jailed hypervisor reaches (its
         // QMP socket, the vhost-user sockets): its own, 0700
         files::private_dir(vm_dir, DIR_MODE, Some((uid, uid))).map_err(io("creating", vm_dir))?;
@@ -173,10 +176,13 @@ impl Actor {
             cmd.pre_exec(move || jail.enter());
         }
         debug!(?args, "starting {}", spec.hypervisor_path);
+        drop(prepare);
         let t_spawn = Instant::now();
+        let spawned = tracing::info_span!("qemu_spawn").entered();
         let mut child = cmd
             .spawn()
             .map_err(|e| LauncherError::Spawn(spec.hypervisor_path.clone(), e))?;
+        drop(spawned);
         // our copies of the pipe's write end: the console reader sees end of
         // file when QEMU is gone
         drop(cmd);
@@ -186,7 +192,10 @@ impl Actor {
         self.record
             .save(&self.paths)
             .map_err(io("writing", &self.paths.launcher_state()))?;
-        let qmp = match connect_qmp(&vm_dir.join("qmp.sock"), &mut child).await {
+        let qmp = match connect_qmp(&vm_dir.join("qmp.sock"), &mut child)
+            .instrument(tracing::info_span!("qmp_connect"))
+            .await
+        {
             Ok(q) => Arc::new(q),
             Err(e) => {
                 let _ = child.start_kill();

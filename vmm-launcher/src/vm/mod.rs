@@ -24,6 +24,7 @@ use kata_proto::launcher::{Accelerator, NetDevice, VmExit, VmSpec, VmStatusRespo
 use kata_proto::paths::{self, ports, SandboxPaths};
 use kata_proto::process::start_time;
 use tokio::sync::{mpsc, oneshot, watch as wch};
+use tracing::Instrument;
 use tracing::{info, warn};
 
 use crate::console;
@@ -159,7 +160,8 @@ fn exited(e: &VmExit) -> LauncherError {
 /// The handle the server holds: sends commands to the VM's owner task.
 #[derive(Clone)]
 pub(crate) struct Vm {
-    tx: mpsc::Sender<Command>,
+    /// Commands, each with the caller's span (the actor works in it).
+    tx: mpsc::Sender<(Command, tracing::Span)>,
 }
 
 impl Vm {
@@ -189,7 +191,7 @@ impl Vm {
     async fn call<T>(&self, cmd: impl FnOnce(Reply<T>) -> Command) -> Result<T, LauncherError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(cmd(reply))
+            .send((cmd(reply), tracing::Span::current()))
             .await
             .map_err(|_| LauncherError::Gone)?;
         rx.await.map_err(|_| LauncherError::Gone)?
@@ -337,12 +339,12 @@ struct Actor {
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<(Command, tracing::Span)>) {
         let mut exit = self.exit.subscribe();
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.apply(cmd).await,
+                    Some((cmd, span)) => self.apply(cmd).instrument(span).await,
                     None => break,
                 },
                 Ok(()) = exit.changed() => self.note_exit(),
