@@ -9,6 +9,7 @@
 //! * [`process`]: telling one host process from a later one with its pid.
 
 pub mod config;
+pub mod console;
 pub mod dialer;
 pub mod host;
 pub mod http;
