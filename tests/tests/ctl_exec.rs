@@ -138,7 +138,7 @@ fn kata_ctl_exec_in_a_terminal_and_for_one_command() {
     );
     let exec = format!("{} exec console-on", kata_tests::bin("kata-ctl").display());
     tmux.keys(&[&exec, "Enter"]);
-    tmux.wait_for(|s| s.contains("kata# "), "the guest's prompt");
+    tmux.wait_for(|s| s.contains("kata#"), "the guest's prompt");
     tmux.keys(&["echo $((6*7))", "Enter"]);
     tmux.wait_for(|s| s.lines().any(|l| l.trim() == "42"), "42");
     tmux.keys(&["stty size", "Enter"]);
@@ -146,7 +146,7 @@ fn kata_ctl_exec_in_a_terminal_and_for_one_command() {
         |s| s.lines().any(|l| l.trim() == pane.trim()),
         &format!("the pane's size {pane:?} from stty size"),
     );
-    assert!(s.contains("kata# "), "{s}");
+    assert!(s.contains("kata#"), "{s}");
     // Ctrl-] leaves, back to the host shell
     tmux.keys(&["C-]"]);
     tmux.wait_for(|s| s.contains("left the console"), "the way out");
