@@ -181,8 +181,8 @@ pub fn kill_and_delete(c: &crate::containerd::Containerd, id: &str) {
 /// returns what it printed (stdout and stderr). This is the test's hostile
 /// guest: root in the VM, as a container that escaped would be.
 pub fn guest_shell(id: &str, script: &str) -> String {
+    use kata_proto::console::{Frame, FrameReader, Request};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const END: &str = "__kata_test_end__";
     let addr = kata_proto::dialer::Address::Hybrid {
         path: kata_proto::paths::SandboxPaths::new(id).vsock_uds(),
         port: kata_proto::paths::ports::DEBUG_CONSOLE,
@@ -195,30 +195,33 @@ pub fn guest_shell(id: &str, script: &str) -> String {
         let mut s = kata_proto::dialer::dial(&addr, Duration::from_secs(10))
             .await
             .unwrap_or_else(|e| panic!("debug console of pod {id}: {e}"));
-        let line = format!("{{ {script} ; }} 2>&1; echo {END}\n");
-        s.write_all(line.as_bytes())
+        let req = Request::Exec {
+            argv: vec!["/bin/sh".into(), "-c".into(), format!("{{ {script} ; }} 2>&1")],
+        };
+        s.write_all(req.header().as_bytes())
             .await
             .expect("write to the console");
+        s.shutdown().await.expect("end the command's stdin");
         let mut out = Vec::new();
         let read = async {
+            let mut frames = FrameReader::default();
             let mut buf = [0u8; 4096];
             loop {
                 let n = s.read(&mut buf).await.expect("read the console");
-                if n == 0 {
-                    break;
-                }
-                out.extend_from_slice(&buf[..n]);
-                if String::from_utf8_lossy(&out).contains(&format!("{END}\n")) {
-                    break;
+                assert!(n > 0, "the console ended without an exit status");
+                frames.feed(&buf[..n]);
+                while let Some(f) = frames.next_frame().expect("console frames") {
+                    match f {
+                        Frame::Stdout(d) | Frame::Stderr(d) => out.extend_from_slice(&d),
+                        Frame::Exit(_) => return,
+                    }
                 }
             }
         };
         tokio::time::timeout(Duration::from_secs(60), read)
             .await
             .unwrap_or_else(|_| panic!("the guest shell did not finish {script:?}"));
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let text = text.split(END).next().unwrap_or_default();
-        text.replace("kata# ", "")
+        String::from_utf8_lossy(&out).into_owned()
     })
 }
 
