@@ -110,7 +110,7 @@ test: deps test-image lint
 # Coverage instrumentation uses stable rustc flags only (no nightly, no
 # cargo-fuzz); libfuzzer-sys builds libFuzzer with g++.
 FUZZ_SECONDS ?= 90
-FUZZ_TARGETS := agent_request vsock_packet fuse_request metrics_text
+FUZZ_TARGETS := agent_request vsock_packet fuse_request metrics_text trace_stream
 FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
   -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
   -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks
