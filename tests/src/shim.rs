@@ -196,7 +196,11 @@ pub fn guest_shell(id: &str, script: &str) -> String {
             .await
             .unwrap_or_else(|e| panic!("debug console of pod {id}: {e}"));
         let req = Request::Exec {
-            argv: vec!["/bin/sh".into(), "-c".into(), format!("{{ {script} ; }} 2>&1")],
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("{{ {script} ; }} 2>&1"),
+            ],
         };
         s.write_all(req.header().as_bytes())
             .await

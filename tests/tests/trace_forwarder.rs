@@ -73,7 +73,13 @@ fn bad_streams_are_dropped_and_the_forwarder_keeps_serving() {
     let mut bad = span("bad", 2);
     bad.trace_id = vec![0; 16];
     for s in [span("kept-before-the-bad-one", 1), bad] {
-        wire::encode_frame(&Frame { body: Some(Body::Span(s)) }, &mut mixed).unwrap();
+        wire::encode_frame(
+            &Frame {
+                body: Some(Body::Span(s)),
+            },
+            &mut mixed,
+        )
+        .unwrap();
     }
     send_and_wait_close(&sock, &mixed);
 
@@ -105,7 +111,11 @@ fn bad_streams_are_dropped_and_the_forwarder_keeps_serving() {
     };
     assert_eq!(
         names,
-        ["kept-before-the-bad-one", "CreateContainer", "StartContainer"]
+        [
+            "kept-before-the-bad-one",
+            "CreateContainer",
+            "StartContainer"
+        ]
     );
     assert!(fwd.try_wait().unwrap().is_none(), "the forwarder runs on");
     nix::sys::signal::kill(
@@ -118,7 +128,9 @@ fn bad_streams_are_dropped_and_the_forwarder_keeps_serving() {
     let mut log = String::new();
     fwd.stderr.take().unwrap().read_to_string(&mut log).unwrap();
     assert!(
-        log.contains("received 3 spans, forwarded 3, dropped 0 here and 0 by the agent; 5 streams refused"),
+        log.contains(
+            "received 3 spans, forwarded 3, dropped 0 here and 0 by the agent; 5 streams refused"
+        ),
         "{log}"
     );
     assert!(!sock.exists(), "the socket is removed at exit");

@@ -30,7 +30,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tracing::Subscriber;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::filter::dynamic_filter_fn;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
@@ -112,7 +112,9 @@ where
         .with_level(false)
         .with_target(false)
         .with_tracked_inactivity(false)
-        .with_filter(filter_fn(|meta| {
+        // a dynamic filter: its answer changes when tracing starts, so no
+        // callsite may cache it
+        .with_filter(dynamic_filter_fn(|meta, _| {
             enabled()
                 && meta.target().starts_with("kata")
                 && if meta.is_span() {

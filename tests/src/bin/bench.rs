@@ -26,6 +26,8 @@ mod net;
 mod pod;
 #[path = "bench/policy.rs"]
 mod policy;
+#[path = "bench/trace.rs"]
+mod trace;
 #[path = "bench/virtiofs.rs"]
 mod virtiofs;
 
@@ -76,6 +78,12 @@ async fn main() {
     // KATA_BENCH_ONLY=policy: only the agent policy section
     if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("policy") {
         return policy::policy_section().await;
+    }
+    // KATA_BENCH_ONLY=trace: only the tracing section
+    if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("trace") {
+        return tokio::task::spawn_blocking(trace::trace_section)
+            .await
+            .expect("the tracing section");
     }
     // KATA_BENCH_ONLY=pod: only the containerd pod section
     if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("pod") {
@@ -190,6 +198,9 @@ async fn main() {
     tokio::task::spawn_blocking(metrics::metrics_section)
         .await
         .expect("the metrics section");
+    tokio::task::spawn_blocking(trace::trace_section)
+        .await
+        .expect("the tracing section");
     tokio::task::spawn_blocking(net::net_section)
         .await
         .expect("the network section");

@@ -18,7 +18,7 @@ const PARALLEL: usize = 10;
 
 /// Starts `ctr run` and returns the time to its first stdout byte and to its
 /// exit, and everything it printed.
-fn timed_run(c: &Containerd, args: &[&str]) -> (f64, f64, Vec<u8>) {
+pub(crate) fn timed_run(c: &Containerd, args: &[&str]) -> (f64, f64, Vec<u8>) {
     let mut cmd = c.ctr_command(c.namespace());
     cmd.args(args)
         .stdin(Stdio::null())
@@ -49,7 +49,7 @@ fn timed_run(c: &Containerd, args: &[&str]) -> (f64, f64, Vec<u8>) {
 }
 
 /// The shim's own figures for pod `id` from containerd's log ("pod is up").
-fn shim_timings(c: &Containerd, id: &str) -> Option<[f64; 5]> {
+pub(crate) fn shim_timings(c: &Containerd, id: &str) -> Option<[f64; 5]> {
     let log = std::fs::read_to_string(c.log_path()).ok()?;
     let line = log
         .lines()
