@@ -237,9 +237,14 @@ async fn spawn_virtiofsd(cfg: &Config, id: &str, paths: &SandboxPaths) -> Result
         .stdout(Stdio::piped())
         .kill_on_drop(true);
     die_with_parent(&mut cmd);
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .map_err(PodError::host(format!("starting {}", bin.display())))?;
+    wait_ready(child, &bin).await
+}
+
+/// Waits for a helper's `READY` line; kills and reaps it if it does not come.
+async fn wait_ready(mut child: Child, bin: &Path) -> Result<Child> {
     let ready = match child.stdout.take() {
         Some(out) => kata_proto::wait_ready_line(out, Duration::from_secs(10)).await,
         None => Err("no stdout".into()),
@@ -304,19 +309,7 @@ async fn spawn_forwarder(cfg: &Config, id: &str, paths: &SandboxPaths) -> Result
             }
         });
     }
-    let ready = match child.stdout.take() {
-        Some(out) => kata_proto::wait_ready_line(out, Duration::from_secs(10)).await,
-        None => Err("no stdout".into()),
-    };
-    if let Err(why) = ready {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-        return Err(PodError::Host {
-            what: format!("starting {}", bin.display()),
-            why,
-        });
-    }
-    Ok(child)
+    wait_ready(child, &bin).await
 }
 
 fn accelerator(name: &str) -> Accelerator {
