@@ -77,7 +77,7 @@ DESTDIR ?=
 install: image
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/usr/share/kata-rs/guest $(DESTDIR)/usr/share/defaults/kata-containers
 	install -m 0755 $(BIN)/containerd-shim-kata-v2 $(BIN)/kata-vmm-launcher $(BIN)/kata-virtiofsd \
-	  $(BIN)/kata-netmon $(BIN)/kata-ctl $(BIN)/kata-monitor $(DESTDIR)$(PREFIX)/bin/
+	  $(BIN)/kata-netmon $(BIN)/kata-ctl $(BIN)/kata-monitor $(BIN)/kata-trace-forwarder $(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)/manifest.json \
 	  $(DESTDIR)/usr/share/kata-rs/guest/
 	install -m 0644 config/configuration.toml $(DESTDIR)/usr/share/defaults/kata-containers/configuration.toml
