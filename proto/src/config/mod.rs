@@ -483,6 +483,25 @@ impl Config {
             true,
         )?;
         absolute("hypervisor.qemu.launcher", &q.launcher, true)?;
+        absolute(
+            "agent.kata.trace_forwarder",
+            &self.agent.kata.trace_forwarder,
+            true,
+        )?;
+        let ep = &self.runtime.jaeger_endpoint;
+        if !ep.is_empty() {
+            let rest = ep
+                .strip_prefix("http://")
+                .or_else(|| ep.strip_prefix("https://"))
+                .unwrap_or("");
+            if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
+                return Err(E::bad(
+                    "runtime.jaeger_endpoint",
+                    ep,
+                    "must be an OTLP/gRPC URL such as http://localhost:4317",
+                ));
+            }
+        }
         if q.default_vcpus == 0 {
             return Err(E::bad(
                 "hypervisor.qemu.default_vcpus",

@@ -185,8 +185,8 @@ fn config_errors_name_the_key() {
             "runtime.enable_debug: invalid type",
         ),
         (
-            "[runtime]\njaeger_endpoint = \"x\"\n",
-            "runtime.jaeger_endpoint: unknown key",
+            "[runtime]\njaeger_thrift = \"x\"\n",
+            "runtime.jaeger_thrift: unknown key",
         ),
     ];
     for (text, want) in cases {
@@ -229,6 +229,14 @@ fn config_semantic_errors_name_the_key() {
         (
             "[hypervisor.qemu]\ndefault_vcpus = 0\n",
             "hypervisor.qemu.default_vcpus = 0",
+        ),
+        (
+            "[runtime]\njaeger_endpoint = \"localhost:4317\"\n",
+            "runtime.jaeger_endpoint = \"localhost:4317\": must be an OTLP/gRPC URL",
+        ),
+        (
+            "[agent.kata]\ntrace_forwarder = \"fwd\"\n",
+            "agent.kata.trace_forwarder = \"fwd\"",
         ),
         (
             "[hypervisor.qemu]\ndefault_vcpus = 4\ndefault_maxvcpus = 2\n",
