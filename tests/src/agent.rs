@@ -498,7 +498,27 @@ pub async fn assert_pids_limit_holds(c: &mut Client, addr: &Address, id: &str, l
     .expect("exec the forker");
     let err = collect(stream(addr, Which::Stderr, id, "fork").await);
     let _out = collect(stream(addr, Which::Stdout, id, "fork").await);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // the forker reaches the limit (a busy machine may take more than a
+    // moment), then its next fork fails and says so
+    let t0 = std::time::Instant::now();
+    loop {
+        let now = c
+            .stats_container(StatsContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .expect("StatsContainer")
+            .into_inner()
+            .cgroup_stats
+            .and_then(|s| s.pids_stats)
+            .map(|p| p.current)
+            .unwrap_or(0);
+        if now >= limit || t0.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let current = c
         .stats_container(StatsContainerRequest {
             container_id: id.into(),
