@@ -292,6 +292,16 @@ fn bad_input_is_a_clear_error_and_leaves_nothing() {
             ],
             "not allowed",
         ),
+        (
+            "b5",
+            vec!["--cgroup".into(), "/kata-rs-test/../../escape".into()],
+            "cgroupsPath \"/kata-rs-test/../../escape\": no '.' or '..' components",
+        ),
+        (
+            "b6",
+            vec!["--cgroup".into(), "kubepods:cri-containerd:b6".into()],
+            "the slice must be a systemd slice name ending in .slice",
+        ),
     ];
     for (id, extra, want) in cases {
         let mut a: Vec<&str> = vec!["run", "--rm", "--runtime", RUNTIME];

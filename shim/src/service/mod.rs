@@ -299,6 +299,19 @@ impl Service {
             ));
         }
         let spec = load_spec(&req.bundle)?;
+        // the host cgroup containerd or the kubelet names, checked before
+        // anything is made
+        if let Some(p) = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+        {
+            let p = p.to_string_lossy();
+            if !p.is_empty() {
+                kata_proto::cgroups::CgroupPath::parse(&p)
+                    .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+            }
+        }
         let role = ocispec::role(&spec);
         let pod_id = ocispec::pod_id(&spec, cid);
         // the pod id of a member comes from its annotations
