@@ -475,6 +475,19 @@ pub async fn create_sandbox_with_share(c: &mut Client, id: &str) -> Result<(), t
     .map(|_| ())
 }
 
+/// The number of processes in container `id`'s cgroup, as StatsContainer says.
+async fn pids_current(c: &mut Client, id: &str) -> Option<u64> {
+    c.stats_container(StatsContainerRequest {
+        container_id: id.into(),
+    })
+    .await
+    .expect("StatsContainer")
+    .into_inner()
+    .cgroup_stats
+    .and_then(|s| s.pids_stats)
+    .map(|p| p.current)
+}
+
 /// Runs an exec that forks ten long sleeps in container `id` (whose pids
 /// limit is `limit`), checks the cgroup never holds more than `limit`
 /// processes and that the forks beyond it failed, then SIGKILLs everything in
@@ -501,35 +514,11 @@ pub async fn assert_pids_limit_holds(c: &mut Client, addr: &Address, id: &str, l
     // the forker reaches the limit (a busy machine may take more than a
     // moment), then its next fork fails and says so
     let t0 = std::time::Instant::now();
-    loop {
-        let now = c
-            .stats_container(StatsContainerRequest {
-                container_id: id.into(),
-            })
-            .await
-            .expect("StatsContainer")
-            .into_inner()
-            .cgroup_stats
-            .and_then(|s| s.pids_stats)
-            .map(|p| p.current)
-            .unwrap_or(0);
-        if now >= limit || t0.elapsed() > Duration::from_secs(10) {
-            break;
-        }
+    while pids_current(c, id).await.unwrap_or(0) < limit && t0.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let current = c
-        .stats_container(StatsContainerRequest {
-            container_id: id.into(),
-        })
-        .await
-        .expect("StatsContainer")
-        .into_inner()
-        .cgroup_stats
-        .and_then(|s| s.pids_stats)
-        .expect("pids stats")
-        .current;
+    let current = pids_current(c, id).await.expect("pids stats");
     assert!(
         current <= limit,
         "the pids limit {limit} holds: {current} processes"
