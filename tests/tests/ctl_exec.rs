@@ -94,6 +94,15 @@ impl Drop for Tmux {
     }
 }
 
+/// Whether a line of `screen` ends with `out` as a command's output (not the
+/// command typed: keys typed ahead are echoed before the prompt that
+/// precedes the output, so a prompt may lead the line).
+fn printed(screen: &str, out: &str) -> bool {
+    screen
+        .lines()
+        .any(|l| l.trim_end().ends_with(out) && !l.contains("echo"))
+}
+
 #[test]
 fn kata_ctl_exec_in_a_terminal_and_for_one_command() {
     kata_tests::require_root();
@@ -140,10 +149,10 @@ fn kata_ctl_exec_in_a_terminal_and_for_one_command() {
     tmux.keys(&[&exec, "Enter"]);
     tmux.wait_for(|s| s.contains("kata#"), "the guest's prompt");
     tmux.keys(&["echo $((6*7))", "Enter"]);
-    tmux.wait_for(|s| s.lines().any(|l| l.trim() == "42"), "42");
+    tmux.wait_for(|s| printed(s, "42"), "42");
     tmux.keys(&["stty size", "Enter"]);
     let s = tmux.wait_for(
-        |s| s.lines().any(|l| l.trim() == pane.trim()),
+        |s| printed(s, pane.trim()),
         &format!("the pane's size {pane:?} from stty size"),
     );
     assert!(s.contains("kata#"), "{s}");
