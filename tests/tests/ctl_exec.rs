@@ -68,8 +68,13 @@ impl Tmux {
         assert!(self.cmd(&a).status.success());
     }
 
+    /// The pane's history and screen (a program may clear the screen).
     fn screen(&self) -> String {
-        text(&self.cmd(&["capture-pane", "-p", "-t", "t"]).stdout)
+        text(
+            &self
+                .cmd(&["capture-pane", "-p", "-S", "-", "-t", "t"])
+                .stdout,
+        )
     }
 
     fn wait_for(&self, what: impl Fn(&str) -> bool, label: &str) -> String {
@@ -94,13 +99,13 @@ impl Drop for Tmux {
     }
 }
 
-/// Whether a line of `screen` ends with `out` as a command's output (not the
-/// command typed: keys typed ahead are echoed before the prompt that
-/// precedes the output, so a prompt may lead the line).
+/// Whether `screen` shows `out`, which only the command's evaluation can
+/// print (the command typed is `echo $((...))`: its echo never contains it;
+/// keys typed ahead may put a prompt before it on its line).
 fn printed(screen: &str, out: &str) -> bool {
     screen
         .lines()
-        .any(|l| l.trim_end().ends_with(out) && !l.contains("echo"))
+        .any(|l| l.contains(out) && !l.contains("echo"))
 }
 
 #[test]
@@ -159,6 +164,23 @@ fn kata_ctl_exec_in_a_terminal_and_for_one_command() {
     // Ctrl-] leaves, back to the host shell
     tmux.keys(&["C-]"]);
     tmux.wait_for(|s| s.contains("left the console"), "the way out");
+    // kata-ctl has ended: the pane runs the host shell again
+    let t0 = Instant::now();
+    loop {
+        let cmd = text(
+            &tmux
+                .cmd(&["display", "-p", "-t", "t", "#{pane_current_command}"])
+                .stdout,
+        );
+        if cmd.trim() == "sh" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the pane still runs {cmd:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     tmux.keys(&["echo back-$((1+1))", "Enter"]);
     tmux.wait_for(
         |s| s.lines().any(|l| l.trim() == "back-2"),
