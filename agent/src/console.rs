@@ -56,9 +56,10 @@ pub fn spawn(port: u32) -> std::io::Result<()> {
 }
 
 /// Reads the header, if the client sends one within [`HEADER_WAIT`]: the
-/// request, and the bytes already read that are the session's input.
-fn header(sock: &File) -> (Request, Vec<u8>) {
-    let plain = |bytes| (Request::Tty { rows: 24, cols: 80 }, bytes);
+/// request, and the bytes already read that are the session's input; `None`
+/// for a header that does not parse (the reason is written to the client).
+fn header(sock: &File) -> Option<(Request, Vec<u8>)> {
+    let plain = |bytes| Some((Request::Tty { rows: 24, cols: 80 }, bytes));
     let tv = TimeVal::new(0, HEADER_WAIT.as_micros() as i64);
     let _ = setsockopt(&sock.as_fd(), sockopt::ReceiveTimeout, &tv);
     let mut got = Vec::new();
@@ -75,10 +76,10 @@ fn header(sock: &File) -> (Request, Vec<u8>) {
             let rest = got[nl + 1..].to_vec();
             let _ = setsockopt(&sock.as_fd(), sockopt::ReceiveTimeout, &TimeVal::new(0, 0));
             return match Request::parse(&line) {
-                Ok(r) => (r, rest),
+                Ok(r) => Some((r, rest)),
                 Err(e) => {
                     let _ = s.write_all(format!("kata-agent: {e}\n").as_bytes());
-                    (Request::Exec { argv: vec![] }, rest)
+                    None
                 }
             };
         }
@@ -93,14 +94,14 @@ fn header(sock: &File) -> (Request, Vec<u8>) {
 
 fn session(sock: File) {
     match header(&sock) {
-        (Request::Tty { rows, cols }, pending) => {
+        Some((Request::Tty { rows, cols }, pending)) => {
             if let Err(e) = tty_session(sock, rows, cols, pending) {
                 warn!(error = %e, "debug console: shell session failed");
             }
         }
-        (Request::Exec { argv }, pending) if !argv.is_empty() => exec_session(sock, argv, pending),
+        Some((Request::Exec { argv }, pending)) => exec_session(sock, argv, pending),
         // a bad header: said on the socket already
-        _ => {}
+        None => {}
     }
 }
 

@@ -145,10 +145,7 @@ impl Forwarder {
     fn take(&self, f: wire::Frame, offset: &mut Option<i64>) {
         match f.body {
             Some(Body::Clock(c)) => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as i128)
-                    .unwrap_or(0);
+                let now = kata_proto::trace::now_unix_nano() as i128;
                 let o =
                     (now - c.unix_nano as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64;
                 if offset.is_none() {

@@ -342,6 +342,11 @@ impl SpanProcessor for Forward {
     }
 }
 
+/// Now, in Unix nanoseconds (the span times' clock).
+pub fn now_unix_nano() -> u64 {
+    nanos(SystemTime::now())
+}
+
 fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -474,10 +479,7 @@ impl Output {
                 e.export(batch, crate::logging::sandbox_id().unwrap_or(""))
                     .await
             }
-            Sink::Stream(addr) => {
-                let addr = addr.clone();
-                self.send_stream(&addr, batch).await
-            }
+            Sink::Stream(_) => self.send_stream(batch).await,
         };
         batch.clear();
         match sent {
@@ -491,7 +493,12 @@ impl Output {
         }
     }
 
-    async fn send_stream(&mut self, addr: &Address, batch: &[wire::Span]) -> Result<(), String> {
+    /// Writes `batch` (taken: the spans move into their frames) to the
+    /// stream, dialling it first if it is down.
+    async fn send_stream(&mut self, batch: &mut Vec<wire::Span>) -> Result<(), String> {
+        let Sink::Stream(addr) = &self.sink else {
+            return Err("not a stream sink".into());
+        };
         let mut bytes = Vec::new();
         if self.stream.is_none() {
             let s = crate::dialer::dial(addr, Duration::from_secs(1))
@@ -510,7 +517,7 @@ impl Output {
         // the guest's clock, for the forwarder to line its times up
         let clock = wire::Frame {
             body: Some(wire::frame::Body::Clock(wire::Clock {
-                unix_nano: nanos(SystemTime::now()),
+                unix_nano: now_unix_nano(),
             })),
         };
         wire::encode_frame(&clock, &mut bytes).map_err(|e| e.to_string())?;
@@ -529,9 +536,9 @@ impl Output {
                 REPORTED.fetch_add(unreported, Ordering::Relaxed);
             }
         }
-        for s in batch {
+        for s in batch.drain(..) {
             let f = wire::Frame {
-                body: Some(wire::frame::Body::Span(s.clone())),
+                body: Some(wire::frame::Body::Span(s)),
             };
             if wire::encode_frame(&f, &mut bytes).is_err() {
                 DROPPED.fetch_add(1, Ordering::Relaxed);
@@ -628,8 +635,11 @@ mod tests {
         let inner = spans.iter().find(|s| s.name == "inner").unwrap();
         let outer = spans.iter().find(|s| s.name == "Create").unwrap();
         assert_eq!(outer.trace_id, inner.trace_id);
-        assert_eq!(hex(&outer.trace_id), "0af7651916cd43dd8448eb211c80319c");
-        assert_eq!(hex(&outer.parent_span_id), "b7ad6b7169203331");
+        assert_eq!(
+            wire::hex(&outer.trace_id),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        assert_eq!(wire::hex(&outer.parent_span_id), "b7ad6b7169203331");
         assert!(outer.parent_is_remote);
         assert_eq!(inner.parent_span_id, outer.span_id);
         assert!(inner
@@ -637,9 +647,5 @@ mod tests {
             .iter()
             .any(|e| e.name == "recorded as an event"));
         assert_eq!(dropped(), 0);
-    }
-
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 }

@@ -248,7 +248,8 @@ pub struct EventRecord {
     pub attributes: BTreeMap<String, serde_json::Value>,
 }
 
-fn hex(b: &[u8]) -> String {
+/// Lower-case hex of `b` (the JSON form of ids).
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
