@@ -48,6 +48,121 @@ pub fn mem_block_size() -> u64 {
         .unwrap_or(0)
 }
 
+/// What [`online_cpu_mem`] brought online.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Onlined {
+    /// CPUs online afterwards.
+    pub cpus_online: u32,
+    /// Memory blocks onlined by this call.
+    pub memory_blocks: u32,
+}
+
+/// Why [`online_cpu_mem`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OnlineError {
+    /// Writing a sysfs file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The hot-plugged CPUs did not all appear in time.
+    #[error("{online} CPUs online after {waited:?}, {wanted} wanted (the hot-plugged ones did not appear)")]
+    Timeout {
+        /// CPUs online.
+        online: u32,
+        /// CPUs asked for.
+        wanted: u32,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+}
+
+/// Brings hot-plugged CPUs and memory online (Kata's OnlineCPUMem), under
+/// the sysfs root `sys` (`/sys`):
+///
+/// * CPUs: offline ones (`cpuN/online` = 0) are onlined until `cpus` are
+///   online, waiting up to `wait` for hot-plugged ones to appear (ACPI
+///   delivers them after QEMU's device_add returns). CPUs beyond `cpus`
+///   are left as they are (unplugged ones vanish by themselves).
+/// * memory, unless `cpu_only`: every offline block (`memoryN/state`).
+pub fn online_cpu_mem(
+    sys: &std::path::Path,
+    cpus: u32,
+    cpu_only: bool,
+    wait: std::time::Duration,
+) -> Result<Onlined, OnlineError> {
+    let t0 = std::time::Instant::now();
+    let io = |path: &std::path::Path| {
+        let path = path.display().to_string();
+        move |source| OnlineError::Io { path, source }
+    };
+    let cpu_dir = sys.join("devices/system/cpu");
+    let online = loop {
+        let mut online = 0u32;
+        let mut offline = vec![];
+        for (_, dir) in numbered(&cpu_dir, "cpu") {
+            match std::fs::read_to_string(dir.join("online")) {
+                // cpu0 has no `online` file: it cannot go offline
+                Err(e) if e.kind() == io::ErrorKind::NotFound => online += 1,
+                Err(e) => return Err(io(&dir.join("online"))(e)),
+                Ok(v) if v.trim() == "1" => online += 1,
+                Ok(_) => offline.push(dir),
+            }
+        }
+        for dir in offline {
+            if online >= cpus {
+                break;
+            }
+            let f = dir.join("online");
+            std::fs::write(&f, "1").map_err(io(&f))?;
+            online += 1;
+        }
+        if online >= cpus {
+            break online;
+        }
+        if t0.elapsed() >= wait {
+            return Err(OnlineError::Timeout {
+                online,
+                wanted: cpus,
+                waited: t0.elapsed(),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut memory_blocks = 0;
+    if !cpu_only {
+        for (_, dir) in numbered(&sys.join("devices/system/memory"), "memory") {
+            let f = dir.join("state");
+            if std::fs::read_to_string(&f).is_ok_and(|s| s.trim() == "offline") {
+                std::fs::write(&f, "online").map_err(io(&f))?;
+                memory_blocks += 1;
+            }
+        }
+    }
+    Ok(Onlined {
+        cpus_online: online,
+        memory_blocks,
+    })
+}
+
+/// The `<prefix>N` entries of `dir`, by N.
+fn numbered(dir: &std::path::Path, prefix: &str) -> Vec<(u32, std::path::PathBuf)> {
+    let mut v: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 /// A `Key:   123 kB` line of /proc/meminfo, in KiB.
 fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
     meminfo.lines().find_map(|l| {
@@ -58,6 +173,53 @@ fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    fn fake_sys(cpus: &[Option<&str>], mem: &[&str]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (i, c) in cpus.iter().enumerate() {
+            let dir = d.path().join(format!("devices/system/cpu/cpu{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            if let Some(v) = c {
+                std::fs::write(dir.join("online"), v).unwrap();
+            }
+        }
+        std::fs::create_dir_all(d.path().join("devices/system/cpu/cpufreq")).unwrap();
+        for (i, m) in mem.iter().enumerate() {
+            let dir = d.path().join(format!("devices/system/memory/memory{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("state"), m).unwrap();
+        }
+        d
+    }
+
+    fn read(d: &tempfile::TempDir, f: &str) -> String {
+        std::fs::read_to_string(d.path().join(f)).unwrap()
+    }
+
+    #[test]
+    fn hot_plugged_cpus_and_memory_are_onlined() {
+        let d = fake_sys(
+            &[None, Some("1\n"), Some("0\n"), Some("0\n")],
+            &["online\n", "offline\n", "offline\n"],
+        );
+        let wait = std::time::Duration::ZERO;
+        let got = online_cpu_mem(d.path(), 3, false, wait).unwrap();
+        assert_eq!(got, Onlined { cpus_online: 3, memory_blocks: 2 });
+        assert_eq!(read(&d, "devices/system/cpu/cpu2/online"), "1");
+        assert_eq!(read(&d, "devices/system/cpu/cpu3/online"), "0\n", "beyond the target");
+        assert_eq!(read(&d, "devices/system/memory/memory2/state"), "online");
+        let cpu_only = fake_sys(&[None, Some("0")], &["offline"]);
+        let got = online_cpu_mem(cpu_only.path(), 2, true, wait).unwrap();
+        assert_eq!(got.memory_blocks, 0);
+        assert_eq!(read(&cpu_only, "devices/system/memory/memory0/state"), "offline");
+    }
+
+    #[test]
+    fn cpus_that_never_appear_are_a_timeout() {
+        let d = fake_sys(&[None, Some("0")], &[]);
+        let e = online_cpu_mem(d.path(), 4, true, std::time::Duration::from_millis(50)).unwrap_err();
+        assert!(matches!(e, OnlineError::Timeout { online: 2, wanted: 4, .. }), "{e}");
+    }
+
     use super::*;
 
     #[test]

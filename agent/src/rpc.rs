@@ -31,6 +31,8 @@ use kata_proto::stdio::Header;
 
 /// kata-rs features (reported in `GetGuestDetails`).
 const FEATURES: &[&str] = &["ready-announce", "stdio-streams"];
+/// How long OnlineCPUMem waits for hot-plugged CPUs to appear.
+const ONLINE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// State shared by the services.
 #[derive(Debug)]
@@ -644,6 +646,33 @@ impl AgentService for AgentRpc {
         }))
     }
 
+    /// Onlines hot-plugged CPUs until `nb_cpus` are online (waiting up to
+    /// 5 s for them to appear), and every offline memory block unless
+    /// `cpu_only`.
+    async fn online_cpu_mem(&self, r: Request<OnlineCpuMemRequest>) -> Empty {
+        let r = self.take("OnlineCPUMemRequest", r)?;
+        let got = tokio::task::spawn_blocking(move || {
+            guest::online_cpu_mem(
+                std::path::Path::new("/sys"),
+                r.nb_cpus,
+                r.cpu_only,
+                ONLINE_WAIT,
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| match e {
+            guest::OnlineError::Timeout { .. } => Status::deadline_exceeded(e.to_string()),
+            e => Status::internal(e.to_string()),
+        })?;
+        info!(
+            cpus_online = got.cpus_online,
+            memory_blocks = got.memory_blocks,
+            "hot-plugged resources online"
+        );
+        ok()
+    }
+
     async fn add_arp_neighbors(&self, r: Request<AddArpNeighborsRequest>) -> Empty {
         let r = self.take("AddARPNeighborsRequest", r)?;
         self.guest_network("AddARPNeighbors")?;
@@ -655,7 +684,6 @@ impl AgentService for AgentRpc {
 
     not_yet! {
         get_volume_stats(VolumeStatsRequest as "VolumeStatsRequest") -> VolumeStatsResponse;
-        online_cpu_mem(OnlineCpuMemRequest as "OnlineCPUMemRequest") -> ();
         reseed_random_dev(ReseedRandomDevRequest as "ReseedRandomDevRequest") -> ();
         mem_hotplug_by_probe(MemHotplugByProbeRequest as "MemHotplugByProbeRequest") -> ();
         set_guest_date_time(SetGuestDateTimeRequest as "SetGuestDateTimeRequest") -> ();

@@ -7,6 +7,7 @@
 //! publishes the task events. `delete` cleans a pod whose shim died.
 
 pub mod agent;
+pub mod cgroups;
 pub mod error;
 pub mod guest_events;
 pub mod io;

@@ -27,8 +27,15 @@ pub(crate) struct QemuArgs {
     pub(crate) sandbox_id: String,
     /// vCPUs.
     pub(crate) vcpus: u32,
+    /// Most vCPUs (CPU hot-plug); equal to `vcpus`: none.
+    pub(crate) max_vcpus: u32,
     /// Guest RAM in MiB.
     pub(crate) memory_mib: u64,
+    /// Most guest RAM in MiB (memory hot-plug), with `memory_slots` DIMM
+    /// slots; no slots: no memory hot-plug.
+    pub(crate) max_memory_mib: u64,
+    /// DIMM slots.
+    pub(crate) memory_slots: u32,
     /// `q35`, `pc` or `microvm`.
     pub(crate) machine_type: String,
     /// KVM or TCG (never Auto here: resolved before).
@@ -100,9 +107,20 @@ pub(crate) fn command_line(a: &QemuArgs) -> Vec<String> {
         "-cpu".into(),
         cpu.into(),
         "-smp".into(),
-        a.vcpus.max(1).to_string(),
+        if a.max_vcpus > a.vcpus {
+            format!("{},maxcpus={}", a.vcpus.max(1), a.max_vcpus)
+        } else {
+            a.vcpus.max(1).to_string()
+        },
         "-m".into(),
-        format!("{}M", a.memory_mib),
+        if a.memory_slots > 0 && a.max_memory_mib > a.memory_mib {
+            format!(
+                "{}M,slots={},maxmem={}M",
+                a.memory_mib, a.memory_slots, a.max_memory_mib
+            )
+        } else {
+            format!("{}M", a.memory_mib)
+        },
         // shared guest RAM: the vhost-user backends map it
         "-object".into(),
         format!(
@@ -180,7 +198,10 @@ mod tests {
         QemuArgs {
             sandbox_id: "p1".into(),
             vcpus: 2,
+            max_vcpus: 2,
             memory_mib: 512,
+            max_memory_mib: 512,
+            memory_slots: 0,
             machine_type: "q35".into(),
             accelerator: Accelerator::Tcg,
             kernel_params: " agent.log=debug ".into(),
@@ -213,6 +234,22 @@ mod tests {
         assert!(!command_line(&args())
             .iter()
             .any(|x| x.starts_with("pcie-root-port")));
+    }
+
+    #[test]
+    fn hotplug_room_is_maxcpus_and_maxmem() {
+        let v = command_line(&args());
+        assert_eq!(after(&v, "-smp", "").unwrap(), "2");
+        assert_eq!(after(&v, "-m", "").unwrap(), "512M");
+        let a = QemuArgs {
+            max_vcpus: 4,
+            max_memory_mib: 2048,
+            memory_slots: 8,
+            ..args()
+        };
+        let v = command_line(&a);
+        assert_eq!(after(&v, "-smp", "").unwrap(), "2,maxcpus=4");
+        assert_eq!(after(&v, "-m", "").unwrap(), "512M,slots=8,maxmem=2048M");
     }
 
     #[test]

@@ -191,6 +191,32 @@ impl Qmp {
         Ok(reply.get("return").cloned().unwrap_or(Value::Null))
     }
 
+    /// `device_del` of `id`, then waits up to `timeout` for QEMU's
+    /// `DEVICE_DELETED` of it (the guest let the device go). A timeout is
+    /// [`QmpError::Timeout`]; the device may still go later.
+    pub(crate) async fn device_del(&self, id: &str, timeout: Duration) -> Result<(), QmpError> {
+        let mut events = self.events();
+        self.execute("device_del", Some(json!({ "id": id })))
+            .await?;
+        let deleted = async {
+            loop {
+                match events.recv().await {
+                    Ok(e) if e.name == "DEVICE_DELETED" && e.data["device"] == id => return true,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return false,
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, deleted).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(QmpError::Closed),
+            Err(_) => Err(QmpError::Timeout {
+                command: format!("device_del {id} (DEVICE_DELETED)"),
+                timeout,
+            }),
+        }
+    }
+
     /// `query-status`'s `status` ("running", "paused", "prelaunch", ...).
     #[cfg(test)]
     pub(crate) async fn status(&self) -> Result<String, QmpError> {

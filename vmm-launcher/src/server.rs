@@ -82,6 +82,13 @@ impl Launcher for LauncherService {
         Ok(Response::new(()))
     }
 
+    async fn resize_vm(
+        &self,
+        r: Request<ResizeVmRequest>,
+    ) -> Result<Response<ResizeVmResponse>, Status> {
+        Ok(Response::new(self.vm.resize(r.into_inner()).await?))
+    }
+
     async fn shutdown(&self, _r: Request<()>) -> Result<Response<()>, Status> {
         self.vm.teardown().await;
         self.done.notify_one();

@@ -13,6 +13,9 @@ use crate::{cgroup, LauncherError};
 pub(crate) const MAX_NICS: usize = 8;
 /// The most PCIe root ports kept free for hot-plugged NICs.
 pub(crate) const MAX_HOTPLUG_SLOTS: u32 = 16;
+/// Most DIMM slots for memory hot-plug (the vhost-user backends map each
+/// DIMM as one more memory region).
+pub(crate) const MAX_MEMORY_SLOTS: u32 = 32;
 
 /// A unicast MAC address `aa:bb:cc:dd:ee:ff` (not all zero).
 pub(crate) fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -34,6 +37,30 @@ pub(crate) fn validate(mut spec: VmSpec, paths: &SandboxPaths) -> Result<VmSpec,
         return bad(format!(
             "memory_mib = {}: must be between 64 and 1048576",
             spec.memory_mib
+        ));
+    }
+    if spec.max_vcpus < spec.vcpus {
+        spec.max_vcpus = spec.vcpus;
+    }
+    if spec.max_vcpus > 255 {
+        return bad(format!("max_vcpus = {}: at most 255", spec.max_vcpus));
+    }
+    if spec.max_memory_mib == 0 || spec.memory_slots == 0 {
+        spec.max_memory_mib = spec.memory_mib;
+    }
+    if spec.max_memory_mib < spec.memory_mib || spec.max_memory_mib > 1 << 22 {
+        return bad(format!(
+            "max_memory_mib = {}: must be between memory_mib ({}) and 4194304",
+            spec.max_memory_mib, spec.memory_mib
+        ));
+    }
+    if spec.max_memory_mib == spec.memory_mib {
+        spec.memory_slots = 0;
+    }
+    if spec.memory_slots > MAX_MEMORY_SLOTS {
+        return bad(format!(
+            "memory_slots = {}: at most {MAX_MEMORY_SLOTS}",
+            spec.memory_slots
         ));
     }
     for (name, p) in [
@@ -128,6 +155,12 @@ pub(crate) fn validate(mut spec: VmSpec, paths: &SandboxPaths) -> Result<VmSpec,
         return bad(format!(
             "hotplug_slots = {}: at most {MAX_HOTPLUG_SLOTS}",
             spec.hotplug_slots
+        ));
+    }
+    if (spec.max_vcpus > spec.vcpus || spec.memory_slots > 0) && spec.machine_type == "microvm" {
+        return bad(format!(
+            "max_vcpus = {}, memory_slots = {}: CPU and memory hot-plug need ACPI (machine_type q35 or pc), not microvm",
+            spec.max_vcpus, spec.memory_slots
         ));
     }
     if spec.hotplug_slots > 0 && !matches!(spec.machine_type.as_str(), "" | "q35") {

@@ -138,7 +138,10 @@ impl Actor {
         let args = qemu::command_line(&QemuArgs {
             sandbox_id: self.sandbox_id.clone(),
             vcpus: spec.vcpus,
+            max_vcpus: spec.max_vcpus,
             memory_mib: spec.memory_mib,
+            max_memory_mib: spec.max_memory_mib,
+            memory_slots: spec.memory_slots,
             machine_type: spec.machine_type.clone(),
             accelerator: accel,
             kernel_params: spec.kernel_params.clone(),
@@ -229,6 +232,7 @@ impl Actor {
             vsock,
             vsock_uds,
             start: hypervisor_start,
+            resources: super::resize::Resources::new(spec),
             nics: Nics::new(
                 (!spec.netns_path.is_empty()).then(|| spec.netns_path.clone().into()),
                 &spec.net_devices,

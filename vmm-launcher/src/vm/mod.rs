@@ -13,6 +13,7 @@
 
 mod hypervisor;
 mod nic;
+mod resize;
 mod watch;
 
 use std::path::PathBuf;
@@ -20,7 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kata_proto::launcher::{Accelerator, NetDevice, VmExit, VmSpec, VmStatusResponse};
+use kata_proto::launcher::{
+    Accelerator, NetDevice, ResizeVmRequest, ResizeVmResponse, VmExit, VmSpec, VmStatusResponse,
+};
 use kata_proto::paths::{self, ports, SandboxPaths};
 use kata_proto::process::start_time;
 use tokio::sync::{mpsc, oneshot, watch as wch};
@@ -71,6 +74,11 @@ pub(crate) enum Command {
     AddNic { dev: NetDevice, reply: Reply<()> },
     /// RemoveNic: unplug the hot-plugged NIC of a device.
     RemoveNic { tap: String, reply: Reply<()> },
+    /// ResizeVm: hot-plug or unplug vCPUs, add memory.
+    Resize {
+        req: ResizeVmRequest,
+        reply: Reply<ResizeVmResponse>,
+    },
     /// Shutdown, SIGTERM, SIGINT: stop the VM and remove every resource.
     Shutdown { reply: Reply<()> },
 }
@@ -104,6 +112,8 @@ struct Hypervisor {
     start: Duration,
     /// The NICs, cold- and hot-plugged.
     nics: nic::Nics,
+    /// vCPUs and memory, and their room to grow.
+    resources: resize::Resources,
 }
 
 /// Where the VM is in its life.
@@ -289,6 +299,14 @@ impl Vm {
         self.call(|reply| Command::RemoveNic { tap, reply }).await
     }
 
+    /// Resizes the running VM.
+    pub(crate) async fn resize(
+        &self,
+        req: ResizeVmRequest,
+    ) -> Result<ResizeVmResponse, LauncherError> {
+        self.call(|reply| Command::Resize { req, reply }).await
+    }
+
     /// Stops the VM if it runs and removes every resource of the sandbox.
     pub(crate) async fn teardown(&self) {
         if let Err(e) = self.call(|reply| Command::Shutdown { reply }).await {
@@ -403,6 +421,13 @@ impl Actor {
             Command::RemoveNic { tap, reply } => {
                 let r = match self.state.live_mut() {
                     Ok(hv) => hv.nics.remove(&hv.qmp, &tap).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Resize { req, reply } => {
+                let r = match self.state.live_mut() {
+                    Ok(hv) => hv.resources.resize(&hv.qmp, req).await,
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(r);

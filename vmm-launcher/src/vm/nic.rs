@@ -127,28 +127,15 @@ impl Nics {
             });
         };
         let (_, netdev, id) = names(slot);
-        let mut events = qmp.events();
-        qmp.execute("device_del", Some(json!({ "id": id }))).await?;
-        let deleted = async {
-            loop {
-                match events.recv().await {
-                    Ok(e) if e.name == "DEVICE_DELETED" && e.data["device"] == id.as_str() => {
-                        return true
-                    }
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(_) => return false,
-                }
-            }
-        };
-        match tokio::time::timeout(UNPLUG_WAIT, deleted).await {
-            Ok(true) => {}
-            Ok(false) => return Err(LauncherError::Hypervisor("QEMU exited".into())),
-            Err(_) => {
+        match qmp.device_del(&id, UNPLUG_WAIT).await {
+            Ok(()) => {}
+            Err(crate::qmp::QmpError::Timeout { .. }) => {
                 // the slot stays taken: the device may still go later
                 return Err(LauncherError::Timeout(format!(
                     "the guest did not release the NIC of {tap} within {UNPLUG_WAIT:?}"
                 )));
             }
+            Err(e) => return Err(e.into()),
         }
         if let Err(e) = qmp
             .execute("netdev_del", Some(json!({ "id": netdev })))
