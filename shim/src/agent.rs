@@ -101,6 +101,8 @@ bounded_calls! {
     update_interface: "UpdateInterface" (pb::UpdateInterfaceRequest) -> pb::Interface;
     update_routes: "UpdateRoutes" (pb::UpdateRoutesRequest) -> pb::Routes;
     add_arp_neighbors: "AddARPNeighbors" (pb::AddArpNeighborsRequest) -> ();
+    online_cpu_mem: "OnlineCPUMem" (pb::OnlineCpuMemRequest) -> ();
+    get_guest_details: "GetGuestDetails" (pb::GuestDetailsRequest) -> pb::GuestDetailsResponse;
 }
 
 impl AgentClient {

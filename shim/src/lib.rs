@@ -16,6 +16,7 @@ pub mod mounts;
 pub mod network;
 pub mod options;
 pub mod pod;
+pub mod resize;
 pub mod service;
 pub mod shim;
 pub mod spec;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kata_proto::agent::{CreateSandboxRequest, DestroySandboxRequest, Storage};
-use kata_proto::config::{Config, ConfigError};
+use kata_proto::config::{Config, ConfigError, Workload};
 use kata_proto::dialer::Address;
 use kata_proto::launcher::launcher_client::LauncherClient;
 use kata_proto::launcher::{Accelerator, CreateVmRequest, StartVmRequest, StopVmRequest, VmSpec};
@@ -61,6 +61,9 @@ pub enum PodError {
     /// The pod's network.
     #[error("pod network: {0}")]
     Network(#[from] crate::network::NetError),
+    /// A resize the pod's bounds do not allow (the pod is unchanged).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl PodError {
@@ -79,6 +82,7 @@ impl PodError {
             PodError::Agent { source, .. } => source.code(),
             PodError::Config(_) => Code::INVALID_ARGUMENT,
             PodError::Host { .. } => Code::INTERNAL,
+            PodError::Refused(_) => Code::INVALID_ARGUMENT,
             PodError::Network(e) => match e {
                 crate::network::NetError::Config(_) => Code::INVALID_ARGUMENT,
                 crate::network::NetError::Netmon(_) => Code::FAILED_PRECONDITION,
@@ -118,6 +122,9 @@ pub struct PodState {
     /// The shim made that netns (SandboxPaths::pod_netns): it goes at teardown.
     #[serde(default)]
     pub own_netns: bool,
+    /// The pod's host cgroups (recorded before they are made).
+    #[serde(default)]
+    pub cgroups: Option<crate::cgroups::Recorded>,
 }
 
 impl PodState {
@@ -150,13 +157,16 @@ impl PodState {
     }
 }
 
-/// VM size of a pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Size {
-    /// vCPUs.
-    pub vcpus: u32,
-    /// MiB of RAM.
-    pub memory_mib: u64,
+/// What a pod is made with: its VM's size and the host cgroup it lives in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The VM at boot, and its room to grow.
+    pub size: kata_proto::config::VmSize,
+    /// The limits of the sandbox container (the first of the pod's
+    /// workloads).
+    pub workload: Workload,
+    /// The sandbox cgroup (`linux.cgroupsPath`, or `kata_<id>`).
+    pub cgroup: String,
 }
 
 /// A running pod.
@@ -174,16 +184,20 @@ pub struct Pod {
     /// The hypervisor's pid (what containerd sees as the task's pid).
     pub hypervisor_pid: u32,
     /// The launcher, when the pod runs in a VM (None: a host-mode agent).
-    launcher: Option<LauncherClient<Traced>>,
+    pub(crate) launcher: Option<LauncherClient<Traced>>,
+    /// The containers' limits and the VM's size now (resizes).
+    pub(crate) resources: tokio::sync::Mutex<crate::resize::Resources>,
     /// Where the guest sees the share (container rootfs and binds).
     pub guest_share: PathBuf,
-    children: Mutex<Children>,
+    pub(crate) children: Mutex<Children>,
     /// Host-side time of the critical path of CreateVm+StartVm etc.
     pub timings: Timings,
 }
 
 #[derive(Default)]
-struct Children {
+pub(crate) struct Children {
+    /// The pod's host cgroups.
+    pub(crate) cgroups: Option<Arc<std::sync::Mutex<crate::cgroups::HostCgroups>>>,
     launcher: Option<Child>,
     launcher_client: Option<LauncherClient<Traced>>,
     virtiofsd: Option<Child>,
@@ -327,7 +341,7 @@ impl Pod {
     pub async fn create(
         id: &str,
         cfg: Config,
-        size: Size,
+        plan: Plan,
         hostname: &str,
         netns: NetnsChoice,
     ) -> Result<Pod> {
@@ -341,11 +355,16 @@ impl Pod {
             cleanup_dead(&paths).await;
         }
         let mut children = Children::default();
-        let up = Self::bring_up(id, &paths, &cfg, size, hostname, netns, &mut children);
+        let up = Self::bring_up(id, &paths, &cfg, &plan, hostname, netns, &mut children);
         match up.await {
             Ok((agent, agent_addr, hypervisor_pid, launcher, timings)) => Ok(Pod {
                 id: id.into(),
                 paths,
+                resources: tokio::sync::Mutex::new(crate::resize::Resources::new(
+                    id,
+                    &plan,
+                    &cfg,
+                )),
                 config: cfg,
                 agent,
                 agent_addr,
@@ -405,6 +424,7 @@ impl Pod {
                 agent_addr,
                 hypervisor_pid: 0,
                 launcher: None,
+                resources: tokio::sync::Mutex::new(crate::resize::Resources::fixed(id)),
                 children: Mutex::new(Children::default()),
                 timings: Timings::default(),
             }),
@@ -419,7 +439,7 @@ impl Pod {
         id: &str,
         paths: &SandboxPaths,
         cfg: &Config,
-        size: Size,
+        plan: &Plan,
         hostname: &str,
         netns: NetnsChoice,
         children: &mut Children,
@@ -433,6 +453,27 @@ impl Pod {
             shim_pid: std::process::id(),
             ..Default::default()
         };
+        // the cgroups first: every helper starts in the one it belongs to
+        let sandbox_only = cfg.runtime.sandbox_cgroup_only;
+        state.cgroups = Some(crate::cgroups::Recorded {
+            sandbox: plan.cgroup.clone(),
+            overhead: None,
+        });
+        state.save(paths)?;
+        let (cg_id, cg_path) = (id.to_string(), plan.cgroup.clone());
+        let cgroups = tokio::task::spawn_blocking(move || {
+            crate::cgroups::HostCgroups::create(&cg_id, &cg_path, sandbox_only)
+        })
+        .await
+        .map_err(|e| PodError::host("making the host cgroups")(std::io::Error::other(e)))?
+        .map_err(|e| PodError::Host {
+            what: "making the host cgroups".into(),
+            why: e.to_string(),
+        })?;
+        state.cgroups = Some(cgroups.recorded().clone());
+        state.save(paths)?;
+        let cgroups = Arc::new(std::sync::Mutex::new(cgroups));
+        children.cgroups = Some(cgroups.clone());
         let netns = match netns {
             NetnsChoice::Given(p) => Some(p),
             NetnsChoice::Host => {
@@ -548,14 +589,21 @@ impl Pod {
         if cfg.agent.kata.enable_tracing {
             params.push_str(" agent.trace");
         }
+        let size = plan.size;
         let spec = VmSpec {
             vcpus: size.vcpus,
+            max_vcpus: size.max_vcpus,
             memory_mib: size.memory_mib,
+            max_memory_mib: size.max_memory_mib,
+            memory_slots: if size.max_memory_mib > size.memory_mib {
+                q.memory_slots
+            } else {
+                0
+            },
             kernel_path: q.kernel.display().to_string(),
             initrd_path: q.initrd.display().to_string(),
             kernel_params: params.trim().to_string(),
             accelerator: accelerator(&q.accelerator) as i32,
-            cgroup_path: format!("kata_{id}"),
             hypervisor_path: q.path.display().to_string(),
             machine_type: q.machine_type.clone(),
             virtiofs_socket,
@@ -582,6 +630,21 @@ impl Pod {
                 status,
             })?
             .into_inner();
+        let pid = created.hypervisor_pid;
+        let placed = crate::resize::with_cgroups(&cgroups, move |cg| cg.place_hypervisor(pid)).await;
+        placed.map_err(|e| PodError::Host {
+            what: "placing QEMU in the sandbox cgroup".into(),
+            why: e.to_string(),
+        })?;
+        let overhead = crate::resize::overhead(cfg);
+        let (workload, memory) = (plan.workload, size.memory_mib);
+        let limited =
+            crate::resize::with_cgroups(&cgroups, move |cg| cg.set_limits(workload, memory, overhead))
+                .await;
+        limited.map_err(|e| PodError::Host {
+            what: "setting the sandbox cgroup's limits".into(),
+            why: e.to_string(),
+        })?;
         let host_prepare = t0.elapsed();
         let hypervisor_start = Duration::from_micros(created.hypervisor_start_us);
         let t1 = Instant::now();
@@ -849,8 +912,22 @@ async fn teardown_children(paths: &SandboxPaths, c: &mut Children) {
             netmon_cleanup(&paths.dir, ns).await;
         }
     }
-    if st.is_some_and(|s| s.own_netns) {
+    if st.as_ref().is_some_and(|s| s.own_netns) {
         crate::network::remove_netns(&paths.pod_netns());
+    }
+    match c.cgroups.take() {
+        Some(cg) => {
+            let _ = tokio::task::spawn_blocking(move || {
+                cg.lock().unwrap_or_else(|p| p.into_inner()).destroy()
+            })
+            .await;
+        }
+        // made or not: what was recorded
+        None => {
+            if let Some(r) = st.and_then(|s| s.cgroups) {
+                let _ = tokio::task::spawn_blocking(move || crate::cgroups::cleanup(&r)).await;
+            }
+        }
     }
     remove_dir(paths);
 }
@@ -919,6 +996,9 @@ pub async fn cleanup_dead(paths: &SandboxPaths) {
         }
         if st.own_netns {
             crate::network::remove_netns(&paths.pod_netns());
+        }
+        if let Some(r) = st.cgroups {
+            let _ = tokio::task::spawn_blocking(move || crate::cgroups::cleanup(&r)).await;
         }
     }
     remove_dir(paths);

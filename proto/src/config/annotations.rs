@@ -40,6 +40,7 @@ const HYPERVISOR_KEYS: &[&str] = &[
     "default_maxvcpus",
     "default_max_vcpus",
     "default_memory",
+    "default_maxmemory",
     "memory_slots",
     "pcie_root_port",
     "kernel_params",
@@ -205,6 +206,7 @@ fn set_hypervisor(cfg: &mut Config, key: &str, v: &str) -> Result<(), Problem> {
         }
         "default_maxvcpus" | "default_max_vcpus" => q.default_maxvcpus = uint(v)?,
         "default_memory" => q.default_memory = uint(v)?,
+        "default_maxmemory" => q.default_maxmemory = uint(v)?,
         "memory_slots" => q.memory_slots = uint(v)?,
         "pcie_root_port" => q.pcie_root_port = uint(v)?,
         "virtio_fs_cache_size" => q.virtio_fs_cache_size = uint(v)?,

@@ -132,8 +132,10 @@ pub struct Qemu {
     pub default_maxvcpus: u32,
     /// MiB of a VM before the workload's memory limits are added.
     pub default_memory: u64,
-    /// Memory hot-plug slots (accepted for Kata compatibility; kata-rs sizes
-    /// the VM at boot and does not hot-plug memory yet).
+    /// Most MiB a VM may grow to by memory hot-plug; 0: the host's memory.
+    pub default_maxmemory: u64,
+    /// Memory hot-plug slots: each resize that adds memory takes one DIMM
+    /// slot; 0: no memory hot-plug.
     pub memory_slots: u32,
     /// PCIe root ports kept free for NICs hot-plugged while the pod runs
     /// (an interface added to the pod's netns after the VM started, as
@@ -176,6 +178,7 @@ impl Default for Qemu {
             default_vcpus: 1,
             default_maxvcpus: 0,
             default_memory: 512,
+            default_maxmemory: 0,
             memory_slots: 10,
             pcie_root_port: 2,
             shared_fs: SharedFs::VirtioFs,
@@ -332,8 +335,17 @@ pub struct Runtime {
     pub jaeger_user: String,
     /// Basic authentication password for the collector (Kata's key).
     pub jaeger_password: String,
-    /// Size the VM once, at boot, for the whole pod, and never resize it.
+    /// Size the VM once, at boot, for the whole pod, and never resize it;
+    /// false: vCPUs and memory are hot-plugged as containers come, go and
+    /// are updated.
     pub static_sandbox_resource_mgmt: bool,
+    /// kata-rs: MiB the pod's host cgroup may use beyond the VM's memory
+    /// (QEMU and, with `sandbox_cgroup_only`, the helpers), when its
+    /// containers have memory limits.
+    pub sandbox_cgroup_overhead_mib: u64,
+    /// kata-rs: thousandths of a CPU the pod's host cgroup may use beyond
+    /// its containers' CPU limits, when they have some.
+    pub sandbox_cgroup_overhead_millicpus: u64,
     /// Experimental features to enable (see [`EXPERIMENTAL_FEATURES`]).
     pub experimental: Vec<String>,
 }
@@ -351,7 +363,9 @@ impl Default for Runtime {
             jaeger_endpoint: String::new(),
             jaeger_user: String::new(),
             jaeger_password: String::new(),
-            static_sandbox_resource_mgmt: true,
+            static_sandbox_resource_mgmt: false,
+            sandbox_cgroup_overhead_mib: 256,
+            sandbox_cgroup_overhead_millicpus: 250,
             experimental: Vec::new(),
         }
     }
@@ -535,6 +549,13 @@ impl Config {
                 "hypervisor.qemu.default_memory",
                 q.default_memory,
                 format!("the guest needs at least {MIN_MEMORY_MIB} MiB"),
+            ));
+        }
+        if q.default_maxmemory > 0 && q.default_maxmemory < q.default_memory {
+            return Err(E::bad(
+                "hypervisor.qemu.default_maxmemory",
+                q.default_maxmemory,
+                format!("less than default_memory = {}", q.default_memory),
             ));
         }
         if q.virtio_fs_cache_size != 0 {

@@ -144,6 +144,24 @@ pub struct VmSize {
     pub max_vcpus: u32,
     /// Memory at boot, MiB.
     pub memory_mib: u64,
+    /// Most memory the VM may ever have, MiB (equal to `memory_mib` with
+    /// `static_sandbox_resource_mgmt` or no `memory_slots`).
+    pub max_memory_mib: u64,
+}
+
+/// The host's CPUs and memory (MiB), the bounds of `default_maxvcpus = 0`
+/// and `default_maxmemory = 0`.
+fn host() -> (u32, u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: sysconf takes no pointers.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let mem = u64::try_from(pages).unwrap_or(0) * u64::try_from(page).unwrap_or(0) / MIB;
+    (u32::try_from(cpus).unwrap_or(u32::MAX), mem)
 }
 
 impl Config {
@@ -156,12 +174,41 @@ impl Config {
     /// The VM of a pod running `workload` (e.g. [`Workload::of_sandbox`], or
     /// a sum over containers).
     pub fn vm_size_for(&self, workload: Workload) -> VmSize {
-        let host = std::thread::available_parallelism().map_or(1, |n| n.get());
-        self.size_on(workload, u32::try_from(host).unwrap_or(u32::MAX))
+        let (cpus, mem) = host();
+        self.size_on(workload, cpus, mem)
     }
 
-    /// The VM of `workload` on a host with `host_cpus` CPUs.
-    fn size_on(&self, workload: Workload, host_cpus: u32) -> VmSize {
+    /// The VM a running pod's containers need (`workload`: their limits
+    /// summed), for a resize; an error naming the bound when it exceeds
+    /// `default_maxvcpus` or `default_maxmemory` (nothing is clamped: the
+    /// caller leaves the pod as it was).
+    pub fn resize_for(&self, workload: Workload) -> Result<VmSize, String> {
+        let (cpus, mem) = host();
+        let size = self.size_on(workload, cpus, mem);
+        let wanted = u64::from(self.hypervisor.qemu.default_vcpus).saturating_add(workload.vcpus());
+        if wanted > u64::from(size.max_vcpus) {
+            return Err(format!(
+                "the containers' CPU limits need {wanted} vCPUs (default_vcpus {} + {}), more than default_maxvcpus allows ({})",
+                self.hypervisor.qemu.default_vcpus,
+                workload.vcpus(),
+                size.max_vcpus
+            ));
+        }
+        if size.memory_mib > size.max_memory_mib {
+            return Err(format!(
+                "the containers' memory limits need {} MiB (default_memory {} + {}), more than default_maxmemory allows ({} MiB)",
+                size.memory_mib,
+                self.hypervisor.qemu.default_memory,
+                workload.memory_mib(),
+                size.max_memory_mib
+            ));
+        }
+        Ok(size)
+    }
+
+    /// The VM of `workload` on a host with `host_cpus` CPUs and
+    /// `host_mib` MiB.
+    fn size_on(&self, workload: Workload, host_cpus: u32, host_mib: u64) -> VmSize {
         let q = &self.hypervisor.qemu;
         let limit = match q.default_maxvcpus {
             0 => host_cpus,
@@ -170,14 +217,18 @@ impl Config {
         .clamp(1, super::MAX_VCPUS);
         let wanted = u64::from(q.default_vcpus).saturating_add(workload.vcpus());
         let vcpus = u32::try_from(wanted).unwrap_or(u32::MAX).min(limit);
+        let memory_mib = q.default_memory.saturating_add(workload.memory_mib());
+        let dynamic = !self.runtime.static_sandbox_resource_mgmt;
+        let max_memory_mib = match q.default_maxmemory {
+            _ if !dynamic || q.memory_slots == 0 => memory_mib,
+            0 => host_mib.max(memory_mib),
+            m => m,
+        };
         VmSize {
             vcpus,
-            max_vcpus: if self.runtime.static_sandbox_resource_mgmt {
-                vcpus
-            } else {
-                limit
-            },
-            memory_mib: q.default_memory.saturating_add(workload.memory_mib()),
+            max_vcpus: if dynamic { limit } else { vcpus },
+            memory_mib,
+            max_memory_mib,
         }
     }
 }
@@ -211,10 +262,10 @@ mod tests {
     #[test]
     fn config_sizing_no_limits_is_the_defaults() {
         let c = cfg(1, 0, 512);
-        let s = c.size_on(Workload::from_resources(None), 8);
+        let s = c.size_on(Workload::from_resources(None), 8, 4096);
         assert_eq!((s.vcpus, s.memory_mib), (1, 512));
         let r = resources(None, None, None);
-        assert_eq!(c.size_on(Workload::from_resources(Some(&r)), 8).vcpus, 1);
+        assert_eq!(c.size_on(Workload::from_resources(Some(&r)), 8, 4096).vcpus, 1);
         assert_eq!(c.vm_size(None).memory_mib, 512);
     }
 
@@ -223,11 +274,11 @@ mod tests {
         let c = cfg(1, 0, 512);
         // 1.5 CPUs -> 2 more; 100 MiB + 1 byte -> 101 MiB more.
         let r = resources(Some(150_000), Some(100_000), Some(100 * 1024 * 1024 + 1));
-        let s = c.size_on(Workload::from_resources(Some(&r)), 8);
+        let s = c.size_on(Workload::from_resources(Some(&r)), 8, 4096);
         assert_eq!((s.vcpus, s.memory_mib), (3, 613));
         // A tiny quota still costs a whole vCPU.
         let r = resources(Some(1), Some(100_000), Some(256 * 1024 * 1024));
-        let s = c.size_on(Workload::from_resources(Some(&r)), 8);
+        let s = c.size_on(Workload::from_resources(Some(&r)), 8, 4096);
         assert_eq!((s.vcpus, s.memory_mib), (2, 768));
     }
 
@@ -241,12 +292,12 @@ mod tests {
             (Some(50_000), None, None),
         ] {
             let r = resources(q, p, m);
-            let s = c.size_on(Workload::from_resources(Some(&r)), 8);
+            let s = c.size_on(Workload::from_resources(Some(&r)), 8, 4096);
             assert_eq!((s.vcpus, s.memory_mib), (2, 256), "{q:?} {p:?} {m:?}");
         }
         // Huge values saturate instead of overflowing.
         let w = Workload::from_limits(Some(i64::MAX), Some(1), Some(i64::MAX));
-        let s = c.size_on(w + w, 8);
+        let s = c.size_on(w + w, 8, 4096);
         assert_eq!(s.vcpus, 8);
     }
 
@@ -255,16 +306,40 @@ mod tests {
         let r = resources(Some(800_000), Some(100_000), None);
         let w = Workload::from_resources(Some(&r));
         // default_maxvcpus wins when set.
-        let s = cfg(1, 4, 512).size_on(w, 16);
+        let s = cfg(1, 4, 512).size_on(w, 16, 4096);
         assert_eq!((s.vcpus, s.max_vcpus), (4, 4));
         // 0: the host's CPUs.
-        let s = cfg(1, 0, 512).size_on(w, 2);
+        let s = cfg(1, 0, 512).size_on(w, 2, 4096);
         assert_eq!(s.vcpus, 2);
         // Without static sizing the VM may grow to the limit later.
         let mut c = cfg(1, 0, 512);
         c.runtime.static_sandbox_resource_mgmt = false;
-        let s = c.size_on(Workload::default(), 6);
+        let s = c.size_on(Workload::default(), 6, 4096);
         assert_eq!((s.vcpus, s.max_vcpus), (1, 6));
+        assert_eq!(s.max_memory_mib, 4096, "default_maxmemory = 0: the host's");
+        c.hypervisor.qemu.default_maxmemory = 2048;
+        assert_eq!(c.size_on(Workload::default(), 6, 4096).max_memory_mib, 2048);
+        c.hypervisor.qemu.memory_slots = 0;
+        assert_eq!(c.size_on(Workload::default(), 6, 4096).max_memory_mib, 512);
+        // With it the VM never grows.
+        c.runtime.static_sandbox_resource_mgmt = true;
+        c.hypervisor.qemu.memory_slots = 10;
+        let s = c.size_on(Workload::default(), 6, 4096);
+        assert_eq!((s.max_vcpus, s.max_memory_mib), (1, 512));
+    }
+
+    #[test]
+    fn a_resize_beyond_the_bounds_is_an_error() {
+        let mut c = cfg(1, 4, 512);
+        c.runtime.static_sandbox_resource_mgmt = false;
+        c.hypervisor.qemu.default_maxmemory = 2048;
+        let w = |cpus: i64, mib: i64| Workload::from_limits(Some(cpus * 100_000), Some(100_000), Some(mib << 20));
+        let s = c.resize_for(w(3, 1024)).unwrap();
+        assert_eq!((s.vcpus, s.memory_mib), (4, 1536));
+        let e = c.resize_for(w(4, 0)).unwrap_err();
+        assert!(e.contains("5 vCPUs") && e.contains("default_maxvcpus allows (4)"), "{e}");
+        let e = c.resize_for(w(1, 2000)).unwrap_err();
+        assert!(e.contains("default_maxmemory allows (2048 MiB)"), "{e}");
     }
 
     #[test]
@@ -275,7 +350,7 @@ mod tests {
         w += half;
         w += half;
         assert_eq!((w.vcpus(), w.memory_mib()), (1, 128));
-        let s = cfg(1, 0, 512).size_on(w, 8);
+        let s = cfg(1, 0, 512).size_on(w, 8, 4096);
         assert_eq!((s.vcpus, s.memory_mib), (2, 640));
     }
 

@@ -31,7 +31,7 @@ use tracing::{info, warn, Instrument};
 use crate::error::{err, Code};
 use crate::guest_events::{forward_oom, RateLimit, OOM_BURST, OOM_PER_SEC};
 use crate::io::{self as stdio, Paths};
-use crate::pod::{Pod, Size};
+use crate::pod::Pod;
 use crate::spec::{self as ocispec, Role};
 use crate::{mounts, options};
 
@@ -405,15 +405,12 @@ impl Service {
         }
         cfg.check_files()
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("configuration {name}: {e}")))?;
-        let size = cfg.vm_size_for(kata_proto::config::Workload::of_sandbox(spec));
+        let plan = plan(id, spec, &cfg);
         let hostname = spec.hostname().clone().unwrap_or_default();
         let pod = Pod::create(
             id,
             cfg,
-            Size {
-                vcpus: size.vcpus,
-                memory_mib: size.memory_mib,
-            },
+            plan,
             &hostname,
             crate::network::netns_of(spec),
         )
@@ -435,6 +432,16 @@ impl Service {
     ) -> TtrpcResult<()> {
         let cid = &req.id;
         let cdir = pod.container_dir(cid);
+        // a container joining the pod: its limits grow the VM first
+        let member = *cid != pod.id;
+        if member {
+            let w = kata_proto::config::Workload::from_resources(
+                spec.linux().as_ref().and_then(|l| l.resources().as_ref()),
+            );
+            pod.resize(cid, Some(w))
+                .await
+                .map_err(|e| err(e.code(), format!("container {cid}: {e}")))?;
+        }
         let res = async {
             let root_rel = spec
                 .root()
@@ -501,6 +508,11 @@ impl Service {
             if let Err(e) = mounts::unmount_and_remove(&cdir) {
                 warn!("{e:#}");
             }
+            if member {
+                if let Err(e) = pod.resize(cid, None).await {
+                    warn!(container = %cid, "giving back the resources of a failed create: {e}");
+                }
+            }
         }
         res
     }
@@ -563,5 +575,34 @@ fn status_of(p: &Proc, paused: bool) -> api::Status {
         PState::Running if paused => api::Status::PAUSED,
         PState::Running => api::Status::RUNNING,
         PState::Stopped => api::Status::STOPPED,
+    }
+}
+
+/// The VM and cgroup of a pod whose sandbox container has `spec`. A
+/// statically sized VM holds the whole pod from the start (the CRI sandbox
+/// annotations, when containerd gives them); a VM that follows its
+/// containers boots with the sandbox container's own limits and grows as
+/// the others come. Hot-plug needs ACPI: on microvm the VM stays as booted.
+fn plan(id: &str, spec: &Spec, cfg: &Config) -> crate::pod::Plan {
+    use kata_proto::config::Workload;
+    let own = Workload::from_resources(spec.linux().as_ref().and_then(|l| l.resources().as_ref()));
+    let workload = if cfg.runtime.static_sandbox_resource_mgmt {
+        Workload::of_sandbox(spec)
+    } else {
+        own
+    };
+    let mut size = cfg.vm_size_for(workload);
+    if cfg.hypervisor.qemu.machine_type == "microvm" {
+        (size.max_vcpus, size.max_memory_mib) = (size.vcpus, size.memory_mib);
+    }
+    let cgroup = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().into_owned());
+    crate::pod::Plan {
+        size,
+        workload: own,
+        cgroup: crate::cgroups::sandbox_path(id, cgroup.as_deref()),
     }
 }

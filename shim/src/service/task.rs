@@ -317,6 +317,12 @@ impl Task for Service {
                 if let Err(e) = mounts::unmount_and_remove(&pod.container_dir(&req.id)) {
                     warn!("{e:#}");
                 }
+                if !c.owner {
+                    // the VM shrinks back (vCPUs; memory is kept)
+                    if let Err(e) = pod.resize(&req.id, None).await {
+                        warn!(container = %req.id, "resizing the VM after the delete: {e}");
+                    }
+                }
             }
             self.0
                 .containers
@@ -639,13 +645,23 @@ impl Task for Service {
                 .as_ref()
                 .map(|a| String::from_utf8_lossy(&a.value).into_owned())
                 .unwrap_or_default();
-            serde_json::from_str::<oci_spec::runtime::LinuxResources>(&json).map_err(|e| {
-                err(
-                    Code::INVALID_ARGUMENT,
-                    format!("the resources are not valid OCI LinuxResources: {e}"),
-                )
-            })?;
-            let agent = self.pod().await?.agent();
+            let res = serde_json::from_str::<oci_spec::runtime::LinuxResources>(&json)
+                .map_err(|e| {
+                    err(
+                        Code::INVALID_ARGUMENT,
+                        format!("the resources are not valid OCI LinuxResources: {e}"),
+                    )
+                })?;
+            let pod = self.pod().await?;
+            // the VM (and the host cgroup) first: the container's new limits
+            // need the vCPUs and memory to be there
+            pod.resize(
+                &req.id,
+                Some(kata_proto::config::Workload::from_resources(Some(&res))),
+            )
+            .await
+            .map_err(|e| err(e.code(), format!("updating {}: {e}", req.id)))?;
+            let agent = pod.agent();
             agent
                 .update_container(pb::UpdateContainerRequest {
                     container_id: req.id.clone(),
