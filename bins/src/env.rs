@@ -76,6 +76,17 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("default_memory = 300"), "{out}");
+        // the keys of VM sizing, hot-plug and host cgroups
+        for key in [
+            "default_maxvcpus = 0",
+            "default_maxmemory = 0",
+            "memory_slots = 10",
+            "sandbox_cgroup_only = false",
+            "static_sandbox_resource_mgmt = false",
+            "sandbox_cgroup_overhead_mib = 256",
+        ] {
+            assert!(out.contains(key), "{key}: {out}");
+        }
         let back: toml::Value = toml::from_str(&out).unwrap();
         assert!(back.get("configuration").is_some());
         let e = render(Some(Path::new("/nonexistent.toml"))).unwrap_err();

@@ -11,6 +11,7 @@ pub mod monitor;
 pub mod net;
 pub mod otlp;
 pub mod shim;
+pub mod tasks;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -100,11 +100,8 @@ pub fn assert_pod_gone(id: &str, timeout: Duration) {
         for m in crate::containerd::mounts_under(&dir) {
             left.push(format!("mount {}", m.display()));
         }
-        for h in kata_vmm_launcher::client::cgroup_hierarchies() {
-            let p = h.join(format!("kata_{id}"));
-            if p.exists() {
-                left.push(format!("cgroup {}", p.display()));
-            }
+        for p in pod_cgroups(id) {
+            left.push(format!("cgroup {}", p.display()));
         }
         if left.is_empty() {
             return;
@@ -114,6 +111,32 @@ pub fn assert_pod_gone(id: &str, timeout: Duration) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The host cgroups of pod `id` in every hierarchy: directories named `id`
+/// (the sandbox's cgroupsPath, `/<namespace>/<id>` from ctr) or `kata_<id>`
+/// up to three levels down, and its overhead cgroup `kata_overhead/<id>`.
+pub fn pod_cgroups(id: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: u32, names: &[String], found: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let p = e.path();
+            if names.iter().any(|n| e.file_name() == n.as_str()) {
+                found.push(p.clone());
+            }
+            if depth > 1 {
+                walk(&p, depth - 1, names, found);
+            }
+        }
+    }
+    let names = [id.to_string(), format!("kata_{id}")];
+    let mut found = Vec::new();
+    for h in kata_vmm_launcher::client::cgroup_hierarchies() {
+        walk(&h, 3, &names, &mut found);
+    }
+    found
 }
 
 /// Polls `ctr task ls` until task `id` has `status` (e.g. "STOPPED").
