@@ -78,6 +78,16 @@ pub enum OnlineError {
         /// How long it waited.
         waited: std::time::Duration,
     },
+    /// The hot-plugged memory blocks did not all appear in time.
+    #[error("{present} offline memory blocks after {waited:?}, {wanted} hot-plugged")]
+    MemoryTimeout {
+        /// Offline blocks present.
+        present: u32,
+        /// Blocks hot-plugged.
+        wanted: u32,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
 }
 
 /// Brings hot-plugged CPUs and memory online (Kata's OnlineCPUMem), under
@@ -87,11 +97,14 @@ pub enum OnlineError {
 ///   online, waiting up to `wait` for hot-plugged ones to appear (ACPI
 ///   delivers them after QEMU's device_add returns). CPUs beyond `cpus`
 ///   are left as they are (unplugged ones vanish by themselves).
-/// * memory, unless `cpu_only`: every offline block (`memoryN/state`).
+/// * memory, unless `cpu_only`: once `memory_blocks` offline blocks are
+///   present (waiting up to `wait` for the hot-plugged ones), every offline
+///   block (`memoryN/state`).
 pub fn online_cpu_mem(
     sys: &std::path::Path,
     cpus: u32,
     cpu_only: bool,
+    memory_blocks: u32,
     wait: std::time::Duration,
 ) -> Result<Onlined, OnlineError> {
     let t0 = std::time::Instant::now();
@@ -132,19 +145,35 @@ pub fn online_cpu_mem(
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    let mut memory_blocks = 0;
+    let mut onlined = 0;
     if !cpu_only {
-        for (_, dir) in numbered(&sys.join("devices/system/memory"), "memory") {
-            let f = dir.join("state");
-            if std::fs::read_to_string(&f).is_ok_and(|s| s.trim() == "offline") {
-                std::fs::write(&f, "online").map_err(io(&f))?;
-                memory_blocks += 1;
+        let offline = || {
+            numbered(&sys.join("devices/system/memory"), "memory")
+                .into_iter()
+                .map(|(_, dir)| dir.join("state"))
+                .filter(|f| std::fs::read_to_string(f).is_ok_and(|s| s.trim() == "offline"))
+                .collect::<Vec<_>>()
+        };
+        let mut blocks = offline();
+        while (blocks.len() as u32) < memory_blocks {
+            if t0.elapsed() >= wait {
+                return Err(OnlineError::MemoryTimeout {
+                    present: blocks.len() as u32,
+                    wanted: memory_blocks,
+                    waited: t0.elapsed(),
+                });
             }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            blocks = offline();
+        }
+        for f in blocks {
+            std::fs::write(&f, "online").map_err(io(&f))?;
+            onlined += 1;
         }
     }
     Ok(Onlined {
         cpus_online: online,
-        memory_blocks,
+        memory_blocks: onlined,
     })
 }
 
@@ -202,22 +231,60 @@ mod tests {
             &["online\n", "offline\n", "offline\n"],
         );
         let wait = std::time::Duration::ZERO;
-        let got = online_cpu_mem(d.path(), 3, false, wait).unwrap();
-        assert_eq!(got, Onlined { cpus_online: 3, memory_blocks: 2 });
+        let got = online_cpu_mem(d.path(), 3, false, 2, wait).unwrap();
+        assert_eq!(
+            got,
+            Onlined {
+                cpus_online: 3,
+                memory_blocks: 2
+            }
+        );
         assert_eq!(read(&d, "devices/system/cpu/cpu2/online"), "1");
-        assert_eq!(read(&d, "devices/system/cpu/cpu3/online"), "0\n", "beyond the target");
+        assert_eq!(
+            read(&d, "devices/system/cpu/cpu3/online"),
+            "0\n",
+            "beyond the target"
+        );
         assert_eq!(read(&d, "devices/system/memory/memory2/state"), "online");
         let cpu_only = fake_sys(&[None, Some("0")], &["offline"]);
-        let got = online_cpu_mem(cpu_only.path(), 2, true, wait).unwrap();
+        let got = online_cpu_mem(cpu_only.path(), 2, true, 0, wait).unwrap();
         assert_eq!(got.memory_blocks, 0);
-        assert_eq!(read(&cpu_only, "devices/system/memory/memory0/state"), "offline");
+        assert_eq!(
+            read(&cpu_only, "devices/system/memory/memory0/state"),
+            "offline"
+        );
     }
 
     #[test]
     fn cpus_that_never_appear_are_a_timeout() {
         let d = fake_sys(&[None, Some("0")], &[]);
-        let e = online_cpu_mem(d.path(), 4, true, std::time::Duration::from_millis(50)).unwrap_err();
-        assert!(matches!(e, OnlineError::Timeout { online: 2, wanted: 4, .. }), "{e}");
+        let e =
+            online_cpu_mem(d.path(), 4, true, 0, std::time::Duration::from_millis(50)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OnlineError::Timeout {
+                    online: 2,
+                    wanted: 4,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let d = fake_sys(&[None], &["online", "offline"]);
+        let e = online_cpu_mem(d.path(), 1, false, 3, std::time::Duration::from_millis(50))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OnlineError::MemoryTimeout {
+                    present: 1,
+                    wanted: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     use super::*;

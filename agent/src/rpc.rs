@@ -656,13 +656,16 @@ impl AgentService for AgentRpc {
                 std::path::Path::new("/sys"),
                 r.nb_cpus,
                 r.cpu_only,
+                r.memory_blocks,
                 ONLINE_WAIT,
             )
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| match e {
-            guest::OnlineError::Timeout { .. } => Status::deadline_exceeded(e.to_string()),
+            guest::OnlineError::Timeout { .. } | guest::OnlineError::MemoryTimeout { .. } => {
+                Status::deadline_exceeded(e.to_string())
+            }
             e => Status::internal(e.to_string()),
         })?;
         info!(

@@ -360,11 +360,7 @@ impl Pod {
             Ok((agent, agent_addr, hypervisor_pid, launcher, timings)) => Ok(Pod {
                 id: id.into(),
                 paths,
-                resources: tokio::sync::Mutex::new(crate::resize::Resources::new(
-                    id,
-                    &plan,
-                    &cfg,
-                )),
+                resources: tokio::sync::Mutex::new(crate::resize::Resources::new(id, &plan, &cfg)),
                 config: cfg,
                 agent,
                 agent_addr,
@@ -631,16 +627,18 @@ impl Pod {
             })?
             .into_inner();
         let pid = created.hypervisor_pid;
-        let placed = crate::resize::with_cgroups(&cgroups, move |cg| cg.place_hypervisor(pid)).await;
+        let placed =
+            crate::resize::with_cgroups(&cgroups, move |cg| cg.place_hypervisor(pid)).await;
         placed.map_err(|e| PodError::Host {
             what: "placing QEMU in the sandbox cgroup".into(),
             why: e.to_string(),
         })?;
         let overhead = crate::resize::overhead(cfg);
         let (workload, memory) = (plan.workload, size.memory_mib);
-        let limited =
-            crate::resize::with_cgroups(&cgroups, move |cg| cg.set_limits(workload, memory, overhead))
-                .await;
+        let limited = crate::resize::with_cgroups(&cgroups, move |cg| {
+            cg.set_limits(workload, memory, overhead)
+        })
+        .await;
         limited.map_err(|e| PodError::Host {
             what: "setting the sandbox cgroup's limits".into(),
             why: e.to_string(),

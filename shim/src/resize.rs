@@ -188,14 +188,15 @@ impl Pod {
                 status,
             })?
             .into_inner();
-        let grew_memory = now.memory_mib > r.memory_mib;
+        let added_blocks = (now.memory_mib.saturating_sub(r.memory_mib) / r.block_mib) as u32;
         (r.vcpus, r.memory_mib) = (now.vcpus, now.memory_mib);
         self.agent
             .with_deadline(ONLINE_DEADLINE)
             .online_cpu_mem(OnlineCpuMemRequest {
                 wait: true,
                 nb_cpus: now.vcpus,
-                cpu_only: !grew_memory,
+                cpu_only: added_blocks == 0,
+                memory_blocks: added_blocks,
             })
             .await
             .map_err(|source| PodError::Agent {

@@ -71,6 +71,7 @@ pub struct Builder {
     log_level: String,
     start_timeout: Duration,
     ctr_timeout: Duration,
+    namespaces_of: Option<u32>,
 }
 
 impl Default for Builder {
@@ -81,6 +82,7 @@ impl Default for Builder {
             log_level: "info".into(),
             start_timeout: Duration::from_secs(20),
             ctr_timeout: Duration::from_secs(300),
+            namespaces_of: None,
         }
     }
 }
@@ -125,6 +127,16 @@ impl Builder {
         self
     }
 
+    /// Runs containerd in the mount and cgroup namespaces of process `pid`,
+    /// and the processes it starts (the shims and theirs) in its PID
+    /// namespace too: e.g. a private systemd's ([`crate::systemd`]), whose
+    /// D-Bus socket and cgroup tree they then see. containerd itself stays
+    /// in this PID namespace, so its pid here is its pid.
+    pub fn namespaces_of(mut self, pid: u32) -> Self {
+        self.namespaces_of = Some(pid);
+        self
+    }
+
     /// Starts containerd and waits until it answers; panics (with the tail of
     /// its log) if it does not within the start timeout.
     pub fn start(self) -> Containerd {
@@ -160,6 +172,32 @@ impl Builder {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
+        if let Some(pid) = self.namespaces_of {
+            use std::os::fd::{AsRawFd, OwnedFd};
+            use std::os::unix::process::CommandExt;
+            let open = |ns: &str| -> OwnedFd {
+                std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
+                    .unwrap_or_else(|e| panic!("namespace {ns} of {pid}: {e}"))
+                    .into()
+            };
+            let fds = [
+                (open("cgroup"), libc::CLONE_NEWCGROUP),
+                (open("mnt"), libc::CLONE_NEWNS),
+                (open("pid"), libc::CLONE_NEWPID),
+            ];
+            // SAFETY: setns only, between fork and exec; the fds live in
+            // the closure, which the child keeps until exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (fd, kind) in &fds {
+                        if libc::setns(fd.as_raw_fd(), *kind) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", containerd.display()));
@@ -622,7 +660,7 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// `name` on PATH, or a panic saying what to install.
-fn require_tool(name: &str) -> PathBuf {
+pub fn require_tool(name: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
     std::env::split_paths(&path)
         .chain(std::env::split_paths(DEFAULT_PATH))

@@ -10,7 +10,9 @@ pub mod containerd;
 pub mod monitor;
 pub mod net;
 pub mod otlp;
+pub mod resources;
 pub mod shim;
+pub mod systemd;
 pub mod tasks;
 
 use std::path::{Path, PathBuf};

@@ -2,13 +2,16 @@
 //! containerd, `ctr run --cgroup`, containerd's Tasks.Update, QEMU under TCG
 //! hot-plugging vCPUs and memory, the guest agent onlining them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kata_proto::paths::SandboxPaths;
 use kata_tests::containerd::Containerd;
+use kata_tests::resources::{
+    cgroup_dir, cgroup_of, cpus, exec, limits, mem_total_mib, resources, shim_pid, tids, vcpu_tids,
+    wait_cpus,
+};
 use kata_tests::shim::{assert_pod_gone, kill_and_delete, pod_processes, write_config, RUNTIME};
-use serde_json::json;
 
 const GONE: Duration = Duration::from_secs(30);
 
@@ -23,147 +26,6 @@ fn setup(qemu_extra: &str, runtime: &str) -> (Containerd, String, tempfile::Temp
     let c = Containerd::builder().kata_config(&cfg).start();
     let image = c.import_busybox();
     (c, image, tmp)
-}
-
-/// The cgroup of `pid`'s thread `tid` in the hierarchy holding `controller`
-/// (v1), or the unified one.
-fn cgroup_of(pid: u32, tid: u32, controller: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup"))
-        .unwrap_or_else(|e| panic!("cgroup of {pid}/{tid}: {e}"));
-    let mut unified = None;
-    for l in text.lines() {
-        let mut f = l.splitn(3, ':');
-        let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
-        if ctrls.split(',').any(|c| c == controller) {
-            return path.to_string();
-        }
-        if ctrls.is_empty() {
-            unified = Some(path.to_string());
-        }
-    }
-    unified.unwrap_or_default()
-}
-
-/// The directory of cgroup `rel` for `controller`: v1's hierarchy of it if
-/// the host has one, else the v2 tree.
-fn cgroup_dir(controller: &str, rel: &str) -> PathBuf {
-    let v1 = Path::new("/sys/fs/cgroup").join(controller);
-    let root = if v1.is_dir() {
-        v1
-    } else {
-        PathBuf::from("/sys/fs/cgroup")
-    };
-    root.join(rel.trim_start_matches('/'))
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .trim()
-        .to_string()
-}
-
-/// The sandbox cgroup's CPU quota (µs per 100 ms; -1: none) and memory
-/// limit (bytes; None: none).
-fn limits(rel: &str) -> (i64, Option<u64>) {
-    let cpu = cgroup_dir("cpu", rel);
-    let quota = if cpu.join("cpu.cfs_quota_us").exists() {
-        read(&cpu.join("cpu.cfs_quota_us")).parse().unwrap()
-    } else {
-        match read(&cpu.join("cpu.max")).split_whitespace().next() {
-            Some("max") => -1,
-            Some(q) => q.parse().unwrap(),
-            None => panic!("cpu.max"),
-        }
-    };
-    let mem = cgroup_dir("memory", rel);
-    let limit = if mem.join("memory.limit_in_bytes").exists() {
-        let v: u64 = read(&mem.join("memory.limit_in_bytes")).parse().unwrap();
-        (v < 1 << 62).then_some(v)
-    } else {
-        read(&mem.join("memory.max")).parse().ok()
-    };
-    (quota, limit)
-}
-
-fn tids(pid: u32) -> Vec<(u32, String)> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("QEMU's threads")
-        .flatten()
-        .filter_map(|e| {
-            let tid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-            Some((tid, comm.trim().to_string()))
-        })
-        .collect()
-}
-
-fn vcpu_tids(pid: u32) -> Vec<u32> {
-    tids(pid)
-        .into_iter()
-        .filter(|(_, c)| c.starts_with("CPU "))
-        .map(|(t, _)| t)
-        .collect()
-}
-
-fn shim_pid(id: &str) -> u32 {
-    pod_processes(id)
-        .into_iter()
-        .find(|(_, cmd)| cmd.contains("containerd-shim-kata-v2"))
-        .unwrap_or_else(|| panic!("no shim for {id}: {:?}", pod_processes(id)))
-        .0
-}
-
-fn exec(c: &Containerd, id: &str, n: &mut u32, script: &str) -> String {
-    *n += 1;
-    c.ctr_ok(&[
-        "task",
-        "exec",
-        "--exec-id",
-        &format!("e{n}"),
-        id,
-        "sh",
-        "-c",
-        script,
-    ])
-}
-
-/// The guest's CPUs as a container sees them: `nproc` and the online list.
-fn cpus(c: &Containerd, id: &str, n: &mut u32) -> (u32, String) {
-    let out = exec(c, id, n, "nproc; cat /sys/devices/system/cpu/online");
-    let mut l = out.lines();
-    (
-        l.next().unwrap_or("").trim().parse().unwrap_or(0),
-        l.next().unwrap_or("").trim().to_string(),
-    )
-}
-
-fn mem_total_mib(c: &Containerd, id: &str, n: &mut u32) -> u64 {
-    let out = exec(c, id, n, "grep MemTotal /proc/meminfo");
-    out.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
-}
-
-/// Polls (up to 5 s) until the container sees `want` CPUs.
-fn wait_cpus(c: &Containerd, id: &str, n: &mut u32, want: (u32, &str)) {
-    let t0 = Instant::now();
-    loop {
-        let got = cpus(c, id, n);
-        if got.0 == want.0 && got.1 == want.1 {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "the guest shows {got:?}, {want:?} wanted"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn resources(cpus: i64, memory_mib: i64) -> serde_json::Value {
-    json!({
-        "cpu": { "quota": cpus * 100_000, "period": 100_000 },
-        "memory": { "limit": memory_mib << 20 }
-    })
 }
 
 #[test]
@@ -232,7 +94,11 @@ fn a_cgroupfs_pod_holds_its_vcpus_and_follows_updates_with_hotplug() {
     let vcpus = vcpu_tids(qemu);
     assert_eq!(vcpus.len(), 4);
     for t in &vcpus {
-        assert_eq!(cgroup_of(qemu, *t, "cpu"), rel, "hot-plugged vCPU thread {t}");
+        assert_eq!(
+            cgroup_of(qemu, *t, "cpu"),
+            rel,
+            "hot-plugged vCPU thread {t}"
+        );
     }
     assert_eq!(limits(&rel).0, 325_000);
 
@@ -241,7 +107,13 @@ fn a_cgroupfs_pod_holds_its_vcpus_and_follows_updates_with_hotplug() {
     let mem1 = mem_total_mib(&c, id, &mut n);
     assert!(
         (mem0 + 500..=mem0 + 524).contains(&mem1),
-        "MemTotal {mem0} -> {mem1} MiB"
+        "MemTotal {mem0} -> {mem1} MiB; the guest's memory blocks: {}",
+        exec(
+            &c,
+            id,
+            &mut n,
+            "cd /sys/devices/system/memory; for b in memory*; do echo $b $(cat $b/state); done; dmesg | tail -20"
+        )
     );
     assert_eq!(limits(&rel).1, Some((256 + 768 + 256) << 20));
 
@@ -270,11 +142,11 @@ fn a_cgroupfs_pod_holds_its_vcpus_and_follows_updates_with_hotplug() {
     assert!(out.contains("ok"), "600 MiB in the new memory: {out}");
 
     // bad updates: refused with the bound named, the pod unchanged
-    let e = kata_tests::tasks::update(c.address(), c.namespace(), id, &resources(10, 768))
-        .unwrap_err();
+    let e =
+        kata_tests::tasks::update(c.address(), c.namespace(), id, &resources(10, 768)).unwrap_err();
     assert!(e.contains("default_maxvcpus"), "{e}");
-    let e = kata_tests::tasks::update(c.address(), c.namespace(), id, &resources(3, 4096))
-        .unwrap_err();
+    let e =
+        kata_tests::tasks::update(c.address(), c.namespace(), id, &resources(3, 4096)).unwrap_err();
     assert!(e.contains("default_maxmemory"), "{e}");
     assert_eq!(cpus(&c, id, &mut n), (4, "0-3".into()));
     assert_eq!(limits(&rel).0, 325_000);
@@ -299,10 +171,22 @@ fn sandbox_cgroup_only_puts_every_pod_process_in_the_pods_cgroup() {
     let id = "cg-only";
     let rel = format!("/kata-rs-test/{id}");
     c.ctr_ok(&[
-        "run", "-d", "--runtime", RUNTIME, "--cgroup", &rel, &image, id, "sleep", "1000",
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--cgroup",
+        &rel,
+        &image,
+        id,
+        "sleep",
+        "1000",
     ]);
     let procs = pod_processes(id);
-    assert!(procs.len() >= 4, "shim, launcher, virtiofsd, QEMU: {procs:?}");
+    assert!(
+        procs.len() >= 4,
+        "shim, launcher, virtiofsd, QEMU: {procs:?}"
+    );
     for (pid, cmd) in &procs {
         for (tid, comm) in tids(*pid) {
             assert_eq!(cgroup_of(*pid, tid, "cpu"), rel, "{cmd} thread {comm}");

@@ -265,7 +265,10 @@ mod tests {
         let s = c.size_on(Workload::from_resources(None), 8, 4096);
         assert_eq!((s.vcpus, s.memory_mib), (1, 512));
         let r = resources(None, None, None);
-        assert_eq!(c.size_on(Workload::from_resources(Some(&r)), 8, 4096).vcpus, 1);
+        assert_eq!(
+            c.size_on(Workload::from_resources(Some(&r)), 8, 4096).vcpus,
+            1
+        );
         assert_eq!(c.vm_size(None).memory_mib, 512);
     }
 
@@ -333,11 +336,16 @@ mod tests {
         let mut c = cfg(1, 4, 512);
         c.runtime.static_sandbox_resource_mgmt = false;
         c.hypervisor.qemu.default_maxmemory = 2048;
-        let w = |cpus: i64, mib: i64| Workload::from_limits(Some(cpus * 100_000), Some(100_000), Some(mib << 20));
+        let w = |cpus: i64, mib: i64| {
+            Workload::from_limits(Some(cpus * 100_000), Some(100_000), Some(mib << 20))
+        };
         let s = c.resize_for(w(3, 1024)).unwrap();
         assert_eq!((s.vcpus, s.memory_mib), (4, 1536));
         let e = c.resize_for(w(4, 0)).unwrap_err();
-        assert!(e.contains("5 vCPUs") && e.contains("default_maxvcpus allows (4)"), "{e}");
+        assert!(
+            e.contains("5 vCPUs") && e.contains("default_maxvcpus allows (4)"),
+            "{e}"
+        );
         let e = c.resize_for(w(1, 2000)).unwrap_err();
         assert!(e.contains("default_maxmemory allows (2048 MiB)"), "{e}");
     }

@@ -407,15 +407,9 @@ impl Service {
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("configuration {name}: {e}")))?;
         let plan = plan(id, spec, &cfg);
         let hostname = spec.hostname().clone().unwrap_or_default();
-        let pod = Pod::create(
-            id,
-            cfg,
-            plan,
-            &hostname,
-            crate::network::netns_of(spec),
-        )
-        .await
-        .map_err(|e| err(e.code(), format!("creating the pod VM: {e}")))?;
+        let pod = Pod::create(id, cfg, plan, &hostname, crate::network::netns_of(spec))
+            .await
+            .map_err(|e| err(e.code(), format!("creating the pod VM: {e}")))?;
         let pod = Arc::new(pod);
         pod.start_monitor().await;
         Ok(pod)

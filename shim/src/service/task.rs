@@ -645,8 +645,8 @@ impl Task for Service {
                 .as_ref()
                 .map(|a| String::from_utf8_lossy(&a.value).into_owned())
                 .unwrap_or_default();
-            let res = serde_json::from_str::<oci_spec::runtime::LinuxResources>(&json)
-                .map_err(|e| {
+            let res =
+                serde_json::from_str::<oci_spec::runtime::LinuxResources>(&json).map_err(|e| {
                     err(
                         Code::INVALID_ARGUMENT,
                         format!("the resources are not valid OCI LinuxResources: {e}"),

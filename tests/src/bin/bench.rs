@@ -26,6 +26,8 @@ mod net;
 mod pod;
 #[path = "bench/policy.rs"]
 mod policy;
+#[path = "bench/resize.rs"]
+mod resize;
 #[path = "bench/trace.rs"]
 mod trace;
 #[path = "bench/virtiofs.rs"]
@@ -84,6 +86,12 @@ async fn main() {
         return tokio::task::spawn_blocking(trace::trace_section)
             .await
             .expect("the tracing section");
+    }
+    // KATA_BENCH_ONLY=resize: only the live resize and host cgroup section
+    if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("resize") {
+        return tokio::task::spawn_blocking(resize::resize_section)
+            .await
+            .expect("the resize section");
     }
     // KATA_BENCH_ONLY=pod: only the containerd pod section
     if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("pod") {
@@ -201,6 +209,9 @@ async fn main() {
     tokio::task::spawn_blocking(trace::trace_section)
         .await
         .expect("the tracing section");
+    tokio::task::spawn_blocking(resize::resize_section)
+        .await
+        .expect("the resize section");
     tokio::task::spawn_blocking(net::net_section)
         .await
         .expect("the network section");

@@ -1,0 +1,150 @@
+//! Live resizes: the time from containerd's Update to the guest showing the
+//! new vCPUs (hot-plug and unplug) and memory, and what the pod's overhead
+//! cgroup holds (the shim and its helpers, QEMU's main thread), by PSS.
+
+use std::time::{Duration, Instant};
+
+use kata_tests::containerd::Containerd;
+use kata_tests::resources::{cpus, mem_total_mib, resources};
+use kata_tests::shim::{kill_and_delete, write_config, RUNTIME};
+
+use super::{pct, pss_kib};
+
+const RUNS: usize = 3;
+
+/// Update to `cpus_mem`, then polls until the guest shows `want` CPUs;
+/// (the Update call, until the guest showed it), seconds.
+fn timed_update(
+    c: &Containerd,
+    id: &str,
+    n: &mut u32,
+    cpus_mem: (i64, i64),
+    want: u32,
+) -> (f64, f64) {
+    let t0 = Instant::now();
+    kata_tests::tasks::update(
+        c.address(),
+        c.namespace(),
+        id,
+        &resources(cpus_mem.0, cpus_mem.1),
+    )
+    .expect("Update");
+    let call = t0.elapsed().as_secs_f64();
+    while cpus(c, id, n).0 != want {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no {want} CPUs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (call, t0.elapsed().as_secs_f64())
+}
+
+/// The pids in cgroup `rel` of the cpu hierarchy (v1) or the v2 tree.
+fn procs(rel: &str) -> Vec<u32> {
+    let f = kata_tests::resources::cgroup_dir("cpu", rel).join("cgroup.procs");
+    std::fs::read_to_string(f)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+pub(crate) fn resize_section() {
+    kata_tests::require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        &tmp.path().join("configuration.toml"),
+        "default_maxvcpus = 4\ndefault_maxmemory = 2048\n",
+        "",
+    );
+    let c = Containerd::builder().kata_config(&cfg).start();
+    let image = c.import_busybox();
+    let id = "bench-resize";
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--cpu-quota",
+        "100000",
+        "--cpu-period",
+        "100000",
+        &image,
+        id,
+        "sleep",
+        "1000",
+    ]);
+    let mut n = 0;
+    let (mut up_call, mut up_seen, mut down_call, mut down_seen) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..RUNS {
+        let (a, b) = timed_update(&c, id, &mut n, (3, 0), 4);
+        up_call.push(a);
+        up_seen.push(b);
+        let (a, b) = timed_update(&c, id, &mut n, (1, 0), 2);
+        down_call.push(a);
+        down_seen.push(b);
+    }
+    for v in [&mut up_call, &mut up_seen, &mut down_call, &mut down_seen] {
+        v.sort_by(f64::total_cmp);
+    }
+    let mem0 = mem_total_mib(&c, id, &mut n);
+    let t0 = Instant::now();
+    kata_tests::tasks::update(c.address(), c.namespace(), id, &resources(1, 512)).unwrap();
+    let mem_call = t0.elapsed().as_secs_f64();
+    let mem1 = mem_total_mib(&c, id, &mut n);
+
+    let overhead: Vec<(u32, String, u64)> = procs(&format!("kata_overhead/{id}"))
+        .into_iter()
+        .map(|p| (p, comm(p), pss_kib(p)))
+        .collect();
+    let total: u64 = overhead.iter().map(|o| o.2).sum();
+    let pod: Vec<(u32, String, u64)> = procs(&format!("/default/{id}"))
+        .into_iter()
+        .map(|p| (p, comm(p), pss_kib(p)))
+        .collect();
+    kill_and_delete(&c, id);
+
+    println!("\n## Live resizes and host cgroups (kata-bench)\n");
+    println!("One pod (`ctr run --cpu-quota 100000 --cpu-period 100000`, `default_maxvcpus = 4`), TCG; containerd's Tasks.Update, n={RUNS}; \"seen\" is until `nproc` in the container shows it.\n");
+    println!(
+        "| resize | Update call, p50 / max | until the guest shows it, p50 / max |\n|---|---|---|"
+    );
+    println!(
+        "| 1 → 3 CPUs (2 vCPUs hot-plugged, onlined) | {:.0} / {:.0} ms | {:.0} / {:.0} ms |",
+        pct(&up_call, 0.5) * 1e3,
+        pct(&up_call, 1.0) * 1e3,
+        pct(&up_seen, 0.5) * 1e3,
+        pct(&up_seen, 1.0) * 1e3
+    );
+    println!(
+        "| 3 → 1 CPU (2 vCPUs unplugged) | {:.0} / {:.0} ms | {:.0} / {:.0} ms |",
+        pct(&down_call, 0.5) * 1e3,
+        pct(&down_call, 1.0) * 1e3,
+        pct(&down_seen, 0.5) * 1e3,
+        pct(&down_seen, 1.0) * 1e3
+    );
+    println!(
+        "| memory limit 0 → 512 MiB (one 512 MiB DIMM, onlined) | {:.0} ms | MemTotal {mem0} → {mem1} MiB |",
+        mem_call * 1e3
+    );
+    println!("\n| cgroup | processes (PSS) | PSS total |\n|---|---|---|");
+    let list = |v: &[(u32, String, u64)]| {
+        v.iter()
+            .map(|(_, c, p)| format!("{c} {p} KiB"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "| overhead `kata_overhead/<pod>` | {} | {total} KiB |",
+        list(&overhead)
+    );
+    println!(
+        "| sandbox `/default/<pod>` (vCPU threads only on cgroup v1; their process's PSS) | {} | — |",
+        list(&pod)
+    );
+}
