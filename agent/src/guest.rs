@@ -95,8 +95,9 @@ pub enum OnlineError {
 ///
 /// * CPUs: offline ones (`cpuN/online` = 0) are onlined until `cpus` are
 ///   online, waiting up to `wait` for hot-plugged ones to appear (ACPI
-///   delivers them after QEMU's device_add returns). CPUs beyond `cpus`
-///   are left as they are (unplugged ones vanish by themselves).
+///   delivers them after QEMU's device_add returns). With more than `cpus`
+///   online, the highest-numbered go offline, so that their vCPUs can be
+///   unplugged next.
 /// * memory, unless `cpu_only`: once `memory_blocks` offline blocks are
 ///   present (waiting up to `wait` for the hot-plugged ones), every offline
 ///   block (`memoryN/state`).
@@ -116,14 +117,28 @@ pub fn online_cpu_mem(
     let online = loop {
         let mut online = 0u32;
         let mut offline = vec![];
+        let mut can_go = vec![];
         for (_, dir) in numbered(&cpu_dir, "cpu") {
             match std::fs::read_to_string(dir.join("online")) {
                 // cpu0 has no `online` file: it cannot go offline
                 Err(e) if e.kind() == io::ErrorKind::NotFound => online += 1,
                 Err(e) => return Err(io(&dir.join("online"))(e)),
-                Ok(v) if v.trim() == "1" => online += 1,
+                Ok(v) if v.trim() == "1" => {
+                    online += 1;
+                    can_go.push(dir);
+                }
                 Ok(_) => offline.push(dir),
             }
+        }
+        // more online than wanted: the highest go offline (before their
+        // vCPUs are unplugged, which the guest then ejects at once)
+        while online > cpus.max(1) {
+            let Some(dir) = can_go.pop() else {
+                break;
+            };
+            let f = dir.join("online");
+            std::fs::write(&f, "0").map_err(io(&f))?;
+            online -= 1;
         }
         for dir in offline {
             if online >= cpus {
@@ -246,6 +261,12 @@ mod tests {
             "beyond the target"
         );
         assert_eq!(read(&d, "devices/system/memory/memory2/state"), "online");
+        let d = fake_sys(&[None, Some("1"), Some("1"), Some("1")], &[]);
+        let got = online_cpu_mem(d.path(), 2, true, 0, wait).unwrap();
+        assert_eq!(got.cpus_online, 2);
+        assert_eq!(read(&d, "devices/system/cpu/cpu3/online"), "0");
+        assert_eq!(read(&d, "devices/system/cpu/cpu2/online"), "0");
+        assert_eq!(read(&d, "devices/system/cpu/cpu1/online"), "1");
         let cpu_only = fake_sys(&[None, Some("0")], &["offline"]);
         let got = online_cpu_mem(cpu_only.path(), 2, true, 0, wait).unwrap();
         assert_eq!(got.memory_blocks, 0);

@@ -9,7 +9,8 @@
 //! `default_maxmemory` is refused with an error naming the bound, and the pod
 //! stays as it was. Otherwise the launcher hot-plugs (or unplugs) vCPUs and
 //! adds a DIMM (ResizeVm), the agent onlines what arrived (OnlineCPUMem, a
-//! target count of online CPUs), the new vCPU threads join the sandbox
+//! target count of online CPUs; before an unplug it offlines the vCPUs that
+//! go, which the guest then ejects at once), the new vCPU threads join the sandbox
 //! cgroup, and its limits follow. Memory is never given back (as in Kata):
 //! lowering a memory limit leaves the VM's memory as it is.
 //!
@@ -176,6 +177,22 @@ impl Pod {
             return self.set_host_limits(total, r.memory_mib).await;
         }
         let t0 = std::time::Instant::now();
+        let agent = self.agent.with_deadline(ONLINE_DEADLINE);
+        let online = |nb_cpus: u32, memory_blocks: u32| {
+            agent.online_cpu_mem(OnlineCpuMemRequest {
+                wait: true,
+                nb_cpus,
+                cpu_only: memory_blocks == 0,
+                memory_blocks,
+            })
+        };
+        if size.vcpus < r.vcpus {
+            // the guest lets the CPUs go first: it ejects offline vCPUs at once
+            online(size.vcpus, 0).await.map_err(|source| PodError::Agent {
+                what: "OnlineCPUMem (offlining the vCPUs to unplug)",
+                source,
+            })?;
+        }
         let now = launcher
             .clone()
             .resize_vm(ResizeVmRequest {
@@ -190,14 +207,7 @@ impl Pod {
             .into_inner();
         let added_blocks = (now.memory_mib.saturating_sub(r.memory_mib) / r.block_mib) as u32;
         (r.vcpus, r.memory_mib) = (now.vcpus, now.memory_mib);
-        self.agent
-            .with_deadline(ONLINE_DEADLINE)
-            .online_cpu_mem(OnlineCpuMemRequest {
-                wait: true,
-                nb_cpus: now.vcpus,
-                cpu_only: added_blocks == 0,
-                memory_blocks: added_blocks,
-            })
+        online(now.vcpus, added_blocks)
             .await
             .map_err(|source| PodError::Agent {
                 what: "OnlineCPUMem",
