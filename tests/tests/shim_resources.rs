@@ -140,7 +140,10 @@ fn a_cgroupfs_pod_holds_its_vcpus_and_follows_updates_with_hotplug() {
         // dd's one 600 MiB buffer, filled: more than the guest had before
         "dd if=/dev/zero of=/dev/null bs=600M count=1 2>&1",
     );
-    assert!(out.contains("1+0 records out"), "600 MiB in the new memory: {out}");
+    assert!(
+        out.contains("1+0 records out"),
+        "600 MiB in the new memory: {out}"
+    );
 
     // bad updates: refused with the bound named, the pod unchanged
     let e =
@@ -153,7 +156,12 @@ fn a_cgroupfs_pod_holds_its_vcpus_and_follows_updates_with_hotplug() {
     assert_eq!(limits(&rel).0, 325_000);
 
     // 3 -> 1 CPU: the hot-plugged vCPUs are unplugged
-    kata_tests::tasks::update(c.address(), c.namespace(), id, &resources(1, 768)).unwrap();
+    if let Err(e) = kata_tests::tasks::update(c.address(), c.namespace(), id, &resources(1, 768)) {
+        let console =
+            std::fs::read_to_string(SandboxPaths::new(id).console_log()).unwrap_or_default();
+        let guest = exec(&c, id, &mut n, "ls /sys/devices/system/cpu; cat /sys/devices/system/cpu/online; for c in /sys/devices/system/cpu/cpu*/online; do echo $c $(cat $c); done");
+        panic!("{e}\nguest: {guest}\nconsole:\n{console}");
+    }
     wait_cpus(&c, id, &mut n, (2, "0-1"));
     assert_eq!(vcpu_tids(qemu).len(), 2);
     assert_eq!(limits(&rel).0, 125_000);

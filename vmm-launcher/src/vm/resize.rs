@@ -4,7 +4,8 @@
 //!   copying the topology properties of a free entry of
 //!   `query-hotpluggable-cpus` into `device_add` of its CPU type, and
 //!   unplugged with `device_del` (the guest ejects it over ACPI; waited
-//!   for). Only the vCPUs plugged here can go: the boot vCPUs stay.
+//!   for until its slot is free: QEMU 7.2 sends no DEVICE_DELETED of a
+//!   vCPU). Only the vCPUs plugged here can go: the boot vCPUs stay.
 //! * memory: QEMU starts with `-m S,slots=N,maxmem=M`. Growing adds one
 //!   `pc-dimm` backed by a shared memfd (`object-add
 //!   memory-backend-memfd,share=on`), so the vhost-user backends
@@ -23,7 +24,7 @@ use kata_proto::launcher::{ResizeVmRequest, ResizeVmResponse, VmSpec};
 use serde_json::{json, Value};
 use tracing::info;
 
-use crate::qmp::{Qmp, QmpError};
+use crate::qmp::Qmp;
 use crate::LauncherError;
 
 /// How long the guest may take to eject an unplugged vCPU.
@@ -41,6 +42,8 @@ pub(super) struct Resources {
     plugged: Vec<String>,
     /// DIMMs added so far (names the next one).
     dimms: u32,
+    /// Names the next vCPU plugged.
+    next_id: u32,
 }
 
 impl Resources {
@@ -54,6 +57,7 @@ impl Resources {
             free_slots: spec.memory_slots,
             plugged: vec![],
             dimms: 0,
+            next_id: 0,
         }
     }
 
@@ -107,14 +111,23 @@ impl Resources {
             let Some(id) = self.plugged.last().cloned() else {
                 break;
             };
-            match qmp.device_del(&id, CPU_UNPLUG_WAIT).await {
-                Ok(()) => {}
-                Err(QmpError::Timeout { .. }) => {
+            qmp.execute("device_del", Some(json!({ "id": id }))).await?;
+            // QEMU 7.2 never sends DEVICE_DELETED of a vCPU (only of its
+            // lapic): the slot freed in query-hotpluggable-cpus says the
+            // guest ejected it
+            let path = format!("/machine/peripheral/{id}");
+            let t0 = std::time::Instant::now();
+            loop {
+                let list = qmp.execute("query-hotpluggable-cpus", None).await?;
+                if !holds(&list, &path) {
+                    break;
+                }
+                if t0.elapsed() > CPU_UNPLUG_WAIT {
                     return Err(LauncherError::Timeout(format!(
                         "the guest did not eject vCPU {id} within {CPU_UNPLUG_WAIT:?}"
-                    )))
+                    )));
                 }
-                Err(e) => return Err(e.into()),
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             self.plugged.pop();
             info!(id, vcpus = self.vcpus(), "vCPU unplugged");
@@ -134,7 +147,9 @@ impl Resources {
                 self.max_vcpus
             ))
         })?;
-        let id = format!("vcpu{}", self.vcpus());
+        // never reused: an unplugged vCPU's object may outlive its slot
+        let id = format!("vcpu{}", self.next_id);
+        self.next_id += 1;
         let mut args = props;
         args["driver"] = json!(driver);
         args["id"] = json!(id);
@@ -175,6 +190,12 @@ impl Resources {
     }
 }
 
+/// Whether a vCPU of QOM path `path` holds a slot of `query-hotpluggable-cpus`.
+fn holds(list: &Value, path: &str) -> bool {
+    list.as_array()
+        .is_some_and(|l| l.iter().any(|c| c["qom-path"] == path))
+}
+
 /// The CPU type and topology properties of the first entry of
 /// `query-hotpluggable-cpus` that no vCPU holds (no `qom-path`), lowest
 /// topology first (QEMU lists them highest first).
@@ -205,6 +226,8 @@ mod tests {
             {"props": {"core-id": 1, "thread-id": 0, "socket-id": 0}, "vcpus-count": 1, "qom-path": "/machine/peripheral/vcpu1", "type": "max-x86_64-cpu"},
             {"props": {"core-id": 0, "thread-id": 0, "socket-id": 0}, "vcpus-count": 1, "qom-path": "/machine/unattached/device[0]", "type": "max-x86_64-cpu"}
         ]);
+        assert!(holds(&list, "/machine/peripheral/vcpu1"));
+        assert!(!holds(&list, "/machine/peripheral/vcpu2"));
         let (t, p) = free_cpu_slot(&list).unwrap();
         assert_eq!(t, "max-x86_64-cpu");
         assert_eq!(p, json!({"core-id": 2, "thread-id": 0, "socket-id": 0}));
