@@ -188,10 +188,12 @@ impl Pod {
         };
         if size.vcpus < r.vcpus {
             // the guest lets the CPUs go first: it ejects offline vCPUs at once
-            online(size.vcpus, 0).await.map_err(|source| PodError::Agent {
-                what: "OnlineCPUMem (offlining the vCPUs to unplug)",
-                source,
-            })?;
+            online(size.vcpus, 0)
+                .await
+                .map_err(|source| PodError::Agent {
+                    what: "OnlineCPUMem (offlining the vCPUs to unplug)",
+                    source,
+                })?;
         }
         let now = launcher
             .clone()

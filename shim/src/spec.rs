@@ -100,6 +100,16 @@ pub fn to_guest(mut spec: Spec, id: &str, share: &Path) -> Result<GuestSpec, Str
     root.set_path(dir.join("rootfs"));
     root.set_readonly(Some(readonly_root));
     spec.set_root(Some(root));
+    // the host's systemd form (`slice:prefix:name`) names a host unit: the
+    // guest has no systemd, the agent picks its own cgroupfs path instead
+    if let Some(linux) = spec.linux().as_ref() {
+        let path = linux.cgroups_path().as_ref();
+        if path.is_some_and(|p| p.to_string_lossy().contains(':')) {
+            let mut linux = linux.clone();
+            linux.set_cgroups_path(None);
+            spec.set_linux(Some(linux));
+        }
+    }
 
     let mut mounts = Vec::new();
     let mut dropped = Vec::new();
@@ -259,6 +269,19 @@ mod tests {
             .unwrap();
         assert_eq!(ns.len(), 2);
         assert!(ns.iter().all(|n| n.path().is_none()));
+    }
+
+    #[test]
+    fn a_host_systemd_cgroups_path_stays_on_the_host() {
+        let cg = |p: &str| {
+            let mut j = base();
+            j["linux"]["cgroupsPath"] = p.into();
+            let g = to_guest(spec(j), "c1", Path::new(GUEST_SHARE)).unwrap();
+            let linux = g.spec.linux().clone().unwrap();
+            linux.cgroups_path().clone()
+        };
+        assert_eq!(cg("kubepods.slice:cri-containerd:c1"), None);
+        assert_eq!(cg("/default/c1"), Some("/default/c1".into()));
     }
 
     #[test]

@@ -127,11 +127,10 @@ impl Builder {
         self
     }
 
-    /// Runs containerd in the mount and cgroup namespaces of process `pid`,
-    /// and the processes it starts (the shims and theirs) in its PID
-    /// namespace too: e.g. a private systemd's ([`crate::systemd`]), whose
-    /// D-Bus socket and cgroup tree they then see. containerd itself stays
-    /// in this PID namespace, so its pid here is its pid.
+    /// Runs containerd (and so its shims and theirs) in the PID, mount and
+    /// cgroup namespaces of process `pid`: e.g. a private systemd's
+    /// ([`crate::systemd`]), whose D-Bus socket and cgroup tree they then
+    /// see. [`Containerd::pid`] is still its pid in this PID namespace.
     pub fn namespaces_of(mut self, pid: u32) -> Self {
         self.namespaces_of = Some(pid);
         self
@@ -163,7 +162,18 @@ impl Builder {
             }
             _ => format!("{}:{DEFAULT_PATH}", bin_dir.display()).into(),
         };
-        let mut cmd = Command::new(&containerd);
+        // in another process's namespaces: through nsenter, which forks
+        // (a process cannot start threads in a PID namespace it has not
+        // entered itself, so containerd must be born there)
+        let mut cmd = match self.namespaces_of {
+            Some(pid) => {
+                let mut c = Command::new(require_tool("nsenter"));
+                c.args(["-t", &pid.to_string(), "-p", "-m", "-C", "--"])
+                    .arg(&containerd);
+                c
+            }
+            None => Command::new(&containerd),
+        };
         cmd.arg("--config")
             .arg(&c.config)
             .current_dir(&dir)
@@ -172,37 +182,17 @@ impl Builder {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        if let Some(pid) = self.namespaces_of {
-            use std::os::fd::{AsRawFd, OwnedFd};
-            use std::os::unix::process::CommandExt;
-            let open = |ns: &str| -> OwnedFd {
-                std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
-                    .unwrap_or_else(|e| panic!("namespace {ns} of {pid}: {e}"))
-                    .into()
-            };
-            let fds = [
-                (open("cgroup"), libc::CLONE_NEWCGROUP),
-                (open("mnt"), libc::CLONE_NEWNS),
-                (open("pid"), libc::CLONE_NEWPID),
-            ];
-            // SAFETY: setns only, between fork and exec; the fds live in
-            // the closure, which the child keeps until exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    for (fd, kind) in &fds {
-                        if libc::setns(fd.as_raw_fd(), *kind) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
-        }
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", containerd.display()));
+        let pid = match self.namespaces_of {
+            // containerd is nsenter's child
+            Some(_) => child_of(child.id(), Duration::from_secs(5))
+                .unwrap_or_else(|| panic!("nsenter {} started no containerd", child.id())),
+            None => child.id(),
+        };
         let mut me = Containerd {
-            pid: child.id(),
+            pid,
             child: Some(child),
             layout: c,
             dir,
@@ -533,6 +523,8 @@ impl Containerd {
                         "containerd {}: no exit 10 s after SIGTERM, sending SIGKILL",
                         self.pid
                     );
+                    // containerd itself (under nsenter, the child is nsenter)
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                     let _ = child.kill();
                     let _ = child.wait();
                     return;
@@ -657,6 +649,24 @@ pub fn bin_dir() -> PathBuf {
         .parent()
         .expect("the binary directory")
         .to_path_buf()
+}
+
+/// The first child of `pid`, waited for up to `timeout`.
+fn child_of(pid: u32, timeout: Duration) -> Option<u32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+        if let Some(c) = kids
+            .ok()
+            .and_then(|k| k.split_whitespace().next()?.parse().ok())
+        {
+            return Some(c);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// `name` on PATH, or a panic saying what to install.

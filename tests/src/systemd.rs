@@ -7,30 +7,24 @@
 //!   (`kata-rs-systemd-<pid>` in every hierarchy), so the slices and scopes
 //!   it makes stay below it; its mount namespace has the cgroup hierarchies
 //!   mounted again at that root, a private `/run` (its D-Bus socket is
-//!   `/run/dbus/system_bus_socket` there) and the host's `/run/kata` bound in
-//!   (the sandbox directories stay where the tests look).
+//!   `/run/dbus/system_bus_socket` there) with the host's `/run/kata`, the
+//!   private containerds' directory and ctr's FIFO directory bound in (the
+//!   shims find what ctr and the tests see).
 //! * Its units come from a directory of its own (`SYSTEMD_UNIT_PATH`): a
-//!   target wanting `dbus.socket`, Debian's `dbus.service`, and what
-//!   `systemctl exit` needs. Host services are never started.
+//!   target wanting Debian's `dbus.socket` and `dbus.service`. Host services
+//!   are never started.
 //! * A containerd started with [`crate::containerd::Builder::namespaces_of`]
 //!   its pid runs its shims inside: they reach this systemd over D-Bus.
 //!
-//! Dropping it asks systemd to exit (`systemctl exit`), kills its namespace
-//! (SIGKILL to its PID 1) if it does not within 10 s, and removes its
-//! cgroups.
+//! Dropping it makes systemd exit at once (`systemctl --force exit`: the
+//! kernel ends every process of its PID namespace), kills its PID 1 if it
+//! did not within 10 s, and removes its cgroups.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const UNITS_FROM_DEBIAN: &[&str] = &[
-    "dbus.service",
-    "dbus.socket",
-    "exit.target",
-    "systemd-exit.service",
-    "shutdown.target",
-    "final.target",
-];
+const UNITS_FROM_DEBIAN: &[&str] = &["dbus.service", "dbus.socket"];
 
 /// A private systemd (see the module documentation).
 #[derive(Debug)]
@@ -59,8 +53,11 @@ const INNER: &str = r#"mount -t proc proc /proc
 mkdir -p "$DIR/hostrun"
 mount --bind /run "$DIR/hostrun"
 mount -t tmpfs -o mode=755 tmpfs /run
-mkdir -p /run/kata /run/lock
-mount --bind "$DIR/hostrun/kata" /run/kata
+mkdir -p /run/lock
+for d in $RUN_BINDS; do
+  mkdir -p "/run/$d"
+  mount --bind "$DIR/hostrun/$d" "/run/$d"
+done
 umount -l "$DIR/hostrun"
 mount -t tmpfs -o mode=755 cgroup_root /sys/fs/cgroup
 for opts in $V1; do
@@ -140,7 +137,25 @@ impl PrivateSystemd {
             std::fs::copy(Path::new("/lib/systemd/system").join(u), units.join(u))
                 .unwrap_or_else(|e| panic!("{u}: {e}"));
         }
-        std::fs::create_dir_all("/run/kata").unwrap();
+        let run = kata_proto::paths::run_dir();
+        // the sandboxes, the private containerds, ctr's stdio FIFOs
+        let binds: Vec<String> = [
+            run.as_path(),
+            Path::new(crate::containerd::BASE_DIR),
+            Path::new("/run/containerd/fifo"),
+        ]
+        .iter()
+        .map(|d| {
+            std::fs::create_dir_all(d).unwrap();
+            let rel = d.strip_prefix("/run").unwrap_or_else(|_| {
+                panic!(
+                    "{} is not below /run: the private systemd's /run cannot show it",
+                    d.display()
+                )
+            });
+            rel.display().to_string()
+        })
+        .collect();
         let cgroup = format!("kata-rs-systemd-{}", std::process::id());
         let (v1, v2) = host_hierarchies();
         let unshare = Command::new("sh")
@@ -151,6 +166,7 @@ impl PrivateSystemd {
             .env("DIR", dir.path())
             .env("V1", v1.join(" "))
             .env("V2", if v2 { "1" } else { "" })
+            .env("RUN_BINDS", binds.join(" "))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -231,7 +247,7 @@ fn remove_cgroup_tree(dir: &Path) {
 impl Drop for PrivateSystemd {
     fn drop(&mut self) {
         if self.pid != 0 {
-            let _ = self.run("systemctl", &["exit"]);
+            let _ = self.run("systemctl", &["--force", "exit"]);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -242,7 +258,7 @@ impl Drop for PrivateSystemd {
         }
         if let Ok(None) = self.unshare.try_wait() {
             eprintln!(
-                "private systemd {}: no exit 10 s after `systemctl exit`: killing its namespace",
+                "private systemd {}: no exit 10 s after `systemctl --force exit`: killing its namespace",
                 self.pid
             );
             if self.pid != 0 {
