@@ -163,8 +163,14 @@ fn a_cgroupfs_pod_holds_its_vcpus_and_follows_updates_with_hotplug() {
         panic!("{e}\nguest: {guest}\nconsole:\n{console}");
     }
     wait_cpus(&c, id, &mut n, (2, "0-1"));
-    assert_eq!(vcpu_tids(qemu).len(), 2);
     assert_eq!(limits(&rel).0, 125_000);
+    // (under TCG the vCPUs stay plugged, parked offline: QEMU 7.2 aborts at
+    // a vCPU plug after an unplug) and back up: the parked ones return
+    kata_tests::tasks::update(c.address(), c.namespace(), id, &resources(3, 768)).unwrap();
+    wait_cpus(&c, id, &mut n, (4, "0-3"));
+    assert_eq!(vcpu_tids(qemu).len(), 4);
+    kata_tests::tasks::update(c.address(), c.namespace(), id, &resources(1, 768)).unwrap();
+    wait_cpus(&c, id, &mut n, (2, "0-1"));
 
     kill_and_delete(&c, "hp1-app");
     kill_and_delete(&c, id);

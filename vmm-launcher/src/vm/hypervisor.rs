@@ -232,7 +232,7 @@ impl Actor {
             vsock,
             vsock_uds,
             start: hypervisor_start,
-            resources: super::resize::Resources::new(spec),
+            resources: super::resize::Resources::new(spec, accel),
             nics: Nics::new(
                 (!spec.netns_path.is_empty()).then(|| spec.netns_path.clone().into()),
                 &spec.net_devices,

@@ -6,6 +6,11 @@
 //!   unplugged with `device_del` (the guest ejects it over ACPI; waited
 //!   for until its slot is free: QEMU 7.2 sends no DEVICE_DELETED of a
 //!   vCPU). Only the vCPUs plugged here can go: the boot vCPUs stay.
+//!   Under TCG a vCPU is never unplugged: QEMU 7.2 corrupts its heap and
+//!   aborts ("corrupted double-linked list") at the next `device_add` after
+//!   a TCG vCPU was unplugged. There a vCPU that goes is *parked*: it stays
+//!   plugged, the guest keeps it offline (its thread sleeps), and the next
+//!   growth brings it back before plugging new ones.
 //! * memory: QEMU starts with `-m S,slots=N,maxmem=M`. Growing adds one
 //!   `pc-dimm` backed by a shared memfd (`object-add
 //!   memory-backend-memfd,share=on`), so the vhost-user backends
@@ -20,7 +25,7 @@
 
 use std::time::Duration;
 
-use kata_proto::launcher::{ResizeVmRequest, ResizeVmResponse, VmSpec};
+use kata_proto::launcher::{Accelerator, ResizeVmRequest, ResizeVmResponse, VmSpec};
 use serde_json::{json, Value};
 use tracing::info;
 
@@ -40,6 +45,10 @@ pub(super) struct Resources {
     free_slots: u32,
     /// QEMU ids of the vCPUs plugged here, in order.
     plugged: Vec<String>,
+    /// Of those, the last `parked` count as gone (TCG: never unplugged).
+    parked: u32,
+    /// Unplugging is safe (not TCG).
+    can_unplug: bool,
     /// DIMMs added so far (names the next one).
     dimms: u32,
     /// Names the next vCPU plugged.
@@ -48,7 +57,7 @@ pub(super) struct Resources {
 
 impl Resources {
     /// The room a (validated) spec leaves.
-    pub(super) fn new(spec: &VmSpec) -> Resources {
+    pub(super) fn new(spec: &VmSpec, accel: Accelerator) -> Resources {
         Resources {
             boot_vcpus: spec.vcpus,
             max_vcpus: spec.max_vcpus.max(spec.vcpus),
@@ -56,13 +65,15 @@ impl Resources {
             max_memory_mib: spec.max_memory_mib.max(spec.memory_mib),
             free_slots: spec.memory_slots,
             plugged: vec![],
+            parked: 0,
+            can_unplug: accel != Accelerator::Tcg,
             dimms: 0,
             next_id: 0,
         }
     }
 
     fn vcpus(&self) -> u32 {
-        self.boot_vcpus + self.plugged.len() as u32
+        self.boot_vcpus + self.plugged.len() as u32 - self.parked
     }
 
     /// What the VM has now.
@@ -105,7 +116,16 @@ impl Resources {
     ) -> Result<ResizeVmResponse, LauncherError> {
         self.check(&r)?;
         while self.vcpus() < r.vcpus {
+            if self.parked > 0 {
+                self.parked -= 1;
+                info!(vcpus = self.vcpus(), "parked vCPU back");
+                continue;
+            }
             self.plug_cpu(qmp).await?;
+        }
+        while self.vcpus() > r.vcpus && !self.can_unplug {
+            self.parked += 1;
+            info!(vcpus = self.vcpus(), "vCPU parked (TCG: not unplugged)");
         }
         while self.vcpus() > r.vcpus {
             let Some(id) = self.plugged.last().cloned() else {
@@ -235,14 +255,17 @@ mod tests {
     }
 
     fn room() -> Resources {
-        Resources::new(&VmSpec {
-            vcpus: 1,
-            max_vcpus: 4,
-            memory_mib: 512,
-            max_memory_mib: 2048,
-            memory_slots: 1,
-            ..Default::default()
-        })
+        Resources::new(
+            &VmSpec {
+                vcpus: 1,
+                max_vcpus: 4,
+                memory_mib: 512,
+                max_memory_mib: 2048,
+                memory_slots: 1,
+                ..Default::default()
+            },
+            Accelerator::Kvm,
+        )
     }
 
     #[test]
