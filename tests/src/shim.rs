@@ -185,10 +185,52 @@ pub fn wait_task_ended(c: &crate::containerd::Containerd, id: &str, timeout: Dur
 
 /// `ctr run -d --runtime kata IMAGE ID ARGS...`, then waits until it runs.
 pub fn run_detached(c: &crate::containerd::Containerd, image: &str, id: &str, args: &[&str]) {
-    let mut a = vec!["run", "-d", "--runtime", RUNTIME, image, id];
+    run_detached_with(c, &[], image, id, args);
+}
+
+/// [`run_detached`] with more `ctr run` flags (before the image).
+pub fn run_detached_with<S: AsRef<str>>(
+    c: &crate::containerd::Containerd,
+    flags: &[S],
+    image: &str,
+    id: &str,
+    args: &[&str],
+) {
+    let mut a = vec!["run", "-d", "--runtime", RUNTIME];
+    a.extend(flags.iter().map(AsRef::as_ref));
+    a.extend_from_slice(&[image, id]);
     a.extend_from_slice(args);
     c.ctr_ok(&a);
     wait_task_status(c, id, "RUNNING", Duration::from_secs(60));
+}
+
+/// `ctr run` flags (CRI annotations) that make a container the sandbox of
+/// pod `pod` (`sandbox`), or a member of it.
+pub fn pod_flags(pod: &str, sandbox: bool) -> Vec<String> {
+    let role = if sandbox { "sandbox" } else { "container" };
+    vec![
+        "--annotation".into(),
+        format!("io.kubernetes.cri.container-type={role}"),
+        "--annotation".into(),
+        format!("io.kubernetes.cri.sandbox-id={pod}"),
+    ]
+}
+
+/// `ctr run` flags of a container in host cgroup `cgroup`, limited to
+/// `cpus` CPUs (a 100 ms period) and, unless 0, `memory_mib` MiB.
+pub fn limit_flags(cgroup: &str, cpus: u32, memory_mib: u64) -> Vec<String> {
+    let mut v = vec![
+        "--cgroup".into(),
+        cgroup.into(),
+        "--cpu-quota".into(),
+        (u64::from(cpus) * 100_000).to_string(),
+        "--cpu-period".into(),
+        "100000".into(),
+    ];
+    if memory_mib > 0 {
+        v.extend(["--memory-limit".into(), (memory_mib << 20).to_string()]);
+    }
+    v
 }
 
 /// SIGKILLs task `id`, waits until it stopped, deletes task and container.

@@ -11,7 +11,10 @@ use kata_tests::resources::{
     cgroup_dir, cgroup_of, cpus, exec, limits, mem_total_mib, resources, shim_pid, tids, vcpu_tids,
     wait_cpus,
 };
-use kata_tests::shim::{assert_pod_gone, kill_and_delete, pod_processes, write_config, RUNTIME};
+use kata_tests::shim::{
+    assert_pod_gone, kill_and_delete, limit_flags, pod_flags, pod_processes, run_detached_with,
+    write_config,
+};
 
 const GONE: Duration = Duration::from_secs(30);
 
@@ -36,28 +39,9 @@ fn a_cgroupfs_pod_holds_its_vcpus_and_follows_updates_with_hotplug() {
     );
     let id = "hp1";
     let rel = format!("/kata-rs-test/{id}");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--cgroup",
-        &rel,
-        "--cpu-quota",
-        "100000",
-        "--cpu-period",
-        "100000",
-        "--memory-limit",
-        &(256u64 << 20).to_string(),
-        "--annotation",
-        "io.kubernetes.cri.container-type=sandbox",
-        "--annotation",
-        &format!("io.kubernetes.cri.sandbox-id={id}"),
-        &image,
-        id,
-        "sleep",
-        "1000",
-    ]);
+    let mut flags = limit_flags(&rel, 1, 256);
+    flags.extend(pod_flags(id, true));
+    run_detached_with(&c, &flags, &image, id, &["sleep", "1000"]);
     let qemu = kata_vmm_launcher::client::hypervisor_pid(&SandboxPaths::new(id)).expect("QEMU");
     let overhead = format!("/kata_overhead/{id}");
     let v1 = Path::new("/sys/fs/cgroup/cpu").is_dir();
@@ -118,20 +102,13 @@ fn a_cgroupfs_pod_holds_its_vcpus_and_follows_updates_with_hotplug() {
     assert_eq!(limits(&rel).1, Some((256 + 768 + 256) << 20));
 
     // a container started in the pod now has them
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--annotation",
-        "io.kubernetes.cri.container-type=container",
-        "--annotation",
-        &format!("io.kubernetes.cri.sandbox-id={id}"),
+    run_detached_with(
+        &c,
+        &pod_flags(id, false),
         &image,
         "hp1-app",
-        "sleep",
-        "1000",
-    ]);
+        &["sleep", "1000"],
+    );
     assert_eq!(cpus(&c, "hp1-app", &mut n), (4, "0-3".into()));
     let out = exec(
         &c,
@@ -185,18 +162,7 @@ fn sandbox_cgroup_only_puts_every_pod_process_in_the_pods_cgroup() {
     let (c, image, _tmp) = setup("", "sandbox_cgroup_only = true");
     let id = "cg-only";
     let rel = format!("/kata-rs-test/{id}");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--cgroup",
-        &rel,
-        &image,
-        id,
-        "sleep",
-        "1000",
-    ]);
+    run_detached_with(&c, &["--cgroup", &rel], &image, id, &["sleep", "1000"]);
     let procs = pod_processes(id);
     assert!(
         procs.len() >= 4,

@@ -12,7 +12,8 @@ use kata_tests::resources::{
     cgroup_dir, cgroup_of, limits, qemu_of, resources, shim_pid, tids, wait_cpus,
 };
 use kata_tests::shim::{
-    assert_pod_gone, kill_and_delete, pod_processes, wait_task_ended, write_config, RUNTIME,
+    assert_pod_gone, kill_and_delete, limit_flags, pod_processes, run_detached_with,
+    wait_task_ended, write_config,
 };
 use kata_tests::systemd::PrivateSystemd;
 
@@ -41,26 +42,24 @@ fn a_systemd_pod_lives_in_its_scope_and_everything_goes_at_delete_and_after_a_cr
     let scope =
         |id: &str| format!("{root}/kata.slice/kata-rs.slice/kata-rs-test.slice/kata-{id}.scope");
     let overhead = |id: &str| format!("{root}/kata_overhead.slice/kata-rs-{id}.scope");
+    // no process, no unit, no cgroup of pod `id`
+    let all_gone = |id: &str| {
+        assert_pod_gone(id, GONE);
+        assert!(qemu_of(id).is_none(), "QEMU left");
+        for unit in [format!("kata-{id}.scope"), format!("kata-rs-{id}.scope")] {
+            assert_ne!(unit_state(&sd, &unit), "active", "{unit}");
+        }
+        for d in [
+            cgroup_dir("cpu", &scope(id)),
+            cgroup_dir("cpu", &overhead(id)),
+        ] {
+            assert!(!d.exists(), "{} left", d.display());
+        }
+    };
 
     let id = "sd1";
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--cgroup",
-        "kata-rs-test.slice:kata:sd1",
-        "--cpu-quota",
-        "100000",
-        "--cpu-period",
-        "100000",
-        "--memory-limit",
-        &(256u64 << 20).to_string(),
-        &image,
-        id,
-        "sleep",
-        "1000",
-    ]);
+    let flags = limit_flags("kata-rs-test.slice:kata:sd1", 1, 256);
+    run_detached_with(&c, &flags, &image, id, &["sleep", "1000"]);
     assert_eq!(unit_state(&sd, "kata-sd1.scope"), "active");
     assert_eq!(
         unit_state(&sd, "kata-rs-sd1.scope"),
@@ -93,32 +92,12 @@ fn a_systemd_pod_lives_in_its_scope_and_everything_goes_at_delete_and_after_a_cr
     }
 
     kill_and_delete(&c, id);
-    assert_pod_gone(id, GONE);
-    assert!(qemu_of(id).is_none(), "QEMU left");
-    for unit in ["kata-sd1.scope", "kata-rs-sd1.scope"] {
-        assert_ne!(unit_state(&sd, unit), "active", "{unit}");
-    }
-    for d in [
-        cgroup_dir("cpu", &scope(id)),
-        cgroup_dir("cpu", &overhead(id)),
-    ] {
-        assert!(!d.exists(), "{} left", d.display());
-    }
+    all_gone(id);
 
     // a SIGKILLed shim: containerd's cleanup (`shim delete`) stops the scopes
     let id = "sd2";
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--cgroup",
-        "kata-rs-test.slice:kata:sd2",
-        &image,
-        id,
-        "sleep",
-        "1000",
-    ]);
+    let flags = ["--cgroup", "kata-rs-test.slice:kata:sd2"];
+    run_detached_with(&c, &flags, &image, id, &["sleep", "1000"]);
     assert_eq!(unit_state(&sd, "kata-sd2.scope"), "active");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shim_pid(id) as i32),
@@ -128,15 +107,5 @@ fn a_systemd_pod_lives_in_its_scope_and_everything_goes_at_delete_and_after_a_cr
     wait_task_ended(&c, id, Duration::from_secs(30));
     let _ = c.ctr(&["task", "delete", id]);
     c.ctr_ok(&["container", "delete", id]);
-    assert_pod_gone(id, GONE);
-    assert!(qemu_of(id).is_none(), "QEMU left");
-    for unit in ["kata-sd2.scope", "kata-rs-sd2.scope"] {
-        assert_ne!(unit_state(&sd, unit), "active", "{unit}");
-    }
-    for d in [
-        cgroup_dir("cpu", &scope(id)),
-        cgroup_dir("cpu", &overhead(id)),
-    ] {
-        assert!(!d.exists(), "{} left", d.display());
-    }
+    all_gone(id);
 }

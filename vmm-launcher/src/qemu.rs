@@ -57,9 +57,13 @@ pub(crate) struct QemuArgs {
 /// The kernel command line the launcher always passes (before the user's).
 pub(crate) fn base_kernel_params(a: &QemuArgs) -> String {
     // panic=1 + -no-reboot: a guest panic ends the VM instead of hanging it.
+    // swiotlb=noforce: no 64 MiB bounce buffer. The guest kernel makes one
+    // whenever memory may lie above 4 GiB, which any memory hot-plug room
+    // (-m maxmem) means on q35; no device of the VM needs it (virtio without
+    // an IOMMU DMAs to guest-physical addresses).
     let mut p = String::from(
         "console=ttyS0 panic=1 reboot=k quiet loglevel=4 rcupdate.rcu_expedited=1 \
-         i8042.noaux i8042.nomux i8042.nopnp nomodeset cryptomgr.notests",
+         i8042.noaux i8042.nomux i8042.nopnp nomodeset cryptomgr.notests swiotlb=noforce",
     );
     // the agent prints the sandbox id on every log line from its first one
     p.push_str(&format!(" agent.sandbox_id={}", a.sandbox_id));

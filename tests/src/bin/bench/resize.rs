@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use kata_tests::containerd::Containerd;
 use kata_tests::resources::{cpus, mem_total_mib, resources};
-use kata_tests::shim::{kill_and_delete, write_config, RUNTIME};
+use kata_tests::shim::{kill_and_delete, limit_flags, run_detached_with, write_config};
 
 use super::{pct, pss_kib};
 
@@ -65,20 +65,8 @@ pub(crate) fn resize_section() {
     let c = Containerd::builder().kata_config(&cfg).start();
     let image = c.import_busybox();
     let id = "bench-resize";
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--cpu-quota",
-        "100000",
-        "--cpu-period",
-        "100000",
-        &image,
-        id,
-        "sleep",
-        "1000",
-    ]);
+    let flags = limit_flags(&format!("/{}/{id}", c.namespace()), 1, 0);
+    run_detached_with(&c, &flags, &image, id, &["sleep", "1000"]);
     let mut n = 0;
     // what an exec of `nproc` costs by itself (TCG), to read "seen" against
     let mut exec_alone = vec![];
