@@ -185,7 +185,7 @@ pub fn wait_task_ended(c: &crate::containerd::Containerd, id: &str, timeout: Dur
 
 /// `ctr run -d --runtime kata IMAGE ID ARGS...`, then waits until it runs.
 pub fn run_detached(c: &crate::containerd::Containerd, image: &str, id: &str, args: &[&str]) {
-    run_detached_with(c, &[], image, id, args);
+    run_detached_with::<&str>(c, &[], image, id, args);
 }
 
 /// [`run_detached`] with more `ctr run` flags (before the image).
