@@ -8,6 +8,7 @@ use kata_tests::containerd::Containerd;
 use kata_tests::resources::{cpus, mem_total_mib, resources};
 use kata_tests::shim::{kill_and_delete, limit_flags, run_detached_with, write_config};
 
+use super::pod::timed_run;
 use super::{pct, pss_kib};
 
 const RUNS: usize = 3;
@@ -54,7 +55,53 @@ fn comm(pid: u32) -> String {
         .to_string()
 }
 
+/// `ctr run --rm ... grep MemTotal` `RUNS` + 1 times (the first one warms
+/// the caches and is dropped) under configuration `extra` (a `[runtime]`
+/// line): sorted first-byte times (s) and the guest's MemTotal (MiB).
+fn start_cost(extra: &str) -> (Vec<f64>, u64) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        &tmp.path().join("configuration.toml"),
+        "",
+        &format!("[runtime]\n{extra}\n"),
+    );
+    let c = Containerd::builder().kata_config(&cfg).start();
+    let image = c.import_busybox();
+    let mut first = vec![];
+    let mut mem = 0;
+    for i in 0..=RUNS {
+        let id = format!("bench-start-{i}");
+        let (f, _, out) = timed_run(
+            &c,
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                kata_tests::shim::RUNTIME,
+                &image,
+                &id,
+                "grep",
+                "MemTotal",
+                "/proc/meminfo",
+            ],
+        );
+        mem = String::from_utf8_lossy(&out)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|k| k.parse::<u64>().ok())
+            .unwrap_or(0)
+            / 1024;
+        if i > 0 {
+            first.push(f);
+        }
+    }
+    first.sort_by(f64::total_cmp);
+    (first, mem)
+}
+
 pub(crate) fn resize_section() {
+    let (fixed, fixed_mem) = start_cost("static_sandbox_resource_mgmt = true");
+    let (room, room_mem) = start_cost("static_sandbox_resource_mgmt = false");
     kata_tests::require_root();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = write_config(
@@ -136,6 +183,18 @@ pub(crate) fn resize_section() {
         "| (an exec of `nproc` alone, p50) | — | {:.0} ms |",
         pct(&exec_alone, 0.5) * 1e3
     );
+    println!("\nWhat room to grow costs a pod's start (`ctr run --rm`, n={RUNS} each, TCG, the test configuration: 1 vCPU, 256 MiB; `false` adds `-smp 1,maxcpus=<host CPUs>` and `-m 256M,slots=10,maxmem=<host memory>`):\n");
+    println!("| `static_sandbox_resource_mgmt` | first byte, p50 / max | guest MemTotal |\n|---|---|---|");
+    for (name, v, m) in [
+        ("true", &fixed, fixed_mem),
+        ("false (default)", &room, room_mem),
+    ] {
+        println!(
+            "| {name} | {:.0} / {:.0} ms | {m} MiB |",
+            pct(v, 0.5) * 1e3,
+            pct(v, 1.0) * 1e3
+        );
+    }
     println!("\n| cgroup | processes (PSS) | PSS total |\n|---|---|---|");
     let list = |v: &[(u32, String, u64)]| {
         v.iter()
