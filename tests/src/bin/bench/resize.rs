@@ -161,20 +161,26 @@ pub(crate) fn resize_section() {
     println!(
         "| resize | Update call (returns once the agent onlined them), p50 / max | until an exec shows it, p50 / max |\n|---|---|---|"
     );
-    println!(
-        "| 1 → 3 CPUs (2 vCPUs hot-plugged the first time, parked ones brought back later) | {:.0} / {:.0} ms | {:.0} / {:.0} ms |",
-        pct(&up_call, 0.5) * 1e3,
-        pct(&up_call, 1.0) * 1e3,
-        pct(&up_seen, 0.5) * 1e3,
-        pct(&up_seen, 1.0) * 1e3
-    );
-    println!(
-        "| 3 → 1 CPU (2 vCPUs offlined; under TCG parked, not unplugged) | {:.0} / {:.0} ms | {:.0} / {:.0} ms |",
-        pct(&down_call, 0.5) * 1e3,
-        pct(&down_call, 1.0) * 1e3,
-        pct(&down_seen, 0.5) * 1e3,
-        pct(&down_seen, 1.0) * 1e3
-    );
+    for (name, call, seen) in [
+        (
+            "1 → 3 CPUs (2 vCPUs hot-plugged the first time, parked ones brought back later)",
+            &up_call,
+            &up_seen,
+        ),
+        (
+            "3 → 1 CPU (2 vCPUs offlined; under TCG parked, not unplugged)",
+            &down_call,
+            &down_seen,
+        ),
+    ] {
+        println!(
+            "| {name} | {:.0} / {:.0} ms | {:.0} / {:.0} ms |",
+            pct(call, 0.5) * 1e3,
+            pct(call, 1.0) * 1e3,
+            pct(seen, 0.5) * 1e3,
+            pct(seen, 1.0) * 1e3
+        );
+    }
     println!(
         "| memory limit 0 → 512 MiB (one 512 MiB DIMM, onlined) | {:.0} ms | MemTotal {mem0} → {mem1} MiB |",
         mem_call * 1e3
