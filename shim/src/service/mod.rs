@@ -38,9 +38,17 @@ use crate::{mounts, options};
 /// What Create reads first ([`Service::prepare_create`]).
 struct Prepared {
     spec: Spec,
-    role: Role,
+    joins: Joins,
     pod_id: String,
-    config: Option<(Config, String)>,
+}
+
+/// What a new container is to its pod.
+enum Joins {
+    /// It makes the pod, with this configuration (and the name of where it
+    /// came from).
+    NewPod(Box<(Config, String)>),
+    /// It joins the running pod of this id.
+    Pod(String),
 }
 
 /// Bundle file naming the pod of a container, read by `shim delete` after a
@@ -317,23 +325,23 @@ impl Service {
         // the pod id of a member comes from its annotations
         kata_proto::ids::SandboxId::new(pod_id.as_str())
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let config = if role == Role::Owner {
-            kata_proto::logging::set_sandbox_id(cid);
-            let (cfg, name) = self.pod_config(&spec, req.options.as_ref())?;
-            if cfg.runtime.enable_tracing {
-                crate::pod::start_tracing(&cfg).map_err(|e| {
-                    err(Code::INVALID_ARGUMENT, format!("configuration {name}: {e}"))
-                })?;
+        let joins = match role {
+            Role::Owner => {
+                kata_proto::logging::set_sandbox_id(cid);
+                let (cfg, name) = self.pod_config(&spec, req.options.as_ref())?;
+                if cfg.runtime.enable_tracing {
+                    crate::pod::start_tracing(&cfg).map_err(|e| {
+                        err(Code::INVALID_ARGUMENT, format!("configuration {name}: {e}"))
+                    })?;
+                }
+                Joins::NewPod(Box::new((cfg, name)))
             }
-            Some((cfg, name))
-        } else {
-            None
+            Role::Member { sandbox_id } => Joins::Pod(sandbox_id),
         };
         Ok(Prepared {
             spec,
-            role,
+            joins,
             pod_id,
-            config,
         })
     }
 

@@ -45,15 +45,14 @@ impl Task for Service {
             let cid = req.id.clone();
             let Prepared {
                 spec,
-                role,
+                joins,
                 pod_id,
-                config,
             } = prepared?;
             // tells `shim delete` which pod to clean if this shim dies
             let _ = std::fs::write(Path::new(&req.bundle).join(SANDBOX_FILE), &pod_id);
-            let owner = role == Role::Owner;
-            let pod = match (role, config) {
-                (Role::Owner, Some(config)) => {
+            let owner = matches!(joins, Joins::NewPod(_));
+            let pod = match joins {
+                Joins::NewPod(config) => {
                     let mut slot = self.0.pod.lock().await;
                     if let Some(p) = slot.as_ref() {
                         return Err(err(
@@ -61,15 +60,12 @@ impl Task for Service {
                             format!("this shim already serves pod {}", p.id),
                         ));
                     }
-                    let pod = self.create_pod(&cid, &spec, config).await?;
+                    let pod = self.create_pod(&cid, &spec, *config).await?;
                     *slot = Some(pod.clone());
                     self.spawn_pod_watch(pod.clone());
                     pod
                 }
-                (Role::Owner, None) => {
-                    return Err(err(Code::INTERNAL, "the pod's configuration was not read"))
-                }
-                (Role::Member { sandbox_id }, _) => {
+                Joins::Pod(sandbox_id) => {
                     let pod = self.pod().await?;
                     if pod.id != sandbox_id {
                         return Err(err(
