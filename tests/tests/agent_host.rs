@@ -364,7 +364,11 @@ async fn pause_resume_stats_update_and_pids_limit() {
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // it counts again; on a loaded machine that can take a while: poll, bounded
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while read() <= frozen && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(read() > frozen, "a resumed container runs again");
 
     let st2 = c
