@@ -162,6 +162,15 @@ impl HostCgroups {
             me.destroy();
             return Err(err);
         }
+        if let Ok(CgroupPath::Systemd { prefix, name, .. }) = CgroupPath::parse(&path) {
+            // systemd moves the shim when its StartTransientUnit job runs,
+            // after the call returned: the helpers the shim starts next
+            // must be born in the scope
+            let unit = format!("{prefix}-{name}.scope");
+            if !wait_moved(&unit, std::time::Duration::from_secs(3)) {
+                warn!(unit, "the shim is not in its systemd scope after 3 s");
+            }
+        }
         info!(
             sandbox = %me.recorded.sandbox,
             overhead = ?me.recorded.overhead,
@@ -236,6 +245,41 @@ impl HostCgroups {
         if let (Some(o), Some(p)) = (self.overhead.as_mut(), self.recorded.overhead.as_ref()) {
             remove(o, p);
         }
+    }
+}
+
+/// Waits until this process's cgroup is systemd unit `unit` in the
+/// hierarchies systemd places it in (its own and the accounted controllers).
+fn wait_moved(unit: &str, timeout: std::time::Duration) -> bool {
+    let t0 = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let (mut v1, mut v2) = (vec![], vec![]);
+        for l in text.lines() {
+            let mut f = l.splitn(3, ':');
+            let (Some(_), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            if ctrls.is_empty() {
+                v2.push(path);
+            } else if ctrls
+                .split(',')
+                .any(|c| matches!(c, "name=systemd" | "cpu" | "memory" | "pids"))
+            {
+                v1.push(path);
+            }
+        }
+        // v1 (and hybrid): systemd's own and the accounted controllers; v2:
+        // the one tree
+        let lines = if v1.is_empty() { v2 } else { v1 };
+        let placed = !lines.is_empty() && lines.iter().all(|path| path.ends_with(unit));
+        if placed {
+            return true;
+        }
+        if t0.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

@@ -174,3 +174,32 @@ pub fn qemu_of(id: &str) -> Option<u32> {
             .then_some(pid)
     })
 }
+
+/// Asserts that every process of pod `id` but `except` is in cgroup `want`
+/// (of `controller`'s hierarchy). A process that ends meanwhile (the shim's
+/// `start` process, a helper's launcher-side fork) does not count.
+pub fn assert_pod_processes_in(id: &str, controller: &str, want: &str, except: u32) {
+    let misplaced = || -> Vec<(u32, String, String)> {
+        pod_processes(id)
+            .into_iter()
+            .filter(|(pid, _)| *pid != except)
+            .map(|(pid, cmd)| (pid, cmd, cgroup_of_live(pid, controller)))
+            .filter(|(pid, _, cg)| cg != want && crate::alive(*pid))
+            .collect()
+    };
+    let first = misplaced();
+    if first.is_empty() {
+        return;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let left = misplaced();
+    assert!(left.is_empty(), "not in {want}: {left:?}");
+}
+
+/// [`cgroup_of`] of a process that may have ended: empty then.
+fn cgroup_of_live(pid: u32, controller: &str) -> String {
+    if std::fs::metadata(format!("/proc/{pid}/task/{pid}/cgroup")).is_err() {
+        return String::new();
+    }
+    std::panic::catch_unwind(|| cgroup_of(pid, pid, controller)).unwrap_or_default()
+}

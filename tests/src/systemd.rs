@@ -180,9 +180,9 @@ impl PrivateSystemd {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if me.pid == 0 {
-                me.pid = first_child(me.unshare.id()).unwrap_or(0);
-            }
+            // (the launch script's own children come and go first: only
+            // systemd counts)
+            me.pid = systemd_of(me.unshare.id()).unwrap_or(0);
             if me.pid != 0
                 && Path::new(&format!("/proc/{}/root/run/dbus/system_bus_socket", me.pid)).exists()
             {
@@ -219,10 +219,14 @@ impl PrivateSystemd {
     }
 }
 
-/// The first child of `pid` (`unshare --fork`'s).
-fn first_child(pid: u32) -> Option<u32> {
+/// The systemd that `unshare --fork` (pid `pid`) started, once it runs.
+fn systemd_of(pid: u32) -> Option<u32> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    s.split_whitespace().next()?.parse().ok()
+    s.split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .find(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == "systemd")
+        })
 }
 
 /// Removes `dir` and every cgroup below it, deepest first.
@@ -246,6 +250,9 @@ fn remove_cgroup_tree(dir: &Path) {
 
 impl Drop for PrivateSystemd {
     fn drop(&mut self) {
+        if self.pid == 0 {
+            self.pid = systemd_of(self.unshare.id()).unwrap_or(0);
+        }
         if self.pid != 0 {
             let _ = self.run("systemctl", &["--force", "exit"]);
         }
@@ -264,6 +271,11 @@ impl Drop for PrivateSystemd {
             if self.pid != 0 {
                 let p = nix::unistd::Pid::from_raw(self.pid as i32);
                 let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+            }
+            // never wait unbounded: unshare itself goes too
+            std::thread::sleep(Duration::from_millis(200));
+            if let Ok(None) = self.unshare.try_wait() {
+                let _ = self.unshare.kill();
             }
             let _ = self.unshare.wait();
         }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use kata_proto::paths::SandboxPaths;
 use kata_tests::containerd::Containerd;
 use kata_tests::resources::{
-    cgroup_dir, cgroup_of, cpus, exec, limits, mem_total_mib, resources, shim_pid, tids, vcpu_tids,
-    wait_cpus,
+    assert_pod_processes_in, cgroup_dir, cgroup_of, cpus, exec, limits, mem_total_mib, resources,
+    shim_pid, tids, vcpu_tids, wait_cpus,
 };
 use kata_tests::shim::{
     assert_pod_gone, kill_and_delete, limit_flags, pod_flags, pod_processes, run_detached_with,
@@ -58,11 +58,7 @@ fn a_cgroupfs_pod_holds_its_vcpus_and_follows_updates_with_hotplug() {
     }
     let shim = shim_pid(id);
     assert_eq!(cgroup_of(shim, shim, "cpu"), overhead, "the shim");
-    for (pid, cmd) in pod_processes(id) {
-        if pid != qemu {
-            assert_eq!(cgroup_of(pid, pid, "cpu"), overhead, "{cmd}");
-        }
-    }
+    assert_pod_processes_in(id, "cpu", &overhead, qemu);
     // limits: 1 CPU + 0.25 overhead; the VM's 256 + 256 MiB + 256 overhead
     assert_eq!(limits(&rel), (125_000, Some(768 << 20)));
 

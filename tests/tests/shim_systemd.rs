@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use kata_tests::containerd::Containerd;
 use kata_tests::resources::{
-    cgroup_dir, cgroup_of, limits, qemu_of, resources, shim_pid, tids, wait_cpus,
+    assert_pod_processes_in, cgroup_dir, cgroup_of, limits, qemu_of, resources, shim_pid, tids,
+    wait_cpus,
 };
 use kata_tests::shim::{
     assert_pod_gone, kill_and_delete, limit_flags, pod_processes, run_detached_with,
@@ -72,11 +73,7 @@ fn a_systemd_pod_lives_in_its_scope_and_everything_goes_at_delete_and_after_a_cr
         assert_eq!(cgroup_of(qemu, tid, "cpu"), scope(id), "QEMU thread {comm}");
     }
     let shim = shim_pid(id);
-    for (pid, cmd) in pod_processes(id) {
-        if pid != qemu {
-            assert_eq!(cgroup_of(pid, pid, "cpu"), overhead(id), "{cmd}");
-        }
-    }
+    assert_pod_processes_in(id, "cpu", &overhead(id), qemu);
     assert!(pod_processes(id).iter().any(|(p, _)| *p == shim));
     // systemd set the limits: 1 CPU + 0.25; the VM's 512 MiB + 256
     assert_eq!(limits(&scope(id)), (125_000, Some(768 << 20)));
