@@ -54,13 +54,25 @@ pub struct CgroupError {
     pub why: String,
 }
 
-/// The pod's cgroups as recorded for a dead shim's cleanup.
+/// The pod's cgroups, recorded before they are made for a dead shim's
+/// cleanup.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recorded {
     /// The sandbox cgroup (a cgroupfs path, or `slice:prefix:name`).
     pub sandbox: String,
     /// The overhead cgroup, when the helpers live apart from the sandbox.
     pub overhead: Option<String>,
+}
+
+impl Recorded {
+    /// The cgroups of pod `id` in sandbox cgroup `sandbox`, with an overhead
+    /// cgroup unless `sandbox_only`.
+    pub fn new(id: &str, sandbox: &str, sandbox_only: bool) -> Recorded {
+        Recorded {
+            sandbox: sandbox.into(),
+            overhead: (!sandbox_only).then(|| overhead_path(sandbox, id)),
+        }
+    }
 }
 
 /// Where QEMU goes.
@@ -129,25 +141,22 @@ fn own_pid() -> CgroupPid {
 }
 
 impl HostCgroups {
-    /// Makes the pod's cgroups and moves the shim into the one its helpers
-    /// belong to (see the module documentation).
-    pub fn create(id: &str, sandbox: &str, sandbox_only: bool) -> Result<Self, CgroupError> {
-        let recorded = Recorded {
-            sandbox: sandbox.into(),
-            overhead: (!sandbox_only).then(|| overhead_path(sandbox, id)),
-        };
-        let mut me = HostCgroups {
-            sandbox: manager(&recorded.sandbox)?,
-            overhead: recorded.overhead.as_deref().map(manager).transpose()?,
-            placement: Placement::Inherited,
-            recorded,
-        };
-        me.placement = if sandbox_only {
+    /// Makes the cgroups `recorded` names and moves the shim into the one
+    /// its helpers belong to (see the module documentation).
+    pub fn create(recorded: &Recorded) -> Result<Self, CgroupError> {
+        let sandbox = manager(&recorded.sandbox)?;
+        let placement = if recorded.overhead.is_none() {
             Placement::Inherited
-        } else if !me.sandbox.systemd() && !me.sandbox.v2() {
+        } else if !sandbox.systemd() && !sandbox.v2() {
             Placement::VcpuThreads
         } else {
             Placement::Process
+        };
+        let mut me = HostCgroups {
+            sandbox,
+            overhead: recorded.overhead.as_deref().map(manager).transpose()?,
+            placement,
+            recorded: recorded.clone(),
         };
         let (target, path) = match me.overhead.as_mut() {
             Some(o) => (o, me.recorded.overhead.clone().unwrap_or_default()),
@@ -180,11 +189,6 @@ impl HostCgroups {
             "host cgroups made"
         );
         Ok(me)
-    }
-
-    /// What a dead shim's cleanup needs.
-    pub fn recorded(&self) -> &Recorded {
-        &self.recorded
     }
 
     fn fail(&self, what: &'static str) -> impl Fn(cgroups_05::manager::Error) -> CgroupError + '_ {
@@ -324,24 +328,19 @@ pub struct Overhead {
 /// The sandbox cgroup's resources (see the module documentation).
 fn limits(containers: Workload, vm_memory_mib: u64, overhead: Overhead) -> LinuxResources {
     let mut r = LinuxResources::default();
-    if containers.millicpus > 0 {
-        let quota = (containers.millicpus + overhead.millicpus) * PERIOD_US / 1000;
-        r.set_cpu(
-            LinuxCpuBuilder::default()
-                .quota(i64::try_from(quota).unwrap_or(i64::MAX))
-                .period(PERIOD_US)
-                .build()
-                .ok(),
-        );
+    let quota = if containers.millicpus > 0 {
+        let q = (containers.millicpus + overhead.millicpus) * PERIOD_US / 1000;
+        i64::try_from(q).unwrap_or(i64::MAX)
     } else {
-        r.set_cpu(
-            LinuxCpuBuilder::default()
-                .quota(-1)
-                .period(PERIOD_US)
-                .build()
-                .ok(),
-        );
-    }
+        -1
+    };
+    r.set_cpu(
+        LinuxCpuBuilder::default()
+            .quota(quota)
+            .period(PERIOD_US)
+            .build()
+            .ok(),
+    );
     let limit = if containers.memory_bytes > 0 {
         let mib = vm_memory_mib.saturating_add(overhead.memory_mib);
         i64::try_from(mib.saturating_mul(1 << 20)).unwrap_or(i64::MAX)
@@ -417,6 +416,7 @@ mod tests {
         assert_eq!(sandbox_path("p1", None), "kata_p1");
         assert_eq!(sandbox_path("p1", Some("")), "kata_p1");
         assert_eq!(sandbox_path("p1", Some("/default/p1")), "/default/p1");
+        assert_eq!(Recorded::new("p1", "/default/p1", true).overhead, None);
         assert_eq!(overhead_path("/default/p1", "p1"), "kata_overhead/p1");
         assert_eq!(
             overhead_path("kubepods.slice:cri-containerd:p1", "p1"),

@@ -360,7 +360,7 @@ impl Pod {
             Ok((agent, agent_addr, hypervisor_pid, launcher, timings)) => Ok(Pod {
                 id: id.into(),
                 paths,
-                resources: tokio::sync::Mutex::new(crate::resize::Resources::new(id, &plan, &cfg)),
+                resources: tokio::sync::Mutex::new(crate::resize::Resources::new(id, &plan)),
                 config: cfg,
                 agent,
                 agent_addr,
@@ -450,24 +450,20 @@ impl Pod {
             ..Default::default()
         };
         // the cgroups first: every helper starts in the one it belongs to
-        let sandbox_only = cfg.runtime.sandbox_cgroup_only;
-        state.cgroups = Some(crate::cgroups::Recorded {
-            sandbox: plan.cgroup.clone(),
-            overhead: None,
-        });
+        // (recorded before they are made: a crash in between leaves a
+        // record the cleanup follows)
+        let recorded =
+            crate::cgroups::Recorded::new(id, &plan.cgroup, cfg.runtime.sandbox_cgroup_only);
+        state.cgroups = Some(recorded.clone());
         state.save(paths)?;
-        let (cg_id, cg_path) = (id.to_string(), plan.cgroup.clone());
-        let cgroups = tokio::task::spawn_blocking(move || {
-            crate::cgroups::HostCgroups::create(&cg_id, &cg_path, sandbox_only)
-        })
-        .await
-        .map_err(|e| PodError::host("making the host cgroups")(std::io::Error::other(e)))?
-        .map_err(|e| PodError::Host {
-            what: "making the host cgroups".into(),
-            why: e.to_string(),
-        })?;
-        state.cgroups = Some(cgroups.recorded().clone());
-        state.save(paths)?;
+        let cgroups =
+            tokio::task::spawn_blocking(move || crate::cgroups::HostCgroups::create(&recorded))
+                .await
+                .map_err(|e| PodError::host("making the host cgroups")(std::io::Error::other(e)))?
+                .map_err(|e| PodError::Host {
+                    what: "making the host cgroups".into(),
+                    why: e.to_string(),
+                })?;
         let cgroups = Arc::new(std::sync::Mutex::new(cgroups));
         children.cgroups = Some(cgroups.clone());
         let netns = match netns {

@@ -45,13 +45,14 @@ pub struct Resources {
 }
 
 impl Resources {
-    /// A pod made by `plan`: its sandbox container `id` holds the boot workload.
-    pub fn new(id: &str, plan: &Plan, cfg: &Config) -> Resources {
+    /// A pod made by `plan`: its sandbox container `id` holds the boot
+    /// workload. The VM resizes when the plan left it room to grow (not with
+    /// `static_sandbox_resource_mgmt`, not on microvm).
+    pub fn new(id: &str, plan: &Plan) -> Resources {
         Resources {
             workloads: HashMap::from([(id.to_string(), plan.workload)]),
-            dynamic: !cfg.runtime.static_sandbox_resource_mgmt
-                && (plan.size.max_vcpus > plan.size.vcpus
-                    || plan.size.max_memory_mib > plan.size.memory_mib),
+            dynamic: plan.size.max_vcpus > plan.size.vcpus
+                || plan.size.max_memory_mib > plan.size.memory_mib,
             vcpus: plan.size.vcpus,
             memory_mib: plan.size.memory_mib,
             max_memory_mib: plan.size.max_memory_mib,

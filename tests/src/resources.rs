@@ -12,20 +12,24 @@ use crate::shim::pod_processes;
 /// The cgroup of `pid`'s thread `tid` in the hierarchy holding `controller`
 /// (v1), or the unified one.
 pub fn cgroup_of(pid: u32, tid: u32, controller: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup"))
-        .unwrap_or_else(|e| panic!("cgroup of {pid}/{tid}: {e}"));
+    try_cgroup_of(pid, tid, controller).unwrap_or_else(|e| panic!("cgroup of {pid}/{tid}: {e}"))
+}
+
+/// [`cgroup_of`], or why /proc could not tell (the thread ended).
+fn try_cgroup_of(pid: u32, tid: u32, controller: &str) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup"))?;
     let mut unified = None;
     for l in text.lines() {
         let mut f = l.splitn(3, ':');
         let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
         if ctrls.split(',').any(|c| c == controller) {
-            return path.to_string();
+            return Ok(path.to_string());
         }
         if ctrls.is_empty() {
             unified = Some(path.to_string());
         }
     }
-    unified.unwrap_or_default()
+    Ok(unified.unwrap_or_default())
 }
 
 /// The directory of cgroup `rel` for `controller`: v1's hierarchy of it if
@@ -183,7 +187,14 @@ pub fn assert_pod_processes_in(id: &str, controller: &str, want: &str, except: u
         pod_processes(id)
             .into_iter()
             .filter(|(pid, _)| *pid != except)
-            .map(|(pid, cmd)| (pid, cmd, cgroup_of_live(pid, controller)))
+            // (a process that ended: no cgroup, and not alive below)
+            .map(|(pid, cmd)| {
+                (
+                    pid,
+                    cmd,
+                    try_cgroup_of(pid, pid, controller).unwrap_or_default(),
+                )
+            })
             .filter(|(pid, _, cg)| cg != want && crate::alive(*pid))
             .collect()
     };
@@ -194,12 +205,4 @@ pub fn assert_pod_processes_in(id: &str, controller: &str, want: &str, except: u
     std::thread::sleep(Duration::from_millis(500));
     let left = misplaced();
     assert!(left.is_empty(), "not in {want}: {left:?}");
-}
-
-/// [`cgroup_of`] of a process that may have ended: empty then.
-fn cgroup_of_live(pid: u32, controller: &str) -> String {
-    if std::fs::metadata(format!("/proc/{pid}/task/{pid}/cgroup")).is_err() {
-        return String::new();
-    }
-    std::panic::catch_unwind(|| cgroup_of(pid, pid, controller)).unwrap_or_default()
 }
