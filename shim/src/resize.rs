@@ -104,6 +104,23 @@ pub async fn with_cgroups<T: Send + 'static>(
         })
 }
 
+/// The memory block size a guest reports, in MiB. The guest may lie: what
+/// is not a power of two between 1 MiB and 2 GiB (x86_64 kernels use 128 MiB
+/// to 2 GiB) counts as 128 MiB, so a block never makes the VM grow by more
+/// than the bounds already checked allow.
+fn block_mib(bytes: u64) -> u64 {
+    let mib = bytes >> 20;
+    if mib.is_power_of_two() && mib <= 2048 && bytes % (1 << 20) == 0 {
+        mib
+    } else {
+        warn!(
+            bytes,
+            "the guest reports an unlikely memory block size: 128 MiB assumed"
+        );
+        128
+    }
+}
+
 /// `n` rounded up to a multiple of `block` (0: `n`).
 fn align_up(n: u64, block: u64) -> u64 {
     if block == 0 {
@@ -171,7 +188,7 @@ impl Pod {
                     what: "GetGuestDetails",
                     source,
                 })?;
-            r.block_mib = (d.mem_block_size_bytes >> 20).max(1);
+            r.block_mib = block_mib(d.mem_block_size_bytes);
         }
         let memory = memory_target(r.memory_mib, size.memory_mib, r.max_memory_mib, r.block_mib);
         if size.vcpus == r.vcpus && memory == r.memory_mib {
@@ -252,6 +269,15 @@ impl Pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guests_block_size_is_believed_only_when_plausible() {
+        assert_eq!(block_mib(128 << 20), 128);
+        assert_eq!(block_mib(2 << 30), 2048);
+        for lie in [0, 1, 100 << 20, (128 << 20) + 1, 4 << 30, u64::MAX] {
+            assert_eq!(block_mib(lie), 128, "{lie}");
+        }
+    }
 
     #[test]
     fn memory_grows_by_whole_blocks_and_never_shrinks() {
