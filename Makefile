@@ -14,13 +14,13 @@ POLICY_GUEST_DIR := $(CURDIR)/target/guest-test-policy
 # with the agent-policy feature and the allow-all default policy.
 AGENT_POLICY ?= no
 # Debian packages the build, the image and the tests need.
-APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++ containerd iproute2 containernetworking-plugins prometheus tmux systemd dbus
+APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++ containerd iproute2 containernetworking-plugins prometheus tmux systemd dbus python3-venv chromium curl
 export KATA_TEST_BIN_DIR := $(BIN)
 export KATA_TEST_GUEST_DIR := $(TEST_GUEST_DIR)
 export KATA_GUEST_DIR := $(GUEST_DIR)
 export KATA_TEST_POLICY_GUEST_DIR := $(POLICY_GUEST_DIR)
 
-.PHONY: all deps build image test-image run boot install test unit lint bench fuzz clean
+.PHONY: all deps build image test-image run boot install test unit lint bench fuzz clean docs
 
 all: build
 
@@ -91,9 +91,36 @@ lint:
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --release --locked -p kata-agent --features agent-policy --all-targets -- -D warnings
 
+# The documentation site: mkdocs with the mkdocs-materialx theme (versions
+# pinned in docs/requirements.txt, in a virtualenv under target/), strict (a
+# broken link or anchor fails), into target/site; the configuration
+# reference page is regenerated from the code first. Mermaid (the diagrams)
+# is served from the site itself, the pinned release checked by its hash.
+DOCS_VENV := $(CURDIR)/target/docs-venv
+MERMAID_VERSION := 11.4.1
+MERMAID_SHA256 := ec7b61b391aaa24bf666fd20e48d0a626eeb4a95b95bc6b3016a122d7f0bc2af
+MERMAID_JS := $(CURDIR)/docs/js/mermaid.min.js
+$(DOCS_VENV)/.installed: docs/requirements.txt
+	rm -rf $(DOCS_VENV)
+	python3 -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/pip install --quiet --disable-pip-version-check -r docs/requirements.txt
+	touch $@
+$(MERMAID_JS):
+	mkdir -p $(dir $@) target/mermaid
+	curl -sSfL -o target/mermaid/mermaid.tgz https://registry.npmjs.org/mermaid/-/mermaid-$(MERMAID_VERSION).tgz
+	echo "$(MERMAID_SHA256)  target/mermaid/mermaid.tgz" | sha256sum -c --quiet
+	tar -xzf target/mermaid/mermaid.tgz -C target/mermaid package/dist/mermaid.min.js
+	cp target/mermaid/package/dist/mermaid.min.js $@
+docs: deps build $(DOCS_VENV)/.installed $(MERMAID_JS)
+	$(BIN)/kata-ctl config-reference --packaged config/configuration.toml > docs/reference/configuration-keys.md.tmp
+	mv docs/reference/configuration-keys.md.tmp docs/reference/configuration-keys.md
+	$(DOCS_VENV)/bin/mkdocs build --strict --quiet
+	@echo "the site is in target/site (open target/site/index.html)"
+
 # Every test: unit tests, then the integration and end-to-end tests (root, QEMU
-# under TCG, the real guest image). One release profile for both, one build.
-test: deps test-image lint
+# under TCG, the real guest image), after the documentation site is built
+# (a test looks at it in headless Chromium). One release profile, one build.
+test: deps test-image lint docs
 	# the vendored fuse-backend-rs (a path dependency, so cargo counts it in the
 	# workspace) keeps its own tests out: some assume stdout is a pipe
 	$(CARGO) test --release --locked --workspace --exclude fuse-backend-rs -- --test-threads=2

@@ -79,6 +79,14 @@ enum Command {
         #[command(subcommand)]
         command: trace::TraceCommand,
     },
+    /// Prints the reference page of every configuration key (Markdown, the
+    /// documentation site's docs/reference/configuration-keys.md), from the
+    /// packaged configuration file and the configuration code.
+    ConfigReference {
+        /// The packaged configuration file.
+        #[arg(long, default_value = "config/configuration.toml")]
+        packaged: PathBuf,
+    },
     /// Writes a busybox container image as an OCI image layout tar, for
     /// `ctr image import` (no registry needed).
     OciImage {
@@ -91,6 +99,10 @@ enum Command {
         /// A static busybox (Debian's busybox-static).
         #[arg(long, default_value = image::DEFAULT_BUSYBOX)]
         busybox: PathBuf,
+        /// The image's command, one argument per flag (default `sh`). A
+        /// pod's sandbox (pause) image: `--cmd sleep --cmd inf`.
+        #[arg(long = "cmd", value_name = "ARG")]
+        cmd: Vec<String>,
     },
 }
 
@@ -184,15 +196,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", env::render(config.as_deref())?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::ConfigReference { packaged } => {
+            let text = std::fs::read_to_string(&packaged)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", packaged.display()))?;
+            let page = kata_proto::config::reference::render(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", packaged.display()))?;
+            print!("{page}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::OciImage {
             output,
             name,
             busybox,
+            cmd,
         } => {
+            let cmd = if cmd.is_empty() {
+                vec!["sh".into()]
+            } else {
+                cmd
+            };
             let r = oci_image::build(&oci_image::Options {
                 output: output.clone(),
                 name: name.clone(),
                 busybox,
+                cmd,
             })?;
             eprintln!(
                 "wrote {} ({} bytes): {name} {} with {} applets; import with `ctr image import {}`",

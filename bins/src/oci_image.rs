@@ -52,6 +52,9 @@ pub enum OciImageError {
         /// What is wrong and what to do.
         message: String,
     },
+    /// The image's command names nothing the image has.
+    #[error("--cmd: {0}")]
+    Cmd(String),
     /// Writing the output.
     #[error("{path}: {source}")]
     Io {
@@ -74,6 +77,9 @@ pub struct Options {
     pub name: String,
     /// A static busybox.
     pub busybox: PathBuf,
+    /// The image's default command (`Cmd`): `["sh"]` for a workload image,
+    /// `["sleep", "inf"]` for a pod's sandbox (pause) image.
+    pub cmd: Vec<String>,
 }
 
 /// What was written.
@@ -148,14 +154,16 @@ pub fn build(opts: &Options) -> Result<Report, OciImageError> {
         )));
     }
     let applets = list_applets(&opts.busybox).map_err(bb_err)?;
+    check_cmd(&opts.cmd, &applets)?;
     eprintln!(
         "[2/3] building the layer: busybox with {} applet links",
         applets.len()
     );
-    let layout = layout(&opts.name, &busybox, &applets).map_err(|source| OciImageError::Io {
-        path: opts.output.clone(),
-        source,
-    })?;
+    let layout =
+        layout(&opts.name, &busybox, &applets, &opts.cmd).map_err(|source| OciImageError::Io {
+            path: opts.output.clone(),
+            source,
+        })?;
     eprintln!(
         "[3/3] writing {} ({} as {})",
         opts.output.display(),
@@ -204,6 +212,22 @@ fn list_applets(busybox: &Path) -> Result<Vec<String>, String> {
     Ok(applets)
 }
 
+/// The command must name something the image has: an absolute path, or
+/// one of the applets (the image's PATH holds only `/bin`).
+fn check_cmd(cmd: &[String], applets: &[String]) -> Result<(), OciImageError> {
+    let Some(first) = cmd.first() else {
+        return Err(OciImageError::Cmd(
+            "the command is empty: give at least one --cmd".into(),
+        ));
+    };
+    if first.starts_with('/') || applets.iter().any(|a| a == first) {
+        return Ok(());
+    }
+    Err(OciImageError::Cmd(format!(
+        "{first:?} is neither an absolute path nor a busybox applet of this busybox"
+    )))
+}
+
 /// Applet names from `busybox --list` output: sorted, deduplicated, only
 /// plain names.
 fn parse_applets(text: &str) -> Vec<String> {
@@ -226,7 +250,12 @@ enum Node<'a> {
 }
 
 /// The image from a busybox binary and its applet names.
-pub fn layout(name: &str, busybox: &[u8], applets: &[String]) -> std::io::Result<Layout> {
+pub fn layout(
+    name: &str,
+    busybox: &[u8],
+    applets: &[String],
+    cmd: &[String],
+) -> std::io::Result<Layout> {
     let layer = Blob::new(layer_tar(busybox, applets)?);
     let config = serde_json::json!({
         "architecture": "amd64",
@@ -234,7 +263,7 @@ pub fn layout(name: &str, busybox: &[u8], applets: &[String]) -> std::io::Result
         "created": CREATED,
         "config": {
             "Env": [PATH_ENV],
-            "Cmd": ["sh"],
+            "Cmd": cmd,
             "WorkingDir": "/",
         },
         "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
@@ -366,6 +395,26 @@ mod tests {
         parse_applets("sh\necho\nbusybox\nls\n\nsh\n")
     }
 
+    fn sh() -> Vec<String> {
+        vec!["sh".into()]
+    }
+
+    #[test]
+    fn the_command_is_checked_and_lands_in_the_config() {
+        let cmd = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_cmd(&cmd(&["ls", "-l"]), &applets()).is_ok());
+        assert!(check_cmd(&cmd(&["/pause"]), &applets()).is_ok());
+        let e = check_cmd(&[], &applets()).unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+        let e = check_cmd(&cmd(&["pause"]), &applets())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"pause\"") && e.contains("applet"), "{e}");
+        let l = layout(DEFAULT_NAME, b"bb", &applets(), &cmd(&["sleep", "inf"])).unwrap();
+        let config: serde_json::Value = serde_json::from_slice(&l.config.data).unwrap();
+        assert_eq!(config["config"]["Cmd"], json!(["sleep", "inf"]));
+    }
+
     /// (path, entry type, mode, link target, data) of every entry.
     type Entries = Vec<(String, tar::EntryType, u32, Option<String>, Vec<u8>)>;
 
@@ -393,7 +442,7 @@ mod tests {
 
     #[test]
     fn layout_digests_and_references_match() {
-        let l = layout(DEFAULT_NAME, b"\x7fELF fake busybox", &applets()).unwrap();
+        let l = layout(DEFAULT_NAME, b"\x7fELF fake busybox", &applets(), &sh()).unwrap();
         let tar_bytes = layout_tar(&l).unwrap();
         let files: BTreeMap<String, Vec<u8>> = entries(&tar_bytes)
             .into_iter()
@@ -478,15 +527,15 @@ mod tests {
 
     #[test]
     fn layout_is_reproducible_and_named() {
-        let a = layout_tar(&layout(DEFAULT_NAME, b"bb", &applets()).unwrap()).unwrap();
-        let b = layout_tar(&layout(DEFAULT_NAME, b"bb", &applets()).unwrap()).unwrap();
+        let a = layout_tar(&layout(DEFAULT_NAME, b"bb", &applets(), &sh()).unwrap()).unwrap();
+        let b = layout_tar(&layout(DEFAULT_NAME, b"bb", &applets(), &sh()).unwrap()).unwrap();
         assert_eq!(a, b);
-        let c = layout("example.org/x/busybox:1", b"bb", &applets()).unwrap();
+        let c = layout("example.org/x/busybox:1", b"bb", &applets(), &sh()).unwrap();
         assert!(String::from_utf8_lossy(&c.index).contains("example.org/x/busybox:1"));
-        let d = layout(DEFAULT_NAME, b"bb2", &applets()).unwrap();
+        let d = layout(DEFAULT_NAME, b"bb2", &applets(), &sh()).unwrap();
         assert_ne!(
             d.manifest.digest,
-            layout(DEFAULT_NAME, b"bb", &applets())
+            layout(DEFAULT_NAME, b"bb", &applets(), &sh())
                 .unwrap()
                 .manifest
                 .digest
@@ -500,6 +549,7 @@ mod tests {
             output: tmp.path().join("x.tar"),
             name: DEFAULT_NAME.into(),
             busybox: PathBuf::from("/bin/ls"),
+            cmd: sh(),
         })
         .unwrap_err()
         .to_string();
@@ -508,6 +558,7 @@ mod tests {
             output: tmp.path().join("x.tar"),
             name: DEFAULT_NAME.into(),
             busybox: tmp.path().join("none"),
+            cmd: sh(),
         })
         .unwrap_err()
         .to_string();
@@ -523,6 +574,7 @@ mod tests {
             output: tmp.path().join(o),
             name: DEFAULT_NAME.into(),
             busybox: bb.into(),
+            cmd: sh(),
         };
         let r1 = build(&opts("a/img.tar")).unwrap();
         let r2 = build(&opts("b.tar")).unwrap();

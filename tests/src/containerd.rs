@@ -5,8 +5,8 @@
 //! and `containerd.log`. Its `PATH` starts with the kata-rs binaries
 //! (`KATA_TEST_BIN_DIR`), so `--runtime io.containerd.kata.v2` finds
 //! `containerd-shim-kata-v2`; `io.containerd.runc.v2` (runc) works too, for
-//! comparisons. The CRI plugin and the snapshotters other than overlayfs and
-//! native are disabled.
+//! comparisons. The CRI plugin is off unless [`Builder::cri`] turns it on;
+//! the snapshotters other than overlayfs and native are disabled.
 //!
 //! Dropping it deletes what is left of its tasks and containers (through ctr),
 //! stops containerd by PID (SIGTERM, then SIGKILL), ends any shim of its that
@@ -40,6 +40,16 @@ pub const DEFAULT_NAMESPACE: &str = "kata-rs-test";
 /// The name `kata-ctl oci-image` gives the busybox image.
 pub const BUSYBOX_IMAGE: &str = "docker.io/library/busybox:latest";
 
+/// The sandbox (pause) image of a CRI containerd: busybox's `sleep inf`
+/// (imported by [`Containerd::import_cri_images`], never pulled).
+pub const PAUSE_IMAGE: &str = "kata-rs.test/pause:latest";
+
+/// The containerd namespace of CRI's pods and images.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
+/// The CRI runtime handler of kata-rs (`runtimeClassName: kata`).
+pub const KATA_HANDLER: &str = "kata";
+
 /// The runtime of kata-rs (containerd finds `containerd-shim-kata-v2` on PATH).
 pub const KATA_RUNTIME: &str = "io.containerd.kata.v2";
 
@@ -48,7 +58,8 @@ pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Plugins a test containerd does without: CRI (slow to start, noisy), the
+/// Plugins a test containerd does without: CRI (slow to start, noisy: on
+/// only with [`Builder::cri`]), the
 /// snapshotters that cannot work here, tracing, and `opt` (it would create
 /// `/opt/containerd`). `io.containerd.runtime.v1.linux` must stay: without it
 /// the tasks service does not load.
@@ -72,6 +83,17 @@ pub struct Builder {
     start_timeout: Duration,
     ctr_timeout: Duration,
     namespaces_of: Option<u32>,
+    netns: Option<PathBuf>,
+    cri: Option<Cri>,
+}
+
+/// The CRI plugin's settings of a private containerd.
+#[derive(Debug, Clone)]
+struct Cri {
+    /// The `kata` handler's `ConfigPath` option.
+    kata_config: PathBuf,
+    /// Its `pod_annotations` (and `container_annotations`).
+    annotations: Vec<String>,
 }
 
 impl Default for Builder {
@@ -83,6 +105,8 @@ impl Default for Builder {
             start_timeout: Duration::from_secs(20),
             ctr_timeout: Duration::from_secs(300),
             namespaces_of: None,
+            netns: None,
+            cri: None,
         }
     }
 }
@@ -136,6 +160,31 @@ impl Builder {
         self
     }
 
+    /// Runs containerd (and so the CNI plugins CRI runs) in the network
+    /// namespace at `path`: a namespace the test made, standing in for the
+    /// node's, so a CRI pod network's bridge lives there.
+    pub fn netns(mut self, path: impl AsRef<Path>) -> Self {
+        self.netns = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Turns containerd's CRI plugin on, configured as docs/install.md tells
+    /// a user to: the runtime handler `kata` (`io.containerd.kata.v2`, its
+    /// `ConfigPath` option naming `kata_config`, `io.katacontainers.*` pod
+    /// and container annotations passed through) beside `runc` (the
+    /// default); [`PAUSE_IMAGE`] as the sandbox image; the pod network a
+    /// CNI bridge `kcri0` (10.203.0.0/24, host-local addresses kept in this
+    /// containerd's directory) from Debian's plugins. Start it in a
+    /// namespace of the test's own ([`Builder::netns`]) so the bridge lives
+    /// there. Its readiness is waited for too.
+    pub fn cri(mut self, kata_config: impl AsRef<Path>) -> Self {
+        self.cri = Some(Cri {
+            kata_config: kata_config.as_ref().to_path_buf(),
+            annotations: vec!["io.katacontainers.*".into()],
+        });
+        self
+    }
+
     /// Starts containerd and waits until it answers; panics (with the tail of
     /// its log) if it does not within the start timeout.
     pub fn start(self) -> Containerd {
@@ -148,7 +197,16 @@ impl Builder {
         for d in [&c.root, &c.state] {
             std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("create {}: {e}", d.display()));
         }
-        std::fs::write(&c.config, config_toml(&c, &self.log_level))
+        let mut config = config_toml(&c, &self.log_level, self.cri.is_some());
+        if let Some(cri) = &self.cri {
+            config.push_str(&cri_toml(&c, cri));
+            let net_d = c.cni_conf_dir();
+            std::fs::create_dir_all(&net_d)
+                .unwrap_or_else(|e| panic!("create {}: {e}", net_d.display()));
+            std::fs::write(net_d.join("10-kata-rs-cri.conflist"), cni_conflist(&c))
+                .unwrap_or_else(|e| panic!("write the CNI configuration: {e}"));
+        }
+        std::fs::write(&c.config, config)
             .unwrap_or_else(|e| panic!("write {}: {e}", c.config.display()));
         let log = std::fs::File::create(&c.log)
             .unwrap_or_else(|e| panic!("create {}: {e}", c.log.display()));
@@ -165,14 +223,22 @@ impl Builder {
         // in another process's namespaces: through nsenter, which forks
         // (a process cannot start threads in a PID namespace it has not
         // entered itself, so containerd must be born there)
-        let mut cmd = match self.namespaces_of {
-            Some(pid) => {
-                let mut c = Command::new(require_tool("nsenter"));
-                c.args(["-t", &pid.to_string(), "-p", "-m", "-C", "--"])
-                    .arg(&containerd);
-                c
-            }
-            None => Command::new(&containerd),
+        let mut enter: Vec<OsString> = vec![];
+        if let Some(pid) = self.namespaces_of {
+            enter.extend(["-t", &pid.to_string(), "-p", "-m", "-C"].map(OsString::from));
+        }
+        if let Some(netns) = &self.netns {
+            let mut a = OsString::from("--net=");
+            a.push(netns);
+            enter.push(a);
+        }
+        let nsenter = !enter.is_empty();
+        let mut cmd = if nsenter {
+            let mut c = Command::new(require_tool("nsenter"));
+            c.args(enter).arg("--").arg(&containerd);
+            c
+        } else {
+            Command::new(&containerd)
         };
         cmd.arg("--config")
             .arg(&c.config)
@@ -185,11 +251,13 @@ impl Builder {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", containerd.display()));
-        let pid = match self.namespaces_of {
-            // containerd is nsenter's child
-            Some(_) => child_of(child.id(), Duration::from_secs(5))
-                .unwrap_or_else(|| panic!("nsenter {} started no containerd", child.id())),
-            None => child.id(),
+        let pid = if nsenter && self.namespaces_of.is_some() {
+            // containerd is nsenter's child (it forks to enter a PID namespace)
+            child_of(child.id(), Duration::from_secs(5))
+                .unwrap_or_else(|| panic!("nsenter {} started no containerd", child.id()))
+        } else {
+            // nsenter execs containerd when it enters no PID namespace
+            child.id()
         };
         let mut me = Containerd {
             pid,
@@ -199,8 +267,12 @@ impl Builder {
             namespace: self.namespace,
             ctr_timeout: self.ctr_timeout,
             ready: false,
+            cri: self.cri.is_some(),
         };
         me.wait_ready(self.start_timeout);
+        if self.cri.is_some() {
+            crate::cri::Cri::connect(&me.layout.address).wait_ready(self.start_timeout);
+        }
         me
     }
 }
@@ -225,12 +297,21 @@ impl Layout {
             log: dir.join("containerd.log"),
         }
     }
+
+    /// CRI's CNI configuration directory.
+    fn cni_conf_dir(&self) -> PathBuf {
+        self.config.with_file_name("net.d")
+    }
 }
 
 /// The config.toml (version 2) of a private containerd.
-fn config_toml(l: &Layout, log_level: &str) -> String {
+fn config_toml(l: &Layout, log_level: &str, cri: bool) -> String {
     let q = |p: &Path| format!("{:?}", p.display().to_string());
-    let disabled: Vec<String> = DISABLED_PLUGINS.iter().map(|p| format!("{p:?}")).collect();
+    let disabled: Vec<String> = DISABLED_PLUGINS
+        .iter()
+        .filter(|p| !(cri && **p == "io.containerd.grpc.v1.cri"))
+        .map(|p| format!("{p:?}"))
+        .collect();
     format!(
         "# a private containerd of the kata-rs tests\n\
          version = 2\n\
@@ -254,6 +335,43 @@ fn config_toml(l: &Layout, log_level: &str) -> String {
     )
 }
 
+/// The CRI plugin's section: what docs/install.md gives a user, plus what
+/// keeps a test's containerd to itself (no AppArmor profile loaded, pod
+/// network namespaces under its state directory, the streaming server on
+/// loopback at a free port).
+fn cri_toml(l: &Layout, cri: &Cri) -> String {
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let globs: Vec<String> = cri.annotations.iter().map(|a| format!("{a:?}")).collect();
+    let globs = globs.join(", ");
+    format!(
+        "\n         [plugins.\"io.containerd.grpc.v1.cri\"]\n         \x20 sandbox_image = {PAUSE_IMAGE:?}\n         \x20 disable_apparmor = true\n         \x20 restrict_oom_score_adj = true\n         \x20 netns_mounts_under_state_dir = true\n         \x20 stream_server_address = \"127.0.0.1\"\n         \x20 stream_server_port = \"0\"\n         [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n         \x20 snapshotter = \"overlayfs\"\n         \x20 default_runtime_name = \"runc\"\n         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n         \x20 runtime_type = {RUNC_RUNTIME:?}\n         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{KATA_HANDLER}]\n         \x20 runtime_type = {KATA_RUNTIME:?}\n         \x20 privileged_without_host_devices = true\n         \x20 pod_annotations = [{globs}]\n         \x20 container_annotations = [{globs}]\n         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{KATA_HANDLER}.options]\n         \x20 ConfigPath = {config}\n         [plugins.\"io.containerd.grpc.v1.cri\".cni]\n         \x20 bin_dir = \"/usr/lib/cni\"\n         \x20 conf_dir = {net_d}\n         \x20 max_conf_num = 1\n",
+        config = q(&cri.kata_config),
+        net_d = q(&l.cni_conf_dir()),
+    )
+}
+
+/// The pod network of a CRI containerd: a bridge with host-local addresses
+/// (kept in the containerd's directory, not /var/lib/cni/networks).
+fn cni_conflist(l: &Layout) -> String {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "kata-rs-cri",
+        "plugins": [{
+            "type": "bridge",
+            "bridge": "kcri0",
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": "10.203.0.0/24" }]],
+                "routes": [{ "dst": "0.0.0.0/0" }],
+                "dataDir": l.config.with_file_name("ipam"),
+            }
+        }]
+    })
+    .to_string()
+}
+
 /// A private containerd; dropping it stops it and removes all of it.
 #[derive(Debug)]
 pub struct Containerd {
@@ -264,6 +382,7 @@ pub struct Containerd {
     namespace: String,
     ctr_timeout: Duration,
     ready: bool,
+    cri: bool,
 }
 
 impl Containerd {
@@ -407,6 +526,26 @@ impl Containerd {
         BUSYBOX_IMAGE.to_string()
     }
 
+    /// Imports the busybox image and the sandbox image [`PAUSE_IMAGE`]
+    /// (busybox's `sleep inf`, built by `kata-ctl oci-image --cmd sleep
+    /// --cmd inf`) into CRI's namespace, and waits until CRI's image store
+    /// has both (it learns of them from events: a pod started before
+    /// would make CRI try to pull). Returns the busybox image's name.
+    pub fn import_cri_images(&self) -> String {
+        for (name, tar) in [(BUSYBOX_IMAGE, busybox_tar()), (PAUSE_IMAGE, pause_tar())] {
+            let mut cmd = self.ctr_command(CRI_NAMESPACE);
+            cmd.args(["image", "import", "-"]);
+            let out = run_bounded(cmd, Some(tar), self.ctr_timeout)
+                .unwrap_or_else(|e| panic!("ctr image import {name}: {e}"));
+            self.check(&["image", "import", name], out);
+        }
+        let mut cri = crate::cri::Cri::connect(&self.layout.address);
+        for name in [BUSYBOX_IMAGE, PAUSE_IMAGE] {
+            cri.wait_image(name, Duration::from_secs(20));
+        }
+        BUSYBOX_IMAGE.to_string()
+    }
+
     fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
@@ -442,6 +581,32 @@ impl Containerd {
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops and removes the CRI pods left (a failed test's), as the kubelet
+    /// would: containerd stops their containers first, then the sandbox,
+    /// and tears the pod network down.
+    fn remove_cri_pods(&self) {
+        let Ok(mut cri) = crate::cri::Cri::try_connect(&self.layout.address) else {
+            return;
+        };
+        cri.set_timeout(Duration::from_secs(60));
+        let pods = cri
+            .list_pod_sandbox(Default::default())
+            .map(|r| r.items)
+            .unwrap_or_default();
+        for p in pods {
+            eprintln!(
+                "containerd {}: removing leftover CRI pod {}",
+                self.pid, p.id
+            );
+            let _ = cri.stop_pod_sandbox(crate::cri::api::StopPodSandboxRequest {
+                pod_sandbox_id: p.id.clone(),
+            });
+            let _ = cri.remove_pod_sandbox(crate::cri::api::RemovePodSandboxRequest {
+                pod_sandbox_id: p.id,
+            });
         }
     }
 
@@ -538,6 +703,9 @@ impl Containerd {
 impl Drop for Containerd {
     fn drop(&mut self) {
         if self.ready && self.child.is_some() {
+            if self.cri {
+                self.remove_cri_pods();
+            }
             self.delete_leftovers();
         }
         self.stop();
@@ -687,22 +855,35 @@ pub fn require_tool(name: &str) -> PathBuf {
 /// The busybox OCI layout tar, built by `kata-ctl oci-image` once per process.
 pub fn busybox_tar() -> &'static [u8] {
     static TAR: OnceLock<Vec<u8>> = OnceLock::new();
-    TAR.get_or_init(|| {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let out = tmp.path().join("busybox.tar");
-        let o = Command::new(crate::bin("kata-ctl"))
-            .args(["oci-image", "--name", BUSYBOX_IMAGE, "--output"])
-            .arg(&out)
-            .output()
-            .expect("run kata-ctl oci-image");
-        assert!(
-            o.status.success(),
-            "kata-ctl oci-image failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        );
-        std::fs::read(&out).unwrap_or_else(|e| panic!("read {}: {e}", out.display()))
-    })
+    TAR.get_or_init(|| oci_image_tar(&["--name", BUSYBOX_IMAGE]))
+}
+
+/// The sandbox image's OCI layout tar (`kata-ctl oci-image --cmd sleep
+/// --cmd inf`), built once per process.
+pub fn pause_tar() -> &'static [u8] {
+    static TAR: OnceLock<Vec<u8>> = OnceLock::new();
+    TAR.get_or_init(|| oci_image_tar(&["--name", PAUSE_IMAGE, "--cmd", "sleep", "--cmd", "inf"]))
+}
+
+/// `kata-ctl oci-image ARGS --output <tmp>`, read back.
+fn oci_image_tar(args: &[&str]) -> Vec<u8> {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("image.tar");
+    let o = Command::new(crate::bin("kata-ctl"))
+        .arg("oci-image")
+        .args(args)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .expect("run kata-ctl oci-image");
+    assert!(
+        o.status.success(),
+        "kata-ctl oci-image {} failed ({}): {}",
+        args.join(" "),
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::read(&out).unwrap_or_else(|e| panic!("read {}: {e}", out.display()))
 }
 
 /// The last `lines` lines of a file.
@@ -794,7 +975,7 @@ mod tests {
     #[test]
     fn config_names_the_private_paths() {
         let l = Layout::new(Path::new("/run/kata-rs-test/x"));
-        let t = config_toml(&l, "debug");
+        let t = config_toml(&l, "debug", false);
         assert!(t.contains("root = \"/run/kata-rs-test/x/root\""), "{t}");
         assert!(t.contains("state = \"/run/kata-rs-test/x/state\""), "{t}");
         assert!(
@@ -808,6 +989,42 @@ mod tests {
         assert!(t.contains("\"io.containerd.grpc.v1.cri\""), "{t}");
         assert!(!t.contains("runtime.v1.linux"), "{t}");
         assert!(t.contains("level = \"debug\""), "{t}");
+    }
+
+    #[test]
+    fn cri_config_is_valid_toml_with_the_kata_handler() {
+        let l = Layout::new(Path::new("/run/kata-rs-test/x"));
+        let cri = Cri {
+            kata_config: "/run/kata-rs-test/x/configuration.toml".into(),
+            annotations: vec!["io.katacontainers.*".into()],
+        };
+        let t = config_toml(&l, "info", true) + &cri_toml(&l, &cri);
+        let v: toml::Value = toml::from_str(&t).unwrap_or_else(|e| panic!("{e}\n{t}"));
+        let disabled = v["disabled_plugins"].as_array().unwrap();
+        assert!(!disabled
+            .iter()
+            .any(|p| p.as_str() == Some("io.containerd.grpc.v1.cri")));
+        let plugin = &v["plugins"]["io.containerd.grpc.v1.cri"];
+        assert_eq!(plugin["sandbox_image"].as_str(), Some(PAUSE_IMAGE));
+        let kata = &plugin["containerd"]["runtimes"][KATA_HANDLER];
+        assert_eq!(kata["runtime_type"].as_str(), Some(KATA_RUNTIME));
+        assert_eq!(
+            kata["options"]["ConfigPath"].as_str(),
+            Some("/run/kata-rs-test/x/configuration.toml")
+        );
+        assert_eq!(
+            kata["pod_annotations"][0].as_str(),
+            Some("io.katacontainers.*")
+        );
+        assert_eq!(
+            plugin["cni"]["conf_dir"].as_str(),
+            Some("/run/kata-rs-test/x/net.d")
+        );
+        let net: serde_json::Value = serde_json::from_str(&cni_conflist(&l)).unwrap();
+        assert_eq!(
+            net["plugins"][0]["ipam"]["dataDir"],
+            "/run/kata-rs-test/x/ipam"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod containerd;
+pub mod cri;
 pub mod monitor;
 pub mod net;
 pub mod otlp;

@@ -224,7 +224,19 @@ fn two_containers_of_one_pod_share_one_vm() {
     kill_and_delete(&c, "app1");
     // the pod lives on without its member
     c.ctr_ok(&["task", "exec", "--exec-id", "b3", pod, "true"]);
+
+    // the pod deleted before its member (ctr allows it; CRI never does it):
+    // the member's task ends with the VM (255, as after a crash) and can be
+    // deleted, and nothing is left
+    let mut b = vec!["run", "-d", "--runtime", RUNTIME];
+    b.extend_from_slice(&member_ann);
+    b.extend_from_slice(&[&image, "app2", "sleep", "1000"]);
+    c.ctr_ok(&b);
+    wait_task_status(&c, "app2", "RUNNING", Duration::from_secs(30));
     kill_and_delete(&c, pod);
+    wait_task_status(&c, "app2", "STOPPED", Duration::from_secs(10));
+    c.ctr_ok(&["task", "delete", "app2"]);
+    c.ctr_ok(&["container", "delete", "app2"]);
     assert_pod_gone(pod, GONE);
 }
 

@@ -87,6 +87,26 @@ const VIRTIOFSD_ANNOTATION_ARGS: &[&str] = &[
     "--readonly",
 ];
 
+/// The annotation that sets key `key` of `section` (`hypervisor.qemu`,
+/// `agent.kata`, `runtime`) and the rule it is under, or `None` when no
+/// annotation sets it.
+pub(crate) fn annotation_rule(section: &str, key: &str) -> Option<(String, &'static str)> {
+    let (prefix, rule) = match section {
+        "hypervisor.qemu" if HYPERVISOR_KEYS.contains(&key) => (
+            HYPERVISOR_ANNOTATION_PREFIX,
+            "only if `enable_annotations` matches the key",
+        ),
+        "agent.kata" if AGENT_KEYS.contains(&key) => (AGENT_ANNOTATION_PREFIX, "always allowed"),
+        "runtime" if RUNTIME_KEYS.contains(&key) => (RUNTIME_ANNOTATION_PREFIX, "always allowed"),
+        "runtime" if RUNTIME_RESTRICTED_KEYS.contains(&key) => (
+            RUNTIME_ANNOTATION_PREFIX,
+            "only if `enable_annotations` names the key",
+        ),
+        _ => return None,
+    };
+    Some((format!("{prefix}{key}"), rule))
+}
+
 /// Which section an annotation belongs to.
 #[derive(Clone, Copy)]
 enum Section {

@@ -25,6 +25,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 mod annotations;
 mod diagnose;
 mod error;
+pub mod reference;
 mod sizing;
 
 pub use annotations::{

@@ -220,28 +220,7 @@ impl Service {
             warn!("pod failed: {why}");
             // what is left of the VM is of no use: stop it now, Delete cleans
             pod.stop_vm().await;
-            let all: Vec<Arc<Ctr>> = svc
-                .0
-                .containers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .cloned()
-                .collect();
-            for c in all {
-                let execs: Vec<_> = c
-                    .execs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .values()
-                    .cloned()
-                    .collect();
-                for p in execs.iter().chain(std::iter::once(&c.init)) {
-                    if p.state() != PState::Stopped {
-                        svc.exited(p, 255, pod.hypervisor_pid).await;
-                    }
-                }
-            }
+            svc.end_all(pod.hypervisor_pid).await;
         });
         let svc = self.clone();
         tokio::spawn(async move {
@@ -550,6 +529,34 @@ impl Service {
         c.paused.store(pause, Ordering::SeqCst);
         self.publish(topic, ev).await;
         Ok(api::Empty::default())
+    }
+
+    /// Every process that has not ended ends now with status 255, with its
+    /// exit event: the VM they ran in is gone, and containerd must never
+    /// wait on a task that cannot finish.
+    async fn end_all(&self, hypervisor_pid: u32) {
+        let all: Vec<Arc<Ctr>> = self
+            .0
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for c in all {
+            let execs: Vec<_> = c
+                .execs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            for p in execs.iter().chain(std::iter::once(&c.init)) {
+                if p.state() != PState::Stopped {
+                    self.exited(p, 255, hypervisor_pid).await;
+                }
+            }
+        }
     }
 
     async fn destroy_pod(&self) {

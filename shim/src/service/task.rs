@@ -327,6 +327,9 @@ impl Task for Service {
                 .remove(&req.id);
             if c.owner {
                 self.destroy_pod().await;
+                // members deleted after their pod (`ctr task delete` of the
+                // sandbox first) find their processes ended, not running
+                self.end_all(pid).await;
             }
             let _ = std::fs::remove_file(Path::new(&c.bundle).join(SANDBOX_FILE));
             let e = c.init.exit_info().unwrap_or(Exit {
