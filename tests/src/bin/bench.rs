@@ -18,6 +18,8 @@ use kata_tests::TestVm;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "bench/cri.rs"]
+mod cri;
 #[path = "bench/metrics.rs"]
 mod metrics;
 #[path = "bench/net.rs"]
@@ -92,6 +94,12 @@ async fn main() {
         return tokio::task::spawn_blocking(resize::resize_section)
             .await
             .expect("the resize section");
+    }
+    // KATA_BENCH_ONLY=cri: only the CRI section
+    if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("cri") {
+        return tokio::task::spawn_blocking(cri::cri_section)
+            .await
+            .expect("the CRI section");
     }
     // KATA_BENCH_ONLY=pod: only the containerd pod section
     if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("pod") {
@@ -215,6 +223,9 @@ async fn main() {
     tokio::task::spawn_blocking(net::net_section)
         .await
         .expect("the network section");
+    tokio::task::spawn_blocking(cri::cri_section)
+        .await
+        .expect("the CRI section");
     virtiofs_section().await;
 }
 
