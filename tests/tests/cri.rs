@@ -235,6 +235,31 @@ fn pod_processes_all() -> Vec<String> {
         .collect()
 }
 
+/// Removes the cgroup parents a pod's cgroup parent made (`<name>` and
+/// below, in every hierarchy) when dropped: containerd and kata-rs leave a
+/// pod's parents, as the kubelet owns them.
+struct CgroupParents(&'static str);
+
+impl Drop for CgroupParents {
+    fn drop(&mut self) {
+        for h in kata_vmm_launcher::client::cgroup_hierarchies() {
+            let top = h.join(self.0);
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir(&top)
+                .map(|r| {
+                    r.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.is_dir())
+                        .collect()
+                })
+                .unwrap_or_default();
+            dirs.push(top);
+            for d in dirs {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+    }
+}
+
 /// Writes `files` into `dir` the way the kubelet's AtomicWriter does: a new
 /// timestamped directory, `..data` swapped to it by one rename, the
 /// user-visible names symlinks through `..data`, the old payload removed.
@@ -321,6 +346,8 @@ fn wait_log(
 /// left after StopPodSandbox and RemovePodSandbox.
 #[test]
 fn a_kata_pod_through_cri() {
+    // (dropped last: after containerd removed a failed test's pods)
+    let _parents = CgroupParents("kata-rs-cri");
     let mut n = Node::new(
         "cri1",
         "enable_annotations = [\"default_memory\"]\ndefault_maxvcpus = 4",
@@ -334,6 +361,11 @@ fn a_kata_pod_through_cri() {
         searches: vec!["default.svc.cluster.local".into()],
         options: vec!["ndots:5".into()],
     });
+    // the kubelet's cgroupfs layout: the pod's cgroup under its QoS parent
+    let parent = format!("/kata-rs-cri/pod{uid}");
+    if let Some(l) = pod_cfg.linux.as_mut() {
+        l.cgroup_parent = parent.clone();
+    }
     pod_cfg.annotations = HashMap::from([
         (
             "io.katacontainers.config.hypervisor.default_memory".into(),
@@ -346,6 +378,16 @@ fn a_kata_pod_through_cri() {
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", n.c.log_tail(40)));
     let paths = kata_proto::paths::SandboxPaths::new(&pod);
     let qemu = kata_vmm_launcher::client::hypervisor_pid(&paths).expect("the pod's QEMU");
+    // the VM's vCPUs are in the pod's cgroup under the CRI cgroup parent
+    let vcpus = kata_tests::resources::vcpu_tids(qemu);
+    assert!(!vcpus.is_empty(), "QEMU {qemu} has no vCPU threads");
+    for tid in vcpus {
+        assert_eq!(
+            kata_tests::resources::cgroup_of(qemu, tid, "cpu"),
+            format!("{parent}/{pod}"),
+            "vCPU thread {tid}"
+        );
+    }
     let status = n
         .cri
         .pod_sandbox_status(api::PodSandboxStatusRequest {
