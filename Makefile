@@ -14,13 +14,21 @@ POLICY_GUEST_DIR := $(CURDIR)/target/guest-test-policy
 # with the agent-policy feature and the allow-all default policy.
 AGENT_POLICY ?= no
 # Debian packages the build, the image and the tests need.
-APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++ containerd iproute2 containernetworking-plugins prometheus tmux systemd dbus python3-venv chromium curl
+APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++ containerd iproute2 containernetworking-plugins prometheus tmux systemd dbus python3-venv chromium curl \
+  linux-source make flex bison bc libelf-dev xz-utils
 export KATA_TEST_BIN_DIR := $(BIN)
 export KATA_TEST_GUEST_DIR := $(TEST_GUEST_DIR)
 export KATA_GUEST_DIR := $(GUEST_DIR)
 export KATA_TEST_POLICY_GUEST_DIR := $(POLICY_GUEST_DIR)
+# The guest kernel of the images: `kata-rs` (the default) builds kata-rs's
+# own kernel from Debian's linux-source once per machine (cached under
+# /var/cache/kata-rs/image) and the images use it; if it cannot be built the
+# images get Debian's cloud kernel and make says so. `KERNEL=debian`: Debian's
+# cloud kernel (e.g. `make test KERNEL=debian` runs every test on it).
+KERNEL ?= kata-rs
+export KATA_TEST_KERNEL := $(KERNEL)
 
-.PHONY: all deps build image test-image run boot install test unit lint bench fuzz clean docs
+.PHONY: all deps build kernel image test-image run boot install test unit lint bench fuzz clean docs
 
 all: build
 
@@ -52,15 +60,27 @@ else
 IMAGE_AGENT := --agent $(BIN)/kata-agent
 endif
 
-image: deps build
-	$(BIN)/kata-ctl image build --output $(GUEST_DIR) $(IMAGE_AGENT)
+# kata-rs's guest kernel (several minutes the first time, then cached).
+kernel: deps build
+ifeq ($(KERNEL),kata-rs)
+	$(BIN)/kata-ctl image kernel || echo "kata-rs: the guest kernel could not be built (see above): the images get Debian's cloud kernel"
+endif
+
+ifeq ($(KERNEL),kata-rs)
+IMAGE_KERNEL := --kernel auto
+else
+IMAGE_KERNEL := --kernel debian
+endif
+
+image: deps build kernel
+	$(BIN)/kata-ctl image build --output $(GUEST_DIR) $(IMAGE_KERNEL) $(IMAGE_AGENT)
 
 # The test image: the agent's image plus the vsock test peer (booted with rdinit=).
 # And its twin with the policy agent and the allow-all default policy.
-test-image: deps build
-	$(BIN)/kata-ctl image build --output $(TEST_GUEST_DIR) --agent $(BIN)/kata-agent \
+test-image: deps build kernel
+	$(BIN)/kata-ctl image build --output $(TEST_GUEST_DIR) $(IMAGE_KERNEL) --agent $(BIN)/kata-agent \
 	  --extra $(BIN)/kata-test-guest
-	$(BIN)/kata-ctl image build --output $(POLICY_GUEST_DIR) --agent $(BIN)/kata-agent-policy \
+	$(BIN)/kata-ctl image build --output $(POLICY_GUEST_DIR) $(IMAGE_KERNEL) --agent $(BIN)/kata-agent-policy \
 	  --policy $(CURDIR)/agent/policy/allow-all.rego --extra $(BIN)/kata-test-guest
 
 # One container end to end: a private containerd, the busybox image built

@@ -108,6 +108,22 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
+    /// Builds kata-rs's guest kernel from Debian's linux-source package and
+    /// the configuration fragments (once: it is cached by source version and
+    /// configuration hash), or with --check, checks the built kernel's
+    /// configuration against the fragments.
+    Kernel {
+        /// Cache of kernels (the image build looks there).
+        #[arg(long, default_value = image::DEFAULT_CACHE_DIR)]
+        cache_dir: PathBuf,
+        /// Parallel compile jobs (default: the CPUs this process may use).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Only check the built kernel's configuration: every option the
+        /// fragments ask for must have taken effect.
+        #[arg(long)]
+        check: bool,
+    },
     /// Builds vmlinuz, initrd.img and manifest.json from a Debian cloud kernel
     /// package (apt-get download), the agent and a static busybox.
     Build {
@@ -120,9 +136,14 @@ enum ImageCommand {
         /// A static busybox (Debian's busybox-static).
         #[arg(long, default_value = image::DEFAULT_BUSYBOX)]
         busybox: PathBuf,
-        /// Kernel package (default: what linux-image-cloud-amd64 depends on).
+        /// Kernel package (default: what linux-image-cloud-amd64 depends on),
+        /// when the kernel is Debian's.
         #[arg(long)]
         kernel_package: Option<String>,
+        /// The guest kernel: kata-rs's own (built by `kata-ctl image
+        /// kernel`), Debian's cloud kernel, or kata-rs's when it is built.
+        #[arg(long, value_enum, default_value = "auto")]
+        kernel: image::KernelChoice,
         /// An extra static binary to put in /usr/bin (repeatable).
         #[arg(long = "extra")]
         extras: Vec<PathBuf>,
@@ -146,6 +167,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     agent,
                     busybox,
                     kernel_package,
+                    kernel,
                     extras,
                     cache_dir,
                     policy,
@@ -156,12 +178,55 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 agent,
                 busybox,
                 kernel_package,
+                kernel,
                 extras,
                 cache_dir,
                 policy,
             };
             let report = image::build(&opts)?;
             tracing::debug!(kver = %report.manifest.kver, up_to_date = report.up_to_date, "image build done");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image {
+            command:
+                ImageCommand::Kernel {
+                    cache_dir,
+                    jobs,
+                    check,
+                },
+        } => {
+            use image::kernel_build;
+            if check {
+                let dir = kernel_build::cached(&cache_dir).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "no kata-rs kernel is built in {} for the current source and fragments",
+                        cache_dir.display()
+                    )
+                })?;
+                let tree = image::kernel::open(&dir, kernel_build::PACKAGE)?;
+                let config = dir.join("boot").join(format!("config-{}", tree.kver));
+                let text = std::fs::read_to_string(&config)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+                let missing = kernel_build::check_config(&kernel_build::fragments_text(), &text);
+                if !missing.is_empty() {
+                    return Err(kernel_build::KernelBuildError::Config(missing).into());
+                }
+                let n = kernel_build::wanted(&kernel_build::fragments_text()).len();
+                println!(
+                    "{}: all {n} options of the fragments are set",
+                    config.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let jobs =
+                jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let (dir, cached) = kernel_build::build(&cache_dir, jobs, |line| {
+                eprintln!("[kernel] {line}");
+            })?;
+            if cached {
+                eprintln!("[kernel] already built: {}", dir.display());
+            }
+            println!("{}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Boot(args) => {

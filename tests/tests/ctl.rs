@@ -119,3 +119,69 @@ fn env_prints_the_effective_configuration_and_its_source() {
         "{err}"
     );
 }
+
+/// The test images carry the kernel `make` chose (`KERNEL`, exported as
+/// `KATA_TEST_KERNEL`): kata-rs's own kernel, with every driver a pod needs
+/// built in (no module in the image) and every option of the configuration
+/// fragments in effect, or Debian's cloud kernel package.
+#[test]
+fn the_images_have_the_chosen_kernel() {
+    let want = std::env::var("KATA_TEST_KERNEL").expect(
+        "KATA_TEST_KERNEL (kata-rs or debian) names the kernel the test images were built with; \
+         `make test` sets it",
+    );
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(guest_dir().join("manifest.json")).expect("the test image's manifest"),
+    )
+    .unwrap();
+    let package = m["kernel_package"].as_str().unwrap_or_default();
+    match want.as_str() {
+        "kata-rs" => {
+            assert_eq!(
+                package, "kata-rs-kernel",
+                "KERNEL=kata-rs but the test image has {package}: the kernel build failed \
+                 (see make's output) and the image fell back to Debian's"
+            );
+            assert!(
+                m["kver"].as_str().unwrap_or_default().ends_with("-kata-rs"),
+                "{}",
+                m["kver"]
+            );
+            assert_eq!(
+                m["modules"],
+                serde_json::json!([]),
+                "no module: all built in"
+            );
+            let builtin: Vec<&str> = m["builtin_modules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect();
+            for needed in [
+                "virtio_pci",
+                "vmw_vsock_virtio_transport",
+                "virtiofs",
+                "virtio_net",
+                "overlay",
+            ] {
+                assert!(
+                    builtin.contains(&needed),
+                    "{needed} not built in: {builtin:?}"
+                );
+            }
+            let o = Command::new(bin("kata-ctl"))
+                .args(["image", "kernel", "--check"])
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "the built kernel's configuration: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        "debian" => assert!(package.starts_with("linux-image-"), "{package}"),
+        other => panic!("KATA_TEST_KERNEL={other}: kata-rs or debian"),
+    }
+}

@@ -10,6 +10,7 @@
 pub mod cpio;
 pub mod elf;
 pub mod kernel;
+pub mod kernel_build;
 pub mod manifest;
 pub mod modules;
 
@@ -85,6 +86,12 @@ pub enum ImageError {
     /// Two extras with one name.
     #[error("two --extra files are both named {0}; they would both be /usr/bin/{0}")]
     DuplicateExtra(String),
+    /// `--kernel kata-rs` without a built kernel.
+    #[error(
+        "--kernel kata-rs: kata-rs's guest kernel is not built for the current source and \
+         fragments; build it with `kata-ctl image kernel`, or use --kernel debian"
+    )]
+    KernelNotBuilt,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
@@ -104,7 +111,10 @@ pub struct BuildOptions {
     /// The busybox binary.
     pub busybox: PathBuf,
     /// Kernel package; `None`: the one the cloud meta package depends on.
+    /// Used when the kernel is Debian's.
     pub kernel_package: Option<String>,
+    /// Which kernel the image gets.
+    pub kernel: KernelChoice,
     /// Extra static binaries for `/usr/bin`.
     pub extras: Vec<PathBuf>,
     /// Cache of unpacked kernel packages.
@@ -112,6 +122,18 @@ pub struct BuildOptions {
     /// The agent policy to put at [`POLICY_PATH`] (Kata's AGENT_POLICY=yes;
     /// the agent must be built with the agent-policy feature to use it).
     pub policy: Option<PathBuf>,
+}
+
+/// Which guest kernel an image gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelChoice {
+    /// kata-rs's own kernel (`kata-ctl image kernel` builds it; an error
+    /// if it is not built).
+    KataRs,
+    /// Debian's cloud kernel package.
+    Debian,
+    /// kata-rs's kernel if it is built, else Debian's (saying so).
+    Auto,
 }
 
 /// Where the guest's agent reads its default policy (Kata's path), in the
@@ -204,12 +226,40 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ImageError> {
     };
     let extra_list: Vec<Extra> = extras.iter().map(|e| e.0.clone()).collect();
 
-    step(1, "resolving the kernel package with apt-cache");
-    let package = match &opts.kernel_package {
-        Some(p) => p.clone(),
-        None => kernel::default_package()?,
+    let built = match opts.kernel {
+        KernelChoice::Debian => None,
+        KernelChoice::KataRs => {
+            Some(kernel_build::cached(&opts.cache_dir).ok_or(ImageError::KernelNotBuilt)?)
+        }
+        KernelChoice::Auto => {
+            let b = kernel_build::cached(&opts.cache_dir);
+            if b.is_none() {
+                eprintln!(
+                    "kata-rs's guest kernel is not built (`kata-ctl image kernel`): \
+                     the image gets Debian's cloud kernel"
+                );
+            }
+            b
+        }
     };
-    let version = kernel::candidate_version(&package)?;
+    let (package, version) = match &built {
+        Some(dir) => {
+            step(1, &format!("kata-rs's kernel, built in {}", dir.display()));
+            (
+                kernel_build::PACKAGE.to_string(),
+                kernel_build::version_of(dir),
+            )
+        }
+        None => {
+            step(1, "resolving the kernel package with apt-cache");
+            let package = match &opts.kernel_package {
+                Some(p) => p.clone(),
+                None => kernel::default_package()?,
+            };
+            let version = kernel::candidate_version(&package)?;
+            (package, version)
+        }
+    };
     let inputs = Inputs {
         format: manifest::FORMAT,
         builder: kata_proto::VERSION,
@@ -235,14 +285,22 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ImageError> {
         });
     }
 
-    let (tree, cached) = {
-        let mut n = 1;
-        kernel::fetch(&opts.cache_dir, &package, &version, |text| {
-            n += 1;
-            step(n, text);
-        })?
+    let (tree, cached) = match &built {
+        Some(dir) => (kernel::open(dir, &package)?, true),
+        None => {
+            let mut n = 1;
+            kernel::fetch(&opts.cache_dir, &package, &version, |text| {
+                n += 1;
+                step(n, text);
+            })?
+        }
     };
-    if cached {
+    if built.is_some() {
+        step(
+            3,
+            "no modules to take: the kernel has every driver built in",
+        );
+    } else if cached {
         step(3, "kernel package already unpacked");
     }
     step(4, &format!("resolving kernel modules of {}", tree.kver));
