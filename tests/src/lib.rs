@@ -127,8 +127,17 @@ impl TestVm {
 
     /// Like [`TestVm::boot`], with a virtio-fs daemon (ours or upstream's).
     pub async fn boot_with_fs(id: &str, rdinit: Option<&str>, fs: Option<FsDaemon>) -> TestVm {
+        Self::boot_in(&guest_dir(), id, rdinit, fs).await
+    }
+
+    /// Like [`TestVm::boot`], from the guest image in `guest` (its
+    /// `vmlinuz` and `initrd.img`).
+    pub async fn boot_image(guest: &Path, id: &str, rdinit: Option<&str>) -> TestVm {
+        Self::boot_in(guest, id, rdinit, None).await
+    }
+
+    async fn boot_in(guest: &Path, id: &str, rdinit: Option<&str>, fs: Option<FsDaemon>) -> TestVm {
         require_root();
-        let guest = guest_dir();
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join(id);
         let launcher =

@@ -202,6 +202,16 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// CRI has no pod left, no pod network namespace and no address out.
+    fn assert_no_pod_left(&mut self) {
+        let pods = self.pods();
+        assert!(pods.is_empty(), "pods left: {pods:?}");
+        let netns = self.netns_left();
+        assert!(netns.is_empty(), "netns left: {netns:?}");
+        let leases = self.leases();
+        assert!(leases.is_empty(), "addresses not given back: {leases:?}");
+    }
+
     /// Addresses host-local has handed out and not got back.
     fn leases(&self) -> Vec<String> {
         std::fs::read_dir(self.c.dir().join("ipam/kata-rs-cri"))
@@ -621,17 +631,7 @@ fn a_kata_pod_through_cri() {
     // teardown as the kubelet does it; nothing left
     n.remove_pod(&pod, &[&app, &side, &job]);
     assert_pod_gone(&pod, GONE);
-    assert!(n.pods().is_empty(), "pods left: {:?}", n.pods());
-    assert!(
-        n.netns_left().is_empty(),
-        "netns left: {:?}",
-        n.netns_left()
-    );
-    assert!(
-        n.leases().is_empty(),
-        "addresses not given back: {:?}",
-        n.leases()
-    );
+    n.assert_no_pod_left();
     let mounts: Vec<_> = kata_tests::containerd::mounts_under(n.c.dir())
         .into_iter()
         .filter(|m| m.to_string_lossy().contains(&pod))
@@ -750,15 +750,5 @@ fn runc_and_kata_side_by_side_and_bad_requests() {
         n.remove_pod(&pod, &[&id]);
     }
     assert_pod_gone(&kata_pod, GONE);
-    assert!(n.pods().is_empty());
-    assert!(
-        n.netns_left().is_empty(),
-        "netns left: {:?}",
-        n.netns_left()
-    );
-    assert!(
-        n.leases().is_empty(),
-        "addresses not given back: {:?}",
-        n.leases()
-    );
+    n.assert_no_pod_left();
 }

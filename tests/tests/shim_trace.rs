@@ -176,10 +176,17 @@ fn one_ctr_run_is_one_trace_across_shim_launcher_virtiofsd_and_agent() {
     assert_eq!(r["orphans"], 0, "{r}");
     let first = r["first_instruction_ns"].as_u64().unwrap();
     assert!(first > 0 && first < total, "{r}");
+    // what the trace cannot cover is ctr's and containerd's own work before
+    // the shim's first span: a fixed cost (about 100 ms idle, 280 ms seen
+    // with this file's other test running alongside), so the bound is 5% of
+    // the run or 400 ms, whichever is larger
     let ratio = total as f64 / ctr_run.as_nanos() as f64;
+    let untraced = ctr_run.as_nanos().saturating_sub(total as u128) / 1_000_000;
+    let allowed = (ctr_run.as_millis() / 20).max(400);
     assert!(
-        (0.95..=1.0).contains(&ratio),
-        "the trace ({} ms) covers the measured ctr run ({} ms) within 5%: {ratio:.3}",
+        ratio <= 1.0 && untraced <= allowed,
+        "the trace ({} ms) covers the measured ctr run ({} ms) but for {untraced} ms \
+         (at most {allowed} ms): {ratio:.3}",
         total / 1_000_000,
         ctr_run.as_millis()
     );

@@ -248,6 +248,17 @@ pub fn build(
     });
     let _ = std::fs::remove_dir_all(&work);
     result?;
+    // kernels of older sources or fragments are never used again
+    for e in std::fs::read_dir(cache).into_iter().flatten().flatten() {
+        let p = e.path();
+        let old = e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&format!("{PACKAGE}_")));
+        if old && p != dir {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
     Ok((dir, false))
 }
 

@@ -20,6 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[path = "bench/cri.rs"]
 mod cri;
+#[path = "bench/floor.rs"]
+mod floor;
 #[path = "bench/metrics.rs"]
 mod metrics;
 #[path = "bench/net.rs"]
@@ -94,6 +96,10 @@ async fn main() {
         return tokio::task::spawn_blocking(resize::resize_section)
             .await
             .expect("the resize section");
+    }
+    // KATA_BENCH_ONLY=floor: only the boot floor section
+    if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("floor") {
+        return floor::floor_section().await;
     }
     // KATA_BENCH_ONLY=cri: only the CRI section
     if std::env::var("KATA_BENCH_ONLY").as_deref() == Ok("cri") {
@@ -209,6 +215,7 @@ async fn main() {
         guest.mib_s / (64.0 / bulk)
     );
     policy::policy_section().await;
+    floor::floor_section().await;
 
     pod_section().await;
     tokio::task::spawn_blocking(metrics::metrics_section)
