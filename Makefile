@@ -15,7 +15,7 @@ POLICY_GUEST_DIR := $(CURDIR)/target/guest-test-policy
 AGENT_POLICY ?= no
 # Debian packages the build, the image and the tests need.
 APT_PACKAGES := qemu-system-x86 busybox-static ca-certificates g++ containerd iproute2 containernetworking-plugins prometheus tmux systemd dbus python3-venv chromium curl \
-  linux-source make flex bison bc libelf-dev xz-utils
+  linux-source make flex bison bc libelf-dev xz-utils binutils
 export KATA_TEST_BIN_DIR := $(BIN)
 export KATA_TEST_GUEST_DIR := $(TEST_GUEST_DIR)
 export KATA_GUEST_DIR := $(GUEST_DIR)

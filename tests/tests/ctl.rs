@@ -152,6 +152,12 @@ fn the_images_have_the_chosen_kernel() {
                 serde_json::json!([]),
                 "no module: all built in"
             );
+            let kernel = std::fs::read(guest_dir().join("vmlinuz")).unwrap();
+            assert_eq!(
+                &kernel[..4],
+                b"\x7fELF",
+                "the kernel QEMU boots is the ELF it enters through PVH"
+            );
             let builtin: Vec<&str> = m["builtin_modules"]
                 .as_array()
                 .unwrap()

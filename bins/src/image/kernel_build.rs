@@ -22,6 +22,11 @@ pub const PACKAGE: &str = "kata-rs-kernel";
 /// Appended to the kernel release (`6.1.192-kata-rs`).
 pub const LOCALVERSION: &str = "-kata-rs";
 
+/// What the built tree holds (part of the cache key: a tree of another
+/// layout is built again). 2: `vmlinuz` is the stripped ELF with the PVH
+/// entry point, `bzImage` beside it.
+const LAYOUT: &str = "layout 2";
+
 /// The configuration fragments, in the order they are applied.
 pub const FRAGMENTS: &[(&str, &str)] = &[
     (
@@ -199,7 +204,8 @@ pub fn find_source() -> Result<(PathBuf, String), KernelBuildError> {
 /// The cache directory of the kernel built from source `version` with the
 /// current fragments.
 pub fn built_dir(cache: &Path, version: &str) -> PathBuf {
-    let hash = manifest::hex(&Sha256::digest(fragments_text().as_bytes()));
+    let key = format!("{LAYOUT}\n{}", fragments_text());
+    let hash = manifest::hex(&Sha256::digest(key.as_bytes()));
     cache.join(format!(
         "{PACKAGE}_{}_{}",
         version.replace([':', '/'], "_"),
@@ -339,11 +345,21 @@ fn build_in(
     }
     let copy =
         |from: PathBuf, to: PathBuf| std::fs::copy(&from, &to).map(|_| ()).map_err(io_err(&from));
+    // the kernel QEMU boots is the uncompressed ELF, stripped, entered
+    // through its PVH note: no firmware loading and no decompression (about
+    // 200 ms of every boot under TCG, docs/benchmarks.md); the bzImage stays
+    // beside it for boot paths that need one
+    run(
+        Command::new("objcopy")
+            .arg("--strip-all")
+            .arg(work.join("vmlinux"))
+            .arg(boot.join(format!("vmlinuz-{kver}"))),
+        &mut |_| {},
+    )?;
     copy(
         work.join("arch/x86/boot/bzImage"),
-        boot.join(format!("vmlinuz-{kver}")),
+        boot.join(format!("bzImage-{kver}")),
     )?;
-    copy(work.join("vmlinux"), boot.join(format!("vmlinux-{kver}")))?;
     copy(config_path, boot.join(format!("config-{kver}")))?;
     let builtin = std::fs::read_to_string(work.join("modules.builtin")).unwrap_or_default();
     std::fs::write(mods.join("modules.builtin"), builtin).map_err(io_err(&mods))?;
