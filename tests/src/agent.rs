@@ -509,7 +509,23 @@ pub async fn assert_pids_limit_holds(c: &mut Client, addr: &Address, id: &str, l
     )
     .await
     .expect("exec the forker");
-    let err = collect(stream(addr, Which::Stderr, id, "fork").await);
+    // stderr as it comes (the forker's complaint is written in pieces: it
+    // must be whole before the SIGKILL below)
+    let err_text = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let err = {
+        let mut s = stream(addr, Which::Stderr, id, "fork").await;
+        let text = err_text.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                text.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+            text.lock().unwrap().clone()
+        })
+    };
     let _out = collect(stream(addr, Which::Stdout, id, "fork").await);
     // the forker reaches the limit (a busy machine may take more than a
     // moment), then its next fork fails and says so
@@ -517,7 +533,12 @@ pub async fn assert_pids_limit_holds(c: &mut Client, addr: &Address, id: &str, l
     while pids_current(c, id).await.unwrap_or(0) < limit && t0.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = std::time::Instant::now();
+    while !String::from_utf8_lossy(&err_text.lock().unwrap()).contains("fork")
+        && t0.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let current = pids_current(c, id).await.expect("pids stats");
     assert!(
         current <= limit,
