@@ -197,21 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             use image::kernel_build;
             if check {
-                let dir = kernel_build::cached(&cache_dir).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "no kata-rs kernel is built in {} for the current source and fragments",
-                        cache_dir.display()
-                    )
-                })?;
-                let tree = image::kernel::open(&dir, kernel_build::PACKAGE)?;
-                let config = dir.join("boot").join(format!("config-{}", tree.kver));
-                let text = std::fs::read_to_string(&config)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
-                let missing = kernel_build::check_config(&kernel_build::fragments_text(), &text);
-                if !missing.is_empty() {
-                    return Err(kernel_build::KernelBuildError::Config(missing).into());
-                }
-                let n = kernel_build::wanted(&kernel_build::fragments_text()).len();
+                let (config, n) = kernel_build::check_built(&cache_dir)?;
                 println!(
                     "{}: all {n} options of the fragments are set",
                     config.display()

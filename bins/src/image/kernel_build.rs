@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use super::kernel::KernelTree;
 use super::manifest;
 
 /// The package name the image's manifest records for a built kernel.
@@ -99,6 +100,13 @@ pub enum KernelBuildError {
         .0.join("\n  ")
     )]
     Config(Vec<String>),
+    /// No kernel is built for the current source and fragments.
+    #[error(
+        "no kata-rs kernel is built in {} for the current source and fragments; \
+         build it with `kata-ctl image kernel`",
+        .0.display()
+    )]
+    NotBuilt(PathBuf),
     /// File system trouble.
     #[error("{path}: {source}")]
     Io {
@@ -223,12 +231,31 @@ pub fn version_of(dir: &Path) -> String {
         .to_string()
 }
 
+/// The built kernel's tree for source `version` and the current fragments,
+/// if the cache has it.
+fn built(cache: &Path, version: &str) -> Option<KernelTree> {
+    super::kernel::open(&built_dir(cache, version), PACKAGE).ok()
+}
+
 /// The built kernel's tree if the cache has it for the current source and
 /// fragments.
-pub fn cached(cache: &Path) -> Option<PathBuf> {
+pub fn cached(cache: &Path) -> Option<KernelTree> {
     let (_, version) = find_source().ok()?;
-    let dir = built_dir(cache, &version);
-    super::kernel::open(&dir, PACKAGE).ok().map(|_| dir)
+    built(cache, &version)
+}
+
+/// Checks the configuration of the kernel built in `cache` against the
+/// fragments: the configuration file and how many options it has as asked.
+pub fn check_built(cache: &Path) -> Result<(PathBuf, usize), KernelBuildError> {
+    let tree = cached(cache).ok_or_else(|| KernelBuildError::NotBuilt(cache.to_path_buf()))?;
+    let config = tree.root.join("boot").join(format!("config-{}", tree.kver));
+    let text = std::fs::read_to_string(&config).map_err(io_err(&config))?;
+    let fragments = fragments_text();
+    let missing = check_config(&fragments, &text);
+    if !missing.is_empty() {
+        return Err(KernelBuildError::Config(missing));
+    }
+    Ok((config, wanted(&fragments).len()))
 }
 
 /// Builds the kernel (or finds it in `cache`) with `jobs` parallel jobs;
@@ -240,10 +267,10 @@ pub fn build(
     mut progress: impl FnMut(&str),
 ) -> Result<(PathBuf, bool), KernelBuildError> {
     let (tarball, version) = find_source()?;
-    let dir = built_dir(cache, &version);
-    if super::kernel::open(&dir, PACKAGE).is_ok() {
-        return Ok((dir, true));
+    if let Some(tree) = built(cache, &version) {
+        return Ok((tree.root, true));
     }
+    let dir = built_dir(cache, &version);
     std::fs::create_dir_all(cache).map_err(io_err(cache))?;
     let work = cache.join(format!(".kernel-build-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);

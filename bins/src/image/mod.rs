@@ -243,11 +243,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ImageError> {
         }
     };
     let (package, version) = match &built {
-        Some(dir) => {
-            step(1, &format!("kata-rs's kernel, built in {}", dir.display()));
+        Some(tree) => {
+            step(
+                1,
+                &format!("kata-rs's kernel, built in {}", tree.root.display()),
+            );
             (
                 kernel_build::PACKAGE.to_string(),
-                kernel_build::version_of(dir),
+                kernel_build::version_of(&tree.root),
             )
         }
         None => {
@@ -286,7 +289,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ImageError> {
     }
 
     let (tree, cached) = match &built {
-        Some(dir) => (kernel::open(dir, &package)?, true),
+        Some(tree) => (tree.clone(), true),
         None => {
             let mut n = 1;
             kernel::fetch(&opts.cache_dir, &package, &version, |text| {

@@ -52,8 +52,8 @@ fn documented(packaged: &str) -> Vec<Documented> {
     out
 }
 
-/// The built-in defaults as `(section, key, TOML value)`, in the order the
-/// code declares them.
+/// The built-in defaults as `(section, key, TOML value)` (sorted by key
+/// within a section; the page follows the packaged file's order).
 fn defaults() -> Vec<(String, String, String)> {
     let value = toml::Value::try_from(Config::default()).unwrap_or(toml::Value::Boolean(false));
     let mut out = Vec::new();
