@@ -601,12 +601,9 @@ impl Containerd {
                 "containerd {}: removing leftover CRI pod {}",
                 self.pid, p.id
             );
-            let _ = cri.stop_pod_sandbox(crate::cri::api::StopPodSandboxRequest {
-                pod_sandbox_id: p.id.clone(),
-            });
-            let _ = cri.remove_pod_sandbox(crate::cri::api::RemovePodSandboxRequest {
-                pod_sandbox_id: p.id,
-            });
+            if let Err(e) = cri.stop_and_remove_pod(&p.id) {
+                eprintln!("containerd {}: {e}", self.pid);
+            }
         }
     }
 

@@ -242,6 +242,62 @@ impl Cri {
     }
 }
 
+impl Cri {
+    /// RunPodSandbox of `config` with runtime handler `handler`: the pod's id.
+    pub fn run_pod(
+        &mut self,
+        config: api::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, Status> {
+        self.run_pod_sandbox(api::RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: handler.into(),
+        })
+        .map(|r| r.pod_sandbox_id)
+    }
+
+    /// CreateContainer and StartContainer of `config` in pod `pod` (made
+    /// from `pod_config`), as the kubelet starts a container: its id, or
+    /// which call failed and why.
+    pub fn create_and_start(
+        &mut self,
+        pod: &str,
+        pod_config: &api::PodSandboxConfig,
+        config: api::ContainerConfig,
+    ) -> Result<String, String> {
+        let id = self
+            .create_container(api::CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(config),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .map_err(|e| format!("CreateContainer: {e}"))?
+            .container_id;
+        self.start_container(api::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .map_err(|e| format!("StartContainer: {e}"))?;
+        Ok(id)
+    }
+
+    /// StopPodSandbox, then RemovePodSandbox whatever the stop answered (a
+    /// removal stops what still runs), as the kubelet ends a pod: the first
+    /// call that failed and why.
+    pub fn stop_and_remove_pod(&mut self, pod: &str) -> Result<(), String> {
+        let stopped = self
+            .stop_pod_sandbox(api::StopPodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .map_err(|e| format!("StopPodSandbox {pod}: {e}"));
+        let removed = self
+            .remove_pod_sandbox(api::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .map_err(|e| format!("RemovePodSandbox {pod}: {e}"));
+        stopped.and(removed.map(|_| ()))
+    }
+}
+
 /// Namespaces as the kubelet asks for them by default: the pod's network and
 /// IPC, a PID namespace per container.
 fn kubelet_namespaces() -> api::NamespaceOption {

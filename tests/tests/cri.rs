@@ -108,19 +108,6 @@ impl Node {
         }
     }
 
-    fn run_pod(
-        &mut self,
-        config: api::PodSandboxConfig,
-        handler: &str,
-    ) -> Result<String, tonic::Status> {
-        self.cri
-            .run_pod_sandbox(api::RunPodSandboxRequest {
-                config: Some(config),
-                runtime_handler: handler.into(),
-            })
-            .map(|r| r.pod_sandbox_id)
-    }
-
     fn create(
         &mut self,
         pod: &str,
@@ -132,21 +119,9 @@ impl Node {
             .as_ref()
             .map(|m| m.name.clone())
             .unwrap_or_default();
-        let id = self
-            .cri
-            .create_container(api::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(cfg),
-                sandbox_config: Some(pod_cfg.clone()),
-            })
-            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", self.c.log_tail(30)))
-            .container_id;
         self.cri
-            .start_container(api::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", self.c.log_tail(30)));
-        id
+            .create_and_start(pod, pod_cfg, cfg)
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", self.c.log_tail(30)))
     }
 
     fn status(&mut self, id: &str) -> api::ContainerStatus {
@@ -176,15 +151,8 @@ impl Node {
                 .unwrap_or_else(|e| panic!("RemoveContainer {id}: {e}"));
         }
         self.cri
-            .stop_pod_sandbox(api::StopPodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .unwrap_or_else(|e| panic!("StopPodSandbox {pod}: {e}"));
-        self.cri
-            .remove_pod_sandbox(api::RemovePodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .unwrap_or_else(|e| panic!("RemovePodSandbox {pod}: {e}"));
+            .stop_and_remove_pod(pod)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn pods(&mut self) -> Vec<api::PodSandbox> {
@@ -384,6 +352,7 @@ fn a_kata_pod_through_cri() {
         ("example.com/not-passed".into(), "x".into()),
     ]);
     let pod = n
+        .cri
         .run_pod(pod_cfg.clone(), KATA_HANDLER)
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", n.c.log_tail(40)));
     let paths = kata_proto::paths::SandboxPaths::new(&pod);
@@ -660,6 +629,7 @@ fn runc_and_kata_side_by_side_and_bad_requests() {
         let logs = n.log_dir(uid);
         let cfg = pod_config(&format!("{handler}-pod"), uid, &logs);
         let pod = n
+            .cri
             .run_pod(cfg.clone(), handler)
             .unwrap_or_else(|e| panic!("RunPodSandbox {handler}: {e}\n{}", n.c.log_tail(40)));
         let mut c = container_config("main", &["sh", "-c", "echo ready; exec sleep inf"]);
@@ -697,6 +667,7 @@ fn runc_and_kata_side_by_side_and_bad_requests() {
 
     // bad requests: the error says why, and nothing is left
     let e = n
+        .cri
         .run_pod(
             pod_config(
                 "bad1",
@@ -717,6 +688,7 @@ fn runc_and_kata_side_by_side_and_bad_requests() {
         "512".into(),
     );
     let e = n
+        .cri
         .run_pod(cfg, KATA_HANDLER)
         .expect_err("an annotation the configuration does not allow");
     assert!(

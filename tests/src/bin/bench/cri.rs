@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kata_tests::containerd::{Containerd, KATA_HANDLER};
-use kata_tests::cri::{api, container_config, pod_config, Cri};
+use kata_tests::cri::{container_config, pod_config, Cri};
 use kata_tests::net::Netns;
 use kata_tests::shim::write_config;
 
@@ -35,27 +35,11 @@ fn pod_to_first_line(
     let pod_cfg = pod_config(name, &uid, &dir);
     let t0 = Instant::now();
     let pod = cri
-        .run_pod_sandbox(api::RunPodSandboxRequest {
-            config: Some(pod_cfg.clone()),
-            runtime_handler: handler.into(),
-        })
-        .map_err(|e| format!("RunPodSandbox: {e}"))?
-        .pod_sandbox_id;
+        .run_pod(pod_cfg.clone(), handler)
+        .map_err(|e| format!("RunPodSandbox: {e}"))?;
     let mut c = container_config("main", &["sh", "-c", "echo first line; exec sleep inf"]);
     c.log_path = "main.log".into();
-    let started = cri
-        .create_container(api::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(c),
-            sandbox_config: Some(pod_cfg),
-        })
-        .map_err(|e| format!("CreateContainer: {e}"))
-        .and_then(|r| {
-            cri.start_container(api::StartContainerRequest {
-                container_id: r.container_id,
-            })
-            .map_err(|e| format!("StartContainer: {e}"))
-        });
+    let started = cri.create_and_start(&pod, &pod_cfg, c);
     let first = started.and_then(|_| {
         let log = dir.join("main.log");
         loop {
@@ -72,13 +56,7 @@ fn pod_to_first_line(
         }
     });
     let t1 = Instant::now();
-    let _ = cri.stop_pod_sandbox(api::StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    });
-    cri.remove_pod_sandbox(api::RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .map_err(|e| format!("RemovePodSandbox: {e}"))?;
+    cri.stop_and_remove_pod(&pod)?;
     Ok((first?, t1.elapsed().as_secs_f64()))
 }
 
