@@ -40,7 +40,11 @@ pub async fn run(args: BootArgs) -> anyhow::Result<()> {
     let cfg = Config::discover(args.config.as_deref())?;
     let q = &cfg.hypervisor.qemu;
     let (kernel, initrd) = match &args.guest_dir {
-        Some(d) => (d.join("vmlinuz"), d.join("initrd.img")),
+        // the launcher takes absolute paths only
+        Some(d) => {
+            let d = std::path::absolute(d)?;
+            (d.join("vmlinuz"), d.join("initrd.img"))
+        }
         None => (q.kernel.clone(), q.initrd.clone()),
     };
     let launcher = match args.launcher.clone() {
@@ -87,6 +91,7 @@ async fn boot(
         accelerator: accelerator as i32,
         hypervisor_path: q.path.display().to_string(),
         machine_type: q.machine_type.clone(),
+        firmware_path: q.firmware.display().to_string(),
         ..Default::default()
     };
     let created = l

@@ -598,6 +598,7 @@ impl Pod {
             accelerator: accelerator(&q.accelerator) as i32,
             hypervisor_path: q.path.display().to_string(),
             machine_type: q.machine_type.clone(),
+            firmware_path: q.firmware.display().to_string(),
             virtiofs_socket,
             // QEMU lives in the pod's netns, NICs or not (the task's pid is
             // QEMU's: `ctr run --cni` plumbs /proc/<pid>/ns/net)

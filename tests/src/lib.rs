@@ -166,6 +166,8 @@ impl TestVm {
             kernel_params: params,
             accelerator: Accelerator::Tcg as i32,
             cgroup_path: cgroup.clone(),
+            // a pod's firmware
+            firmware_path: kata_proto::config::QBOOT.into(),
             ..Default::default()
         };
         let mut l = launcher;

@@ -103,6 +103,15 @@ fn a_detached_task_execs_lists_pauses_reports_metrics_and_dies_by_signal() {
     // one VM: one launcher, one kata-virtiofsd, one hypervisor
     let procs = pod_processes(id);
     assert!(procs.len() >= 3, "{procs:?}");
+    // the configuration's default firmware reaches QEMU
+    let qemu = kata_vmm_launcher::client::hypervisor_pid(&kata_proto::paths::SandboxPaths::new(id))
+        .and_then(|pid| procs.iter().find(|(p, _)| *p == pid))
+        .map(|(_, cmd)| cmd.clone())
+        .expect("the hypervisor is among the pod's processes");
+    assert!(
+        qemu.contains(&format!(" -bios {} ", kata_proto::config::QBOOT)),
+        "{qemu}"
+    );
 
     let out = c.ctr_ok(&[
         "task",
@@ -278,6 +287,16 @@ fn bad_input_is_a_clear_error_and_leaves_nothing() {
     let text = std::fs::read_to_string(&no_kernel).unwrap();
     let no_kernel_text = text.replacen("vmlinuz\"", "vmlinuz-missing\"", 1);
     std::fs::write(&no_kernel, no_kernel_text).unwrap();
+    let no_firmware = write_config(
+        &tmp.path().join("no-firmware.toml"),
+        "firmware = \"/usr/share/qemu/no-such-firmware.rom\"",
+        "",
+    );
+    let firmware_outside = write_config(
+        &tmp.path().join("firmware-outside.toml"),
+        "firmware = \"/opt/qboot.rom\"",
+        "",
+    );
 
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
         (
@@ -295,6 +314,22 @@ fn bad_input_is_a_clear_error_and_leaves_nothing() {
                 no_kernel.display().to_string(),
             ],
             "vmlinuz-missing",
+        ),
+        (
+            "b7",
+            vec![
+                "--runtime-config-path".into(),
+                no_firmware.display().to_string(),
+            ],
+            "hypervisor.qemu.firmware",
+        ),
+        (
+            "b8",
+            vec![
+                "--runtime-config-path".into(),
+                firmware_outside.display().to_string(),
+            ],
+            "must be under /usr",
         ),
         (
             "b3",

@@ -52,6 +52,8 @@ pub(crate) struct QemuArgs {
     pub(crate) nics: Vec<(i32, String)>,
     /// PCIe root ports for NICs hot-plugged later (`rp0`, `rp1`...).
     pub(crate) hotplug_slots: u32,
+    /// QEMU's `-bios`; `None`: QEMU's default for the machine.
+    pub(crate) firmware: Option<String>,
 }
 
 /// The kernel command line the launcher always passes (before the user's).
@@ -149,6 +151,10 @@ pub(crate) fn command_line(a: &QemuArgs) -> Vec<String> {
         "-sandbox".into(),
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
     ];
+    if let Some(f) = &a.firmware {
+        v.push("-bios".into());
+        v.push(f.clone());
+    }
     match a.vhost_vsock_cid {
         Some(cid) => {
             v.push("-device".into());
@@ -214,7 +220,21 @@ mod tests {
             virtiofs_tag: None,
             nics: vec![],
             hotplug_slots: 0,
+            firmware: None,
         }
+    }
+
+    #[test]
+    fn firmware_is_bios_only_when_chosen() {
+        assert!(!command_line(&args()).contains(&"-bios".to_string()));
+        let a = QemuArgs {
+            firmware: Some("/usr/share/qemu/qboot.rom".into()),
+            ..args()
+        };
+        assert_eq!(
+            after(&command_line(&a), "-bios", "").unwrap(),
+            "/usr/share/qemu/qboot.rom"
+        );
     }
 
     #[test]

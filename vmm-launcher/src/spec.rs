@@ -86,10 +86,16 @@ pub(crate) fn validate(mut spec: VmSpec, paths: &SandboxPaths) -> Result<VmSpec,
             .display()
             .to_string();
     }
-    if !spec.hypervisor_path.starts_with("/usr/") {
+    if !under_usr(&spec.hypervisor_path) {
         return bad(format!(
             "hypervisor_path = {:?}: must be under /usr (the jail exposes /usr read-only)",
             spec.hypervisor_path
+        ));
+    }
+    if !spec.firmware_path.is_empty() && !under_usr(&spec.firmware_path) {
+        return bad(format!(
+            "firmware_path = {:?}: must be an absolute path under /usr (the jail exposes /usr read-only), e.g. /usr/share/qemu/qboot.rom",
+            spec.firmware_path
         ));
     }
     if !spec.cgroup_path.is_empty() {
@@ -225,6 +231,15 @@ pub(crate) fn host_tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0) as u64)
 }
 
+/// `p` is an absolute path below `/usr` with no `..` (so it stays there).
+fn under_usr(p: &str) -> bool {
+    let p = Path::new(p);
+    p.starts_with("/usr")
+        && p != Path::new("/usr")
+        && p.components()
+            .all(|c| !matches!(c, std::path::Component::ParentDir))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +284,27 @@ mod tests {
                     ..ok.clone()
                 },
                 "../x",
+            ),
+            (
+                VmSpec {
+                    firmware_path: "qboot.rom".into(),
+                    ..ok.clone()
+                },
+                "firmware_path = \"qboot.rom\": must be an absolute path under /usr",
+            ),
+            (
+                VmSpec {
+                    firmware_path: "/usr/../etc/shadow".into(),
+                    ..ok.clone()
+                },
+                "firmware_path",
+            ),
+            (
+                VmSpec {
+                    hypervisor_path: "/usr/../tmp/qemu".into(),
+                    ..ok.clone()
+                },
+                "hypervisor_path",
             ),
             (
                 VmSpec {

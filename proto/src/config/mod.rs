@@ -51,6 +51,10 @@ pub const CONF_FILE_ENV: &str = "KATA_CONF_FILE";
 /// Default location of the guest image built by `kata-ctl image build`.
 pub const DEFAULT_GUEST_DIR: &str = "/usr/share/kata-rs/guest";
 
+/// qboot, the minimal firmware Debian's QEMU ships: the default `firmware`
+/// (it hands over to the kernel sooner than SeaBIOS: docs/benchmarks.md).
+pub const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+
 /// File name of the VMM launcher, looked for when `launcher` is empty.
 pub const LAUNCHER_NAME: &str = "kata-vmm-launcher";
 /// The file name of kata-trace-forwarder.
@@ -123,6 +127,9 @@ pub struct Qemu {
     pub initrd: PathBuf,
     /// `q35`, `pc` or `microvm`.
     pub machine_type: String,
+    /// The firmware QEMU runs before the kernel (`-bios`), under `/usr`;
+    /// empty: QEMU's own for the machine (SeaBIOS on q35 and pc).
+    pub firmware: PathBuf,
     /// Extra guest kernel command line.
     pub kernel_params: String,
     /// vCPUs of a VM before the workload's CPU limits are added. A fraction
@@ -175,6 +182,7 @@ impl Default for Qemu {
             kernel: Path::new(DEFAULT_GUEST_DIR).join("vmlinuz"),
             initrd: Path::new(DEFAULT_GUEST_DIR).join("initrd.img"),
             machine_type: "q35".into(),
+            firmware: PathBuf::from(QBOOT),
             kernel_params: String::new(),
             default_vcpus: 1,
             default_maxvcpus: 0,
@@ -490,6 +498,14 @@ impl Config {
                 "must be under /usr (the launcher's jail exposes /usr only)",
             ));
         }
+        absolute("hypervisor.qemu.firmware", &q.firmware, true)?;
+        if !q.firmware.as_os_str().is_empty() && !q.firmware.starts_with("/usr/") {
+            return Err(E::bad(
+                "hypervisor.qemu.firmware",
+                &q.firmware,
+                "must be under /usr (the launcher's jail exposes /usr only), e.g. /usr/share/qemu/qboot.rom; empty: QEMU's default",
+            ));
+        }
         absolute("hypervisor.qemu.kernel", &q.kernel, false)?;
         absolute("hypervisor.qemu.initrd", &q.initrd, false)?;
         absolute(
@@ -677,6 +693,9 @@ impl Config {
             check("initrd", &q.initrd, &q.initrd, false),
             launcher,
         ];
+        if !q.firmware.as_os_str().is_empty() {
+            results.push(check("firmware", &q.firmware, &q.firmware, false));
+        }
         if q.shared_fs == SharedFs::VirtioFs {
             results.push(
                 q.virtio_fs_daemon_path()

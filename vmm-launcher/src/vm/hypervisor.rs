@@ -150,6 +150,7 @@ impl Actor {
             virtiofs_tag: (!spec.virtiofs_socket.is_empty()).then(|| spec.virtiofs_tag.clone()),
             nics,
             hotplug_slots: spec.hotplug_slots,
+            firmware: (!spec.firmware_path.is_empty()).then(|| spec.firmware_path.clone()),
         });
         let console = if spec.console_log_path.is_empty() {
             self.paths.console_log()

@@ -55,6 +55,7 @@ async fn floor_once(guest: &Path, id: &str) -> f64 {
         kernel_params: format!("rdinit=/bin/sh -- -c \"echo {MARKER}; poweroff -f\""),
         accelerator: Accelerator::Tcg as i32,
         cgroup_path: format!("kata-rs-bench-{id}"),
+        firmware_path: kata_proto::config::QBOOT.into(),
         ..Default::default()
     };
     l.client
