@@ -186,6 +186,29 @@ fn the_images_have_the_chosen_kernel() {
                 String::from_utf8_lossy(&o.stdout),
                 String::from_utf8_lossy(&o.stderr)
             );
+            // the patched kernel takes the APIC timer's period from the
+            // launcher's lapic_timer_hz instead of measuring it
+            let tmp = tempfile::tempdir().unwrap();
+            let cfg = kata_tests::shim::write_config(&tmp.path().join("c.toml"), "", "");
+            let console = tmp.path().join("console.log");
+            let o = Command::new(bin("kata-ctl"))
+                .arg("boot")
+                .arg("--config")
+                .arg(&cfg)
+                .arg("--guest-dir")
+                .arg(guest_dir())
+                .arg("--console-log")
+                .arg(&console)
+                .args(["--kernel-params", "apic=verbose loglevel=7"])
+                .output()
+                .unwrap();
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            assert!(o.status.success(), "kata-ctl boot: {o:?}\n{text}");
+            assert!(
+                text.contains("lapic timer already calibrated 4000000"),
+                "1 GHz at HZ=250: {text}"
+            );
+            assert!(!text.contains("calibrating APIC timer"), "{text}");
         }
         "debian" => assert!(package.starts_with("linux-image-"), "{package}"),
         other => panic!("KATA_TEST_KERNEL={other}: kata-rs or debian"),

@@ -67,6 +67,10 @@ pub(crate) fn base_kernel_params(a: &QemuArgs) -> String {
         "console=ttyS0 panic=1 reboot=k quiet loglevel=4 rcupdate.rcu_expedited=1 \
          i8042.noaux i8042.nomux i8042.nopnp nomodeset cryptomgr.notests swiotlb=noforce",
     );
+    // QEMU's local APIC timer counts at 1 GHz: kata-rs's kernel takes it
+    // from here instead of measuring it for 100 ms (bins/kernel-patches/);
+    // other kernels pass the unknown parameter on to init, which ignores it
+    p.push_str(" lapic_timer_hz=1000000000");
     // the agent prints the sandbox id on every log line from its first one
     p.push_str(&format!(" agent.sandbox_id={}", a.sandbox_id));
     if a.machine_type == "microvm" && a.accelerator == Accelerator::Tcg {
@@ -323,6 +327,7 @@ mod tests {
         assert!(append.starts_with("console=ttyS0 panic=1"), "{append}");
         assert!(append.ends_with(" agent.log=debug"), "{append}");
         assert!(!append.contains("tsc_early_khz"), "only microvm needs it");
+        assert!(append.contains(" lapic_timer_hz=1000000000 "), "{append}");
         assert!(v.contains(&"-S".to_string()) && v.contains(&"-no-reboot".to_string()));
     }
 

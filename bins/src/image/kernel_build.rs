@@ -1,7 +1,7 @@
 //! The kata-rs guest kernel: built from Debian's `linux-source` package (the
 //! same 6.1 source as Debian's cloud kernel) with a configuration made of the
 //! small, commented fragments in `bins/kernel-fragments/`, everything built
-//! in (no modules). The result is laid out like an unpacked kernel package
+//! in (no modules), plus the patches in `bins/kernel-patches/`. The result is laid out like an unpacked kernel package
 //! (`boot/vmlinuz-<kver>`, `lib/modules/<kver>/modules.builtin`), so the
 //! image build takes it as it takes Debian's, and is cached by source
 //! version and configuration hash.
@@ -65,6 +65,13 @@ pub const FRAGMENTS: &[(&str, &str)] = &[
         include_str!("../../kernel-fragments/network.conf"),
     ),
 ];
+
+/// Patches applied to the source (`patch -p1`), in order: each explains
+/// itself in its header.
+pub const PATCHES: &[(&str, &str)] = &[(
+    "lapic-timer-hz.patch",
+    include_str!("../../kernel-patches/lapic-timer-hz.patch"),
+)];
 
 /// Why the kernel could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +219,10 @@ pub fn find_source() -> Result<(PathBuf, String), KernelBuildError> {
 /// The cache directory of the kernel built from source `version` with the
 /// current fragments.
 pub fn built_dir(cache: &Path, version: &str) -> PathBuf {
-    let key = format!("{LAYOUT}\n{}", fragments_text());
+    let mut key = format!("{LAYOUT}\n{}", fragments_text());
+    for (name, text) in PATCHES {
+        key.push_str(&format!("# --- {name}\n{text}\n"));
+    }
     let hash = manifest::hex(&Sha256::digest(key.as_bytes()));
     cache.join(format!(
         "{PACKAGE}_{}_{}",
@@ -313,6 +323,19 @@ fn build_in(
             .arg("--strip-components=1"),
         &mut |_| {},
     )?;
+    for (name, text) in PATCHES {
+        progress(&format!("patching: {name}"));
+        let file = work.join(name);
+        std::fs::write(&file, text).map_err(io_err(&file))?;
+        run(
+            Command::new("patch")
+                .args(["-p1", "--forward", "--batch", "-d"])
+                .arg(work)
+                .arg("-i")
+                .arg(&file),
+            &mut |_| {},
+        )?;
+    }
     let frag = work.join("kata-rs.config");
     let text = fragments_text();
     std::fs::write(&frag, &text).map_err(io_err(&frag))?;
@@ -484,6 +507,18 @@ mod tests {
         assert_eq!(w.get("CONFIG_MODULES").map(String::as_str), Some("n"));
         for (name, text) in FRAGMENTS {
             assert!(text.starts_with("# "), "{name} starts with a comment");
+        }
+    }
+
+    #[test]
+    fn patches_explain_themselves_and_touch_the_source() {
+        for (name, text) in PATCHES {
+            let (header, diff) = text.split_once("\n--- a/").expect(name);
+            assert!(header.trim().len() > 40, "{name}: a header saying why");
+            assert!(
+                diff.contains("\n+++ b/") && diff.contains("\n@@ "),
+                "{name}"
+            );
         }
     }
 
