@@ -34,6 +34,10 @@ pub struct Copies {
 
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 const BUF: usize = 128 * 1024;
+/// The output FIFOs' pipe buffer (Linux's default is 64 KiB; 1 MiB is the
+/// default most a process may set, /proc/sys/fs/pipe-max-size): fewer
+/// wake-ups of the shim and of the reader for bulk output.
+const FIFO_SIZE: i32 = 1 << 20;
 
 /// Attaches the outputs (before the process starts, so no byte is lost).
 pub async fn attach_outputs(
@@ -64,16 +68,25 @@ pub async fn attach_outputs(
             None
         } else {
             // read+write: never blocks on a missing reader, never EPIPE
-            Some(
-                tokio::net::unix::pipe::OpenOptions::new()
-                    .read_write(true)
-                    .open_sender(&path)
-                    .with_context(|| format!("opening the {} FIFO {path}", which.as_str()))?,
-            )
+            let fifo = tokio::net::unix::pipe::OpenOptions::new()
+                .read_write(true)
+                .open_sender(&path)
+                .with_context(|| format!("opening the {} FIFO {path}", which.as_str()))?;
+            grow_pipe(&fifo, &path);
+            Some(fifo)
         };
         copies.outputs.push(tokio::spawn(copy_out(stream, fifo)));
     }
     Ok(copies)
+}
+
+/// Grows the pipe buffer of an output FIFO to [`FIFO_SIZE`] (or as far as
+/// the system allows); a FIFO that cannot grow still works.
+fn grow_pipe(fifo: &impl std::os::fd::AsFd, path: &str) {
+    use nix::fcntl::{fcntl, FcntlArg};
+    if let Err(e) = fcntl(fifo, FcntlArg::F_SETPIPE_SZ(FIFO_SIZE)) {
+        debug!("{path}: keeping the default pipe size: {e}");
+    }
 }
 
 async fn copy_out(
