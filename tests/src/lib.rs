@@ -13,6 +13,7 @@ pub mod net;
 pub mod otlp;
 pub mod resources;
 pub mod shim;
+pub mod soak;
 pub mod systemd;
 pub mod tasks;
 
