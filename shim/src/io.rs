@@ -30,9 +30,13 @@ pub struct Copies {
     outputs: Vec<JoinHandle<()>>,
     stdin: Option<JoinHandle<()>>,
     stdin_path: Option<PathBuf>,
+    /// Tells the stdin copy that containerd is done writing (CloseIO).
+    stdin_done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long CloseIO lets the stdin copy deliver what the FIFO still holds.
+const STDIN_DRAIN: Duration = Duration::from_secs(10);
 const BUF: usize = 128 * 1024;
 /// The output FIFOs' pipe buffer (Linux's default is 64 KiB; 1 MiB is the
 /// default most a process may set, /proc/sys/fs/pipe-max-size): fewer
@@ -135,6 +139,8 @@ pub async fn attach_stdin(
     };
     let path = PathBuf::from(&p.stdin);
     copies.stdin_path = Some(path.clone());
+    let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
+    copies.stdin_done = Some(done_tx);
     copies.stdin = Some(tokio::spawn(async move {
         // a blocking open waits for containerd's writer; an early read-only
         // non-blocking open would read EOF before the writer came
@@ -147,12 +153,26 @@ pub async fn attach_stdin(
         };
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match fifo.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if stream.write_all(&buf[..n]).await.is_err() {
-                        break;
+            tokio::select! {
+                biased;
+                r = fifo.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if stream.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
                     }
+                },
+                // CloseIO: containerd wrote its last byte but may still
+                // hold the FIFO open (ctr closes it only after CloseIO
+                // returns): what the FIFO holds now is the rest
+                _ = &mut done => {
+                    while let Ok(n) = fifo.try_read(&mut buf) {
+                        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    break;
                 }
             }
         }
@@ -174,16 +194,44 @@ impl Copies {
     pub fn close_stdin(&mut self) {
         if let Some(h) = self.stdin.take() {
             if !h.is_finished() {
-                // a waiting open(O_RDONLY) returns once a writer appears
-                if let Some(p) = &self.stdin_path {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    let _ = std::fs::OpenOptions::new()
-                        .write(true)
-                        .custom_flags(libc::O_NONBLOCK)
-                        .open(p);
-                }
+                self.unblock_stdin_open();
                 h.abort();
             }
+        }
+    }
+
+    /// containerd is done writing stdin (CloseIO): the copy delivers what
+    /// the FIFO still holds, then ends the process's stdin. The returned
+    /// future waits for that (at most [`STDIN_DRAIN`], then stops the copy).
+    pub fn end_stdin(&mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        if let Some(done) = self.stdin_done.take() {
+            let _ = done.send(());
+        }
+        let copy = self.stdin.take();
+        if copy.as_ref().is_some_and(|h| !h.is_finished()) {
+            // a copy still waiting in open(O_RDONLY) gets its writer (none
+            // is coming) and reads the end at once
+            self.unblock_stdin_open();
+        }
+        async move {
+            if let Some(mut h) = copy {
+                if tokio::time::timeout(STDIN_DRAIN, &mut h).await.is_err() {
+                    warn!("stdin: the copy did not end {STDIN_DRAIN:?} after CloseIO; stopping it");
+                    h.abort();
+                }
+            }
+        }
+    }
+
+    /// A waiting open(O_RDONLY) of the stdin FIFO returns once a writer
+    /// appears: opens one (and closes it at once).
+    fn unblock_stdin_open(&self) {
+        if let Some(p) = &self.stdin_path {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(p);
         }
     }
 }

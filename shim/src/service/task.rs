@@ -618,8 +618,10 @@ impl Task for Service {
         let r: TtrpcResult<api::Empty> = async {
             let p = self.container(&req.id)?.process(&req.exec_id)?;
             if req.stdin {
-                if let Some(c) = p.copies.lock().await.as_mut() {
-                    c.close_stdin();
+                // what containerd wrote before closing is still delivered
+                let ended = p.copies.lock().await.as_mut().map(|c| c.end_stdin());
+                if let Some(ended) = ended {
+                    ended.await;
                 }
             }
             Ok(api::Empty::default())
