@@ -1,7 +1,7 @@
 //! The soak: many pod lifecycles through the private containerd, several at
 //! a time, a random fault at a random moment in most of them, and after each
 //! one a check that the pod left nothing behind. `make soak` runs 200 and
-//! writes docs/reliability.md; `make test` runs a short one.
+//! writes docs/reliability.md.
 //!
 //! A lifecycle is `ctr run -d` of a busybox container in its own pod, then a
 //! random mix of an exec, an exec fed on stdin and a bind mount read back,
@@ -891,8 +891,7 @@ pub fn write_page(path: &Path, report: &Report) -> std::io::Result<()> {
          entry with its sockets, host cgroups. At the end: containerd's tasks and \
          containers, containerd's open files, the open files of a pod that lived \
          through the whole run, and the host's MemAvailable. A watchdog calls \
-         `ctr version` every half second all along. `make test` runs a short soak \
-         (20 lifecycles) with the same checks. Pods here have no network: the \
+         `ctr version` every half second all along. Pods here have no network: the \
          network's faults (netmon, taps, qdiscs) are covered by the network tests.\n\n",
     );
     s.push_str(&format!(
