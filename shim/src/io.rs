@@ -35,6 +35,8 @@ pub struct Copies {
 }
 
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an output waits for containerd to open its FIFO's reading end.
+const OUTPUT_READER_WAIT: Duration = Duration::from_secs(5);
 /// How long CloseIO lets the stdin copy deliver what the FIFO still holds.
 const STDIN_DRAIN: Duration = Duration::from_secs(10);
 const BUF: usize = 128 * 1024;
@@ -68,18 +70,15 @@ pub async fn attach_outputs(
                 return Err(e).with_context(|| format!("attaching {} of {cid}", which.as_str()))
             }
         };
-        let fifo = if path.is_empty() {
-            None
-        } else {
-            // read+write: never blocks on a missing reader, never EPIPE
-            let fifo = tokio::net::unix::pipe::OpenOptions::new()
-                .read_write(true)
-                .open_sender(&path)
-                .with_context(|| format!("opening the {} FIFO {path}", which.as_str()))?;
-            grow_pipe(&fifo, &path);
-            Some(fifo)
-        };
-        copies.outputs.push(tokio::spawn(copy_out(stream, fifo)));
+        if !path.is_empty() {
+            use std::os::unix::fs::FileTypeExt;
+            let meta = std::fs::metadata(&path)
+                .with_context(|| format!("the {} FIFO {path}", which.as_str()))?;
+            if !meta.file_type().is_fifo() {
+                anyhow::bail!("the {} FIFO {path}: not a FIFO", which.as_str());
+            }
+        }
+        copies.outputs.push(tokio::spawn(copy_out(stream, path)));
     }
     Ok(copies)
 }
@@ -93,12 +92,45 @@ fn grow_pipe(fifo: &impl std::os::fd::AsFd, path: &str) {
     }
 }
 
-async fn copy_out(
-    from: Option<kata_proto::dialer::Stream>,
-    mut to: Option<tokio::net::unix::pipe::Sender>,
-) {
+/// Opens output FIFO `path` for writing once its reader has it open.
+/// containerd opens its end asynchronously, and what is written into a FIFO
+/// before any reader opened it is lost when the writer closes it (a short
+/// process's whole output). The process's output waits meanwhile (the
+/// stream is not read). No reader within [`OUTPUT_READER_WAIT`]: `None`,
+/// the output is discarded.
+async fn open_output(path: &str) -> Option<tokio::net::unix::pipe::Sender> {
+    let deadline = tokio::time::Instant::now() + OUTPUT_READER_WAIT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        // write-only and non-blocking: ENXIO until a reader is there
+        match tokio::net::unix::pipe::OpenOptions::new().open_sender(path) {
+            Ok(fifo) => {
+                grow_pipe(&fifo, path);
+                return Some(fifo);
+            }
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENXIO)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => {
+                warn!("output FIFO {path}: {e}; discarding this output");
+                return None;
+            }
+        }
+    }
+}
+
+async fn copy_out(from: Option<kata_proto::dialer::Stream>, path: String) {
     let Some(mut from) = from else {
         return;
+    };
+    let mut to = if path.is_empty() {
+        None
+    } else {
+        open_output(&path).await
     };
     let mut buf = vec![0u8; BUF];
     loop {
@@ -248,5 +280,50 @@ impl Drop for Copies {
 async fn futures_join_all(hs: Vec<JoinHandle<()>>) {
     for h in hs {
         let _ = h.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the soak: a short process's whole output was written into
+    /// the FIFO and the FIFO closed before containerd's reader had opened
+    /// it (containerd opens it from a goroutine): the output was lost.
+    #[tokio::test]
+    async fn output_waits_for_a_late_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stdout");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (mut guest, shim_end) = tokio::net::UnixStream::pair().unwrap();
+        guest.write_all(b"the whole output\n").await.unwrap();
+        drop(guest);
+        let copy = tokio::spawn(copy_out(
+            Some(kata_proto::dialer::Stream::Unix(shim_end)),
+            fifo.display().to_string(),
+        ));
+        // the reader comes late, after the process's output ended
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let path = fifo.clone();
+        let read = tokio::task::spawn_blocking(move || std::fs::read(path));
+        copy.await.unwrap();
+        assert_eq!(read.await.unwrap().unwrap(), b"the whole output\n");
+    }
+
+    #[tokio::test]
+    async fn an_output_nobody_reads_is_dropped_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stdout");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (mut guest, shim_end) = tokio::net::UnixStream::pair().unwrap();
+        guest.write_all(b"nobody reads this").await.unwrap();
+        drop(guest);
+        let t0 = std::time::Instant::now();
+        copy_out(
+            Some(kata_proto::dialer::Stream::Unix(shim_end)),
+            fifo.display().to_string(),
+        )
+        .await;
+        assert!(t0.elapsed() >= OUTPUT_READER_WAIT);
     }
 }
