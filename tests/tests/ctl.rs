@@ -120,6 +120,54 @@ fn env_prints_the_effective_configuration_and_its_source() {
     );
 }
 
+/// No kernel source on the machine (an empty `KATA_KERNEL_SOURCE_DIR`
+/// stands in for a missing linux-source package): building kata-rs's kernel
+/// fails saying what to install, and the image build `make image` runs
+/// (`--kernel auto`) falls back to Debian's cloud kernel, saying so.
+#[test]
+fn without_kernel_source_the_build_says_so_and_images_fall_back_to_debian() {
+    kata_tests::require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("src");
+    std::fs::create_dir(&empty).unwrap();
+    let o = Command::new(bin("kata-ctl"))
+        .args(["image", "kernel", "--cache-dir"])
+        .arg(tmp.path().join("cache"))
+        .env("KATA_KERNEL_SOURCE_DIR", &empty)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        err.contains("no kernel source") && err.contains("apt-get install linux-source"),
+        "{err}"
+    );
+    let out = tmp.path().join("image");
+    let o = Command::new(bin("kata-ctl"))
+        .args(["image", "build", "--kernel", "auto", "--agent"])
+        .arg(bin("kata-agent"))
+        .arg("--output")
+        .arg(&out)
+        .env("KATA_KERNEL_SOURCE_DIR", &empty)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        err.contains("the image gets Debian's cloud kernel"),
+        "{err}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert!(
+        m["kernel_package"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("linux-image-"),
+        "{m}"
+    );
+}
+
 /// The test images carry the kernel `make` chose (`KERNEL`, exported as
 /// `KATA_TEST_KERNEL`): kata-rs's own kernel, with every driver a pod needs
 /// built in (no module in the image) and every option of the configuration

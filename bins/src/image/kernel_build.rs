@@ -185,9 +185,15 @@ pub fn check_config(fragments: &str, config: &str) -> Vec<String> {
         .collect()
 }
 
-/// The newest kernel source tarball in `/usr/src` and its package version.
+/// Where kernel source tarballs are looked for instead of `/usr/src` (the
+/// tests use it to build on a machine without one).
+pub const SOURCE_DIR_ENV: &str = "KATA_KERNEL_SOURCE_DIR";
+
+/// The newest kernel source tarball in `/usr/src` (or
+/// [`SOURCE_DIR_ENV`]) and its package version.
 pub fn find_source() -> Result<(PathBuf, String), KernelBuildError> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/src")
+    let dir = std::env::var_os(SOURCE_DIR_ENV).unwrap_or_else(|| "/usr/src".into());
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|_| KernelBuildError::NoSource)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
