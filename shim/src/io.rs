@@ -287,43 +287,39 @@ async fn futures_join_all(hs: Vec<JoinHandle<()>>) {
 mod tests {
     use super::*;
 
+    /// An output FIFO in a fresh directory, and the shim's end of an agent
+    /// stream that delivered `output` and ended.
+    async fn fifo_and_ended_stream(
+        output: &[u8],
+    ) -> (tempfile::TempDir, PathBuf, kata_proto::dialer::Stream) {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stdout");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (mut guest, shim_end) = tokio::net::UnixStream::pair().unwrap();
+        guest.write_all(output).await.unwrap();
+        drop(guest);
+        (dir, fifo, kata_proto::dialer::Stream::Unix(shim_end))
+    }
+
     /// Found by the soak: a short process's whole output was written into
     /// the FIFO and the FIFO closed before containerd's reader had opened
     /// it (containerd opens it from a goroutine): the output was lost.
     #[tokio::test]
     async fn output_waits_for_a_late_reader() {
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("stdout");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let (mut guest, shim_end) = tokio::net::UnixStream::pair().unwrap();
-        guest.write_all(b"the whole output\n").await.unwrap();
-        drop(guest);
-        let copy = tokio::spawn(copy_out(
-            Some(kata_proto::dialer::Stream::Unix(shim_end)),
-            fifo.display().to_string(),
-        ));
+        let (_dir, fifo, stream) = fifo_and_ended_stream(b"the whole output\n").await;
+        let copy = tokio::spawn(copy_out(Some(stream), fifo.display().to_string()));
         // the reader comes late, after the process's output ended
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let path = fifo.clone();
-        let read = tokio::task::spawn_blocking(move || std::fs::read(path));
+        let read = tokio::task::spawn_blocking(move || std::fs::read(fifo));
         copy.await.unwrap();
         assert_eq!(read.await.unwrap().unwrap(), b"the whole output\n");
     }
 
     #[tokio::test]
     async fn an_output_nobody_reads_is_dropped_in_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("stdout");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let (mut guest, shim_end) = tokio::net::UnixStream::pair().unwrap();
-        guest.write_all(b"nobody reads this").await.unwrap();
-        drop(guest);
+        let (_dir, fifo, stream) = fifo_and_ended_stream(b"nobody reads this").await;
         let t0 = std::time::Instant::now();
-        copy_out(
-            Some(kata_proto::dialer::Stream::Unix(shim_end)),
-            fifo.display().to_string(),
-        )
-        .await;
+        copy_out(Some(stream), fifo.display().to_string()).await;
         assert!(t0.elapsed() >= OUTPUT_READER_WAIT);
     }
 }

@@ -87,30 +87,47 @@ pub fn pod_processes(id: &str) -> Vec<(u32, String)> {
 /// process, no sandbox directory, no mount below it, no cgroup; panics
 /// naming what is left.
 pub fn assert_pod_gone(id: &str, timeout: Duration) {
-    let dir = kata_proto::paths::SandboxPaths::new(id).dir;
     let deadline = Instant::now() + timeout;
     loop {
-        let mut left = Vec::new();
-        for (pid, cmd) in pod_processes(id) {
-            left.push(format!("process {pid}: {cmd}"));
-        }
-        if dir.exists() {
-            left.push(format!("directory {}", dir.display()));
-        }
-        for m in crate::containerd::mounts_under(&dir) {
-            left.push(format!("mount {}", m.display()));
-        }
-        for p in pod_cgroups(id) {
-            left.push(format!("cgroup {}", p.display()));
-        }
+        let left = pod_leftovers(id);
         if left.is_empty() {
             return;
         }
         if Instant::now() > deadline {
+            let left: Vec<String> = left.iter().map(|(k, d)| format!("{k} {d}")).collect();
             panic!("pod {id} left behind:\n  {}", left.join("\n  "));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// What pod `id` has on the host now, as (kind, detail): its processes,
+/// its directory under /run/kata, mounts under it, its host cgroups.
+pub fn pod_leftovers(id: &str) -> Vec<(String, String)> {
+    let dir = kata_proto::paths::SandboxPaths::new(id).dir;
+    let mut left = Vec::new();
+    for (pid, cmd) in pod_processes(id) {
+        left.push(("process".to_string(), format!("{pid}: {cmd}")));
+    }
+    if dir.exists() {
+        left.push(("directory".to_string(), dir.display().to_string()));
+    }
+    for m in crate::containerd::mounts_under(&dir) {
+        left.push(("mount".to_string(), m.display().to_string()));
+    }
+    for p in pod_cgroups(id) {
+        left.push(("cgroup".to_string(), p.display().to_string()));
+    }
+    left
+}
+
+/// The pid of pod `id`'s process whose program's name ends with `name`
+/// (`containerd-shim-kata-v2`, `kata-virtiofsd`, `kata-vmm-launcher`...).
+pub fn pod_process(id: &str, name: &str) -> Option<u32> {
+    pod_processes(id)
+        .into_iter()
+        .find(|(_, cmd)| cmd.split(' ').next().is_some_and(|a| a.ends_with(name)))
+        .map(|(p, _)| p)
 }
 
 /// The host cgroups of pod `id` in every hierarchy: directories named `id`

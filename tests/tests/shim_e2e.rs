@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use kata_tests::containerd::Containerd;
 use kata_tests::shim::{
-    assert_pod_gone, guest_kernel, kill_and_delete, pod_processes, run_detached, wait_task_ended,
-    wait_task_status, write_config, RUNTIME,
+    assert_pod_gone, guest_kernel, kill_and_delete, pod_process, pod_processes, run_detached,
+    wait_task_ended, wait_task_status, write_config, RUNTIME,
 };
 
 const GONE: Duration = Duration::from_secs(20);
@@ -413,13 +413,8 @@ fn crash(c: &Containerd, image: &str, id: &str, victim: &str) {
             kata_vmm_launcher::client::hypervisor_pid(&kata_proto::paths::SandboxPaths::new(id))
                 .expect("launcher state")
         }
-        name => {
-            pod_processes(id)
-                .into_iter()
-                .find(|(_, cmd)| cmd.split(' ').next().is_some_and(|a| a.ends_with(name)))
-                .unwrap_or_else(|| panic!("no {name} for {id}: {:?}", pod_processes(id)))
-                .0
-        }
+        name => pod_process(id, name)
+            .unwrap_or_else(|| panic!("no {name} for {id}: {:?}", pod_processes(id))),
     };
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),

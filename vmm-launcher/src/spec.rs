@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use kata_proto::config::is_under_usr;
 use kata_proto::launcher::{Accelerator, NetDevice, VmSpec};
 use kata_proto::paths::SandboxPaths;
 
@@ -86,13 +87,13 @@ pub(crate) fn validate(mut spec: VmSpec, paths: &SandboxPaths) -> Result<VmSpec,
             .display()
             .to_string();
     }
-    if !under_usr(&spec.hypervisor_path) {
+    if !is_under_usr(Path::new(&spec.hypervisor_path)) {
         return bad(format!(
             "hypervisor_path = {:?}: must be under /usr (the jail exposes /usr read-only)",
             spec.hypervisor_path
         ));
     }
-    if !spec.firmware_path.is_empty() && !under_usr(&spec.firmware_path) {
+    if !spec.firmware_path.is_empty() && !is_under_usr(Path::new(&spec.firmware_path)) {
         return bad(format!(
             "firmware_path = {:?}: must be an absolute path under /usr (the jail exposes /usr read-only), e.g. /usr/share/qemu/qboot.rom",
             spec.firmware_path
@@ -229,15 +230,6 @@ pub(crate) fn host_tsc_khz() -> Option<u64> {
         .parse()
         .ok()?;
     Some((mhz * 1000.0) as u64)
-}
-
-/// `p` is an absolute path below `/usr` with no `..` (so it stays there).
-fn under_usr(p: &str) -> bool {
-    let p = Path::new(p);
-    p.starts_with("/usr")
-        && p != Path::new("/usr")
-        && p.components()
-            .all(|c| !matches!(c, std::path::Component::ParentDir))
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
 //! The kata-rs guest kernel: built from Debian's `linux-source` package (the
 //! same 6.1 source as Debian's cloud kernel) with a configuration made of the
 //! small, commented fragments in `bins/kernel-fragments/`, everything built
-//! in (no modules), plus the patches in `bins/kernel-patches/`. The result is laid out like an unpacked kernel package
-//! (`boot/vmlinuz-<kver>`, `lib/modules/<kver>/modules.builtin`), so the
-//! image build takes it as it takes Debian's, and is cached by source
-//! version and configuration hash.
+//! in (no modules), plus the patches in `bins/kernel-patches/`. The result
+//! is laid out like an unpacked kernel package (`boot/vmlinuz-<kver>`,
+//! `lib/modules/<kver>/modules.builtin`), so the image build takes it as it
+//! takes Debian's, and is cached by source version, configuration and
+//! patches hash.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -133,11 +134,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KernelBuildError + '_ {
 
 /// The fragments as one Kconfig file (`KCONFIG_ALLCONFIG`).
 pub fn fragments_text() -> String {
-    let mut s = String::new();
-    for (name, text) in FRAGMENTS {
-        s.push_str(&format!("# --- {name}\n{text}\n"));
-    }
-    s
+    joined(FRAGMENTS)
+}
+
+/// Named texts one after the other, each under a `# --- name` line.
+fn joined(files: &[(&str, &str)]) -> String {
+    files
+        .iter()
+        .map(|(name, text)| format!("# --- {name}\n{text}\n"))
+        .collect()
 }
 
 /// What the fragments ask for: option → `y` or `n` (the last word wins).
@@ -225,10 +230,7 @@ pub fn find_source() -> Result<(PathBuf, String), KernelBuildError> {
 /// The cache directory of the kernel built from source `version` with the
 /// current fragments.
 pub fn built_dir(cache: &Path, version: &str) -> PathBuf {
-    let mut key = format!("{LAYOUT}\n{}", fragments_text());
-    for (name, text) in PATCHES {
-        key.push_str(&format!("# --- {name}\n{text}\n"));
-    }
+    let key = format!("{LAYOUT}\n{}{}", fragments_text(), joined(PATCHES));
     let hash = manifest::hex(&Sha256::digest(key.as_bytes()));
     cache.join(format!(
         "{PACKAGE}_{}_{}",

@@ -490,22 +490,13 @@ impl Config {
                 "must be \"q35\", \"pc\" or \"microvm\"",
             ));
         }
-        absolute("hypervisor.qemu.path", &q.path, false)?;
-        if !q.path.starts_with("/usr/") {
-            return Err(E::bad(
-                "hypervisor.qemu.path",
-                &q.path,
-                "must be under /usr (the launcher's jail exposes /usr only)",
-            ));
-        }
-        absolute("hypervisor.qemu.firmware", &q.firmware, true)?;
-        if !q.firmware.as_os_str().is_empty() && !q.firmware.starts_with("/usr/") {
-            return Err(E::bad(
-                "hypervisor.qemu.firmware",
-                &q.firmware,
-                "must be under /usr (the launcher's jail exposes /usr only), e.g. /usr/share/qemu/qboot.rom; empty: QEMU's default",
-            ));
-        }
+        under_usr("hypervisor.qemu.path", &q.path, false, "")?;
+        under_usr(
+            "hypervisor.qemu.firmware",
+            &q.firmware,
+            true,
+            ", e.g. /usr/share/qemu/qboot.rom; empty: QEMU's default",
+        )?;
         absolute("hypervisor.qemu.kernel", &q.kernel, false)?;
         absolute("hypervisor.qemu.initrd", &q.initrd, false)?;
         absolute(
@@ -830,6 +821,27 @@ fn absolute(key: &str, p: &Path, optional: bool) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// `key` names a file the launcher's jail must reach: a clean absolute
+/// path under `/usr` (the one host directory the jail exposes); `hint` is
+/// added to the error.
+fn under_usr(key: &str, p: &Path, optional: bool, hint: &str) -> Result<(), ConfigError> {
+    absolute(key, p, optional)?;
+    if (optional && p.as_os_str().is_empty()) || is_under_usr(p) {
+        return Ok(());
+    }
+    Err(ConfigError::bad(
+        key,
+        p,
+        format!("must be under /usr (the launcher's jail exposes /usr only){hint}"),
+    ))
+}
+
+/// A clean absolute path below `/usr` (so it stays there): what the
+/// launcher's jail can reach of the host.
+pub fn is_under_usr(p: &Path) -> bool {
+    is_clean_absolute(p) && p.starts_with("/usr") && p != Path::new("/usr")
 }
 
 /// Absolute, and made only of normal components.
