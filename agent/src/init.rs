@@ -105,6 +105,16 @@ const EARLY_MOUNTS: &[EarlyMount] = &[
     },
 ];
 
+/// The guest's uptime in milliseconds (`/proc/uptime`; 0 before /proc is
+/// mounted): the log's boot timeline, comparable with the kernel's own
+/// timestamps.
+pub fn uptime_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_ascii_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0, |secs| (secs * 1000.0) as u64)
+}
+
 /// Makes the root a bind mount of the initramfs instead of the initramfs
 /// itself. The kernel refuses pivot_root away from the initramfs root, and
 /// containers are set up with pivot_root; a root that is a mount with a

@@ -169,7 +169,11 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                         source,
                     },
                 )?;
-                info!(port, "agent API listening on vsock");
+                info!(
+                    port,
+                    uptime_ms = crate::init::uptime_ms(),
+                    "agent API listening on vsock"
+                );
                 let io = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, ports::STDIO))
                     .map_err(|source| AgentError::Listen {
                         what: format!("vsock port {}", ports::STDIO),
@@ -270,7 +274,11 @@ pub async fn announce(port: u32) {
             Ok(mut s) => {
                 if s.write_all(line.as_bytes()).await.is_ok() {
                     let _ = AsyncWriteExt::shutdown(&mut s).await;
-                    info!(port, "announced readiness to the host");
+                    info!(
+                        port,
+                        uptime_ms = crate::init::uptime_ms(),
+                        "announced readiness to the host"
+                    );
                     return;
                 }
             }

@@ -97,6 +97,9 @@ fn main() -> std::process::ExitCode {
         }
     }
     kata_proto::logging::init("kata-agent", sandbox_id.as_deref());
+    if pid1 {
+        tracing::debug!(uptime_ms = init::uptime_ms(), "init: early mounts done");
+    }
     if let Some(to) = trace_to {
         // spans leave from a thread of their own, through a bounded queue:
         // no request waits on tracing
@@ -126,13 +129,10 @@ fn main() -> std::process::ExitCode {
                 Err(e) => tracing::error!("{e}"),
             }
             // the containers share the guest's network namespace: lo is theirs
-            let lo = match kata_agent::network::connect() {
-                Ok(h) => kata_agent::network::loopback_up(&h).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = lo {
+            if let Err(e) = kata_agent::network::loopback_up() {
                 tracing::error!("bringing lo up: {}", e.message());
             }
+            tracing::debug!(uptime_ms = init::uptime_ms(), "init: lo is up");
             if debug_console {
                 if let Err(e) = kata_agent::console::spawn(ports::DEBUG_CONSOLE) {
                     tracing::error!("debug console: {e}");

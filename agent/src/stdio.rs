@@ -202,7 +202,9 @@ impl Attached {
     }
 }
 
-async fn copy_out<S: AsyncWrite + Unpin>(fd: OwnedFd, mut sock: S) -> std::io::Result<()> {
+/// Copies a process's output `fd` (a pipe or a terminal) to `sock` until its
+/// end, then shuts `sock` down.
+pub async fn copy_out<S: AsyncWrite + Unpin>(fd: OwnedFd, mut sock: S) -> std::io::Result<()> {
     let afd = nonblocking(fd)?;
     let mut buf = vec![0u8; COPY_BUF];
     loop {
