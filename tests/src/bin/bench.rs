@@ -48,6 +48,29 @@ pub(crate) fn pss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds the whole machine has spent busy since boot (/proc/stat:
+/// every state but idle and iowait; guest time is inside user time).
+pub(crate) fn machine_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let cpu = stat.lines().next().unwrap_or_default();
+    let f: Vec<u64> = cpu
+        .split_ascii_whitespace()
+        .skip(1)
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = f
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    busy as f64 / hz
+}
+
 pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -69,6 +92,32 @@ async fn main() {
     if let Ok(only) = std::env::var("KATA_BENCH_ONLY") {
         return only_section(&only).await;
     }
+    spine_section().await;
+    policy::policy_section().await;
+    floor::floor_section().await;
+
+    pod_section().await;
+    tokio::task::spawn_blocking(metrics::metrics_section)
+        .await
+        .expect("the metrics section");
+    tokio::task::spawn_blocking(trace::trace_section)
+        .await
+        .expect("the tracing section");
+    tokio::task::spawn_blocking(resize::resize_section)
+        .await
+        .expect("the resize section");
+    tokio::task::spawn_blocking(net::net_section)
+        .await
+        .expect("the network section");
+    tokio::task::spawn_blocking(cri::cri_section)
+        .await
+        .expect("the CRI section");
+    virtiofs_section().await;
+}
+
+/// The VM spine (boots, vsock round trips and bulk echo, the launcher's
+/// memory) and the agent's containers in host mode and in a VM.
+async fn spine_section() {
     let mut ready = vec![];
     for i in 0..BOOTS {
         let t0 = Instant::now();
@@ -172,26 +221,6 @@ async fn main() {
         "| VM stdout throughput vs the raw vsock bulk echo above | {:.2}x |",
         guest.mib_s / (64.0 / bulk)
     );
-    policy::policy_section().await;
-    floor::floor_section().await;
-
-    pod_section().await;
-    tokio::task::spawn_blocking(metrics::metrics_section)
-        .await
-        .expect("the metrics section");
-    tokio::task::spawn_blocking(trace::trace_section)
-        .await
-        .expect("the tracing section");
-    tokio::task::spawn_blocking(resize::resize_section)
-        .await
-        .expect("the resize section");
-    tokio::task::spawn_blocking(net::net_section)
-        .await
-        .expect("the network section");
-    tokio::task::spawn_blocking(cri::cri_section)
-        .await
-        .expect("the CRI section");
-    virtiofs_section().await;
 }
 
 /// One section of the report, by its `KATA_BENCH_ONLY` name.
@@ -215,8 +244,9 @@ async fn only_section(name: &str) {
         "virtiofs" => virtiofs_section().await,
         "policy" => policy::policy_section().await,
         "floor" => floor::floor_section().await,
+        "spine" => spine_section().await,
         other => panic!(
-            "KATA_BENCH_ONLY={other}: one of virtiofs, net, metrics, policy, trace, resize, floor, cri, pod"
+            "KATA_BENCH_ONLY={other}: one of spine, virtiofs, net, metrics, policy, trace, resize, floor, cri, pod"
         ),
     }
 }

@@ -14,13 +14,24 @@
 //!   answers `wrote <n> <ms>\n`.
 //!
 //! Nothing listens on 1024: a host `CONNECT 1024` must be refused.
+//!
+//! `kata-test-guest send PORT MIB` (not as init, e.g. in a container of a
+//! pod) connects to host vsock port PORT, writes MIB MiB of zeros and
+//! closes: the raw vsock throughput the benchmarks compare stdout with.
+//! `send PORT -` sends its stdin instead, with the agent's copy of a
+//! process's output (the stdout path without the shim).
 
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_HOST};
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("send") {
+        std::process::exit(send(&args[2..]));
+    }
     if std::process::id() == 1 {
         if let Err(e) = kata_agent::init::early_mounts() {
             eprintln!("test guest: {e}");
@@ -67,6 +78,59 @@ fn main() {
         let _ = off.accept().await;
     });
     kata_agent::init::power_off();
+}
+
+/// `send PORT MIB`: MIB MiB of zeros to host vsock port PORT.
+fn send(args: &[String]) -> i32 {
+    let port = args.first().and_then(|a| a.parse::<u32>().ok());
+    // None: stdin
+    let mib = match args.get(1).map(String::as_str) {
+        Some("-") => Some(None),
+        Some(n) => n.parse::<usize>().ok().map(Some),
+        None => None,
+    };
+    let (Some(port), Some(mib)) = (port, mib) else {
+        eprintln!("usage: kata-test-guest send PORT MIB|-");
+        return 2;
+    };
+    let Ok(rt) = kata_proto::runtime() else {
+        return 1;
+    };
+    rt.block_on(async move {
+        let mut s = match VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, port)).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("kata-test-guest send: host port {port}: {e}");
+                return 1;
+            }
+        };
+        let sent = match mib {
+            Some(mib) => {
+                let buf = vec![0u8; 1 << 20];
+                let mut r = Ok(());
+                for _ in 0..mib {
+                    r = s.write_all(&buf).await;
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                r
+            }
+            // the agent's own copy of a process's output
+            None => match std::io::stdin().as_fd().try_clone_to_owned() {
+                Ok(fd) => kata_agent::stdio::copy_out(fd, &mut s).await,
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = sent {
+            eprintln!("kata-test-guest send: {e}");
+            return 1;
+        }
+        if mib.is_some() {
+            let _ = AsyncWriteExt::shutdown(&mut s).await;
+        }
+        0
+    })
 }
 
 fn listen(port: u32) -> VsockListener {

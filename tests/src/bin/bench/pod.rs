@@ -11,7 +11,7 @@ use kata_tests::shim::{
     kill_and_delete, pod_processes, run_detached, wait_task_status, write_config, RUNTIME,
 };
 
-use super::{pct, pss_kib};
+use super::{machine_busy_secs, pct, pss_kib};
 
 const RUNS: usize = 5;
 const PARALLEL: usize = 10;
@@ -85,8 +85,10 @@ pub fn pod_section() {
     let mut qemu = vec![];
     let mut boot = vec![];
     let mut sandbox = vec![];
+    let mut cpu = vec![];
     for i in 0..RUNS {
         let id = format!("bench-start-{i}");
+        let busy = machine_busy_secs();
         let (f, _, out) = timed_run(
             &c,
             &[
@@ -101,6 +103,7 @@ pub fn pod_section() {
             ],
         );
         assert_eq!(out, b"hi\n");
+        cpu.push(machine_busy_secs() - busy);
         first.push(f);
         if let Some([h, hp, q, b, s]) = shim_timings(&c, &id) {
             host.push(h / 1e3);
@@ -124,6 +127,7 @@ pub fn pod_section() {
         &mut boot,
         &mut sandbox,
         &mut runc,
+        &mut cpu,
     ] {
         v.sort_by(f64::total_cmp);
     }
@@ -182,6 +186,7 @@ pub fn pod_section() {
     );
     assert_eq!(out.len(), 256 << 20, "every byte of stdout arrived");
     let dd_mib_s = 256.0 / (total - first_byte);
+    let [shim_mib_s, guest_mib_s, raw_mib_s] = stdout_against_raw_vsock(&c, &image);
 
     // PARALLEL pods at once
     let t0 = Instant::now();
@@ -279,12 +284,128 @@ pub fn pod_section() {
         "| stdout through the shim (`dd` 256 MiB to ctr, first byte to last) | {dd_mib_s:.1} MiB/s |"
     );
     println!(
+        "| stdout through the shim, `dd` 256 MiB exec'd in one pod, median of {STREAM_RUNS} | {:.1} MiB/s |",
+        med(&shim_mib_s)
+    );
+    println!(
+        "| the same `dd` piped into the agent's output copy, to a host vsock port (no shim, no FIFO), median of {STREAM_RUNS} | {:.1} MiB/s |",
+        med(&guest_mib_s)
+    );
+    println!(
+        "| raw vsock in the same pod: 256 MiB of zeros from a container process to a host port, median of {STREAM_RUNS} | {:.1} MiB/s |",
+        med(&raw_mib_s)
+    );
+    println!(
+        "| stdout through the shim / the same without the shim / raw vsock | {:.2}x / {:.2}x |",
+        med(&shim_mib_s) / med(&guest_mib_s),
+        med(&shim_mib_s) / med(&raw_mib_s)
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu_floor = PARALLEL as f64 * med(&cpu) / cores as f64;
+    println!(
+        "| CPU time of one `ctr run` of a pod, start to exit (the whole machine, /proc/stat) | {:.2} CPU-s |",
+        med(&cpu)
+    );
+    println!(
+        "| CPU floor of {PARALLEL} pods at once: {PARALLEL} × that / {cores} cores | {cpu_floor:.2} s |"
+    );
+    println!(
+        "| {PARALLEL} pods at once, p50 / CPU floor | {:.2}x |",
+        pct(&par, 0.5) / cpu_floor
+    );
+    println!(
         "| {PARALLEL} pods started at once | {ok}/{PARALLEL} succeeded; to exit: p50 {:.2} s, max {:.2} s (wall {:.2} s) vs one alone {:.2} s |",
         pct(&par, 0.5),
         par[par.len() - 1],
         wall,
         med(&first)
     );
+}
+
+/// How many times each stream is measured against the other.
+const STREAM_RUNS: usize = 3;
+
+/// In one pod, alternated, 256 MiB each way: `dd` stdout through the shim to
+/// ctr; the same `dd` piped into the agent's own output copy (the test guest
+/// binary, bound in, runs it) to a host vsock port: the guest side of the
+/// stdout path without the shim and containerd's FIFO; and a container
+/// process writing zeros straight to a host vsock port: the bare vsock path
+/// of the same VM. MiB/s each, sorted.
+fn stdout_against_raw_vsock(c: &Containerd, image: &str) -> [Vec<f64>; 3] {
+    const PORT: u32 = 5100;
+    let id = "bench-stream";
+    let bind = format!(
+        "type=bind,src={},dst=/kata-test-guest,options=rbind:ro",
+        kata_tests::bin("kata-test-guest").display()
+    );
+    kata_tests::shim::run_detached_with(c, &["--mount", &bind], image, id, &["sleep", "1000"]);
+    let uds = kata_proto::paths::SandboxPaths::new(id).vsock_uds();
+    let listen_at = kata_proto::paths::hybrid_listener_path(&uds, PORT);
+    let _ = std::fs::remove_file(&listen_at);
+    let l = std::os::unix::net::UnixListener::bind(&listen_at).expect("bind the raw vsock port");
+    // runs `args` in the pod; MiB/s of what arrives on PORT, first byte to last
+    let to_port = |exec: &str, args: &[&str]| {
+        let mut sender = c.ctr_command(c.namespace());
+        sender
+            .args(["task", "exec", "--exec-id", exec, id])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let mut sender = sender.spawn().expect("ctr task exec");
+        let (mut s, _) = l.accept().expect("the guest's connection to the raw port");
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut got, mut t0) = (0usize, None);
+        loop {
+            let n = s.read(&mut buf).expect("read the raw port");
+            if n == 0 {
+                break;
+            }
+            t0.get_or_insert_with(Instant::now);
+            got += n;
+        }
+        let secs = t0.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
+        assert!(
+            sender.wait().expect("wait ctr").success(),
+            "{args:?} failed"
+        );
+        assert_eq!(got, 256 << 20, "every byte of {args:?} arrived");
+        256.0 / secs
+    };
+    let port = PORT.to_string();
+    let piped =
+        format!("dd if=/dev/zero bs=1M count=256 2>/dev/null | /kata-test-guest send {PORT} -");
+    let (mut shim, mut guest, mut raw) = (vec![], vec![], vec![]);
+    for i in 0..STREAM_RUNS {
+        let exec = format!("dd-{i}");
+        let (first, total, out) = timed_run(
+            c,
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                &exec,
+                id,
+                "dd",
+                "if=/dev/zero",
+                "bs=1M",
+                "count=256",
+            ],
+        );
+        assert_eq!(out.len(), 256 << 20, "every byte of stdout arrived");
+        shim.push(256.0 / (total - first));
+        guest.push(to_port(&format!("piped-{i}"), &["sh", "-c", &piped]));
+        raw.push(to_port(
+            &format!("raw-{i}"),
+            &["/kata-test-guest", "send", &port, "256"],
+        ));
+    }
+    drop(l);
+    let _ = std::fs::remove_file(&listen_at);
+    kill_and_delete(c, id);
+    for v in [&mut shim, &mut guest, &mut raw] {
+        v.sort_by(f64::total_cmp);
+    }
+    [shim, guest, raw]
 }
 
 fn runc_shim_pid(id: &str) -> Option<u32> {
