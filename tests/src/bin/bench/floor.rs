@@ -97,13 +97,31 @@ async fn floor_once(guest: &Path, id: &str) -> f64 {
     took
 }
 
-/// From starting the launcher to the agent's readiness (StartVm returns).
-async fn ready_once(guest: &Path, id: &str) -> f64 {
+/// From starting the launcher to the agent's readiness (StartVm returns);
+/// then, the guest idle for a second, its MemAvailable (the agent's guest
+/// details) and QEMU's PSS, both in MiB.
+async fn ready_once(guest: &Path, id: &str) -> (f64, f64, f64) {
+    use kata_proto::agent::agent_service_client::AgentServiceClient;
+    use kata_proto::agent::GuestDetailsRequest;
     let t0 = Instant::now();
     let vm = TestVm::boot_image(guest, id, None).await;
     let took = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ch = kata_proto::dialer::channel(
+        &vm.addr(kata_proto::paths::ports::AGENT),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the agent's API");
+    let details = AgentServiceClient::new(ch)
+        .get_guest_details(GuestDetailsRequest::default())
+        .await
+        .expect("GetGuestDetails")
+        .into_inner();
+    let available = (details.mem_available_bytes >> 20) as f64;
+    let qemu = super::pss_kib(vm.created.hypervisor_pid) as f64 / 1024.0;
     super::stop(vm).await;
-    took
+    (took, available, qemu)
 }
 
 pub async fn floor_section() {
@@ -114,28 +132,36 @@ pub async fn floor_section() {
         ("debian", "Debian cloud kernel"),
     ] {
         let Some(guest) = image(kernel, tmp.path()) else {
-            rows.push(format!("| {name} | not built on this machine | — | — |"));
+            rows.push(format!(
+                "| {name} | not built on this machine | — | — | — | — |"
+            ));
             continue;
         };
-        let (mut floor, mut ready) = (vec![], vec![]);
+        let (mut floor, mut ready, mut available, mut qemu) = (vec![], vec![], vec![], vec![]);
         for i in 0..RUNS {
             floor.push(floor_once(&guest, &format!("bench-floor-{kernel}-{i}")).await);
-            ready.push(ready_once(&guest, &format!("bench-ready-{kernel}-{i}")).await);
+            let (r, a, q) = ready_once(&guest, &format!("bench-ready-{kernel}-{i}")).await;
+            ready.push(r);
+            available.push(a);
+            qemu.push(q);
         }
-        floor.sort_by(f64::total_cmp);
-        ready.sort_by(f64::total_cmp);
+        for v in [&mut floor, &mut ready, &mut available, &mut qemu] {
+            v.sort_by(f64::total_cmp);
+        }
         rows.push(format!(
-            "| {name} | {:.2} s (min {:.2}) | {:.2} s (min {:.2}) | {:.2}x |",
+            "| {name} | {:.2} s (min {:.2}) | {:.2} s (min {:.2}) | {:.2}x | {:.0} MiB | {:.1} MiB |",
             pct(&floor, 0.5),
             floor[0],
             pct(&ready, 0.5),
             ready[0],
-            pct(&ready, 0.5) / pct(&floor, 0.5)
+            pct(&ready, 0.5) / pct(&floor, 0.5),
+            pct(&available, 0.5),
+            pct(&qemu, 0.5)
         ));
     }
     println!("\n## Boot floor (kata-bench)\n");
-    println!("From starting the launcher to: the console line of an init that only writes it (busybox sh as `rdinit`, the floor), and the agent's readiness announcement (StartVm returns); the same launcher, QEMU (q35, TCG, 1 vCPU, 256 MiB) and kernel; n={RUNS} each, alternated.\n");
-    println!("| kernel | floor, p50 | agent ready, p50 | agent ready / floor |\n|---|---|---|---|");
+    println!("From starting the launcher to: the console line of an init that only writes it (busybox sh as `rdinit`, the floor), and the agent's readiness announcement (StartVm returns); the same launcher, QEMU (q35, TCG, 1 vCPU, 256 MiB) and kernel; n={RUNS} each, alternated. Then, the guest idle for a second: its MemAvailable and QEMU's PSS (medians).\n");
+    println!("| kernel | floor, p50 | agent ready, p50 | agent ready / floor | guest MemAvailable | QEMU PSS |\n|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
     }
