@@ -118,7 +118,11 @@ fn send(args: &[String]) -> i32 {
             }
             // the agent's own copy of a process's output
             None => match std::io::stdin().as_fd().try_clone_to_owned() {
-                Ok(fd) => kata_agent::stdio::copy_out(fd, &mut s).await,
+                Ok(fd) => {
+                    // the agent's pipes are 1 MiB; the shell's are not
+                    kata_agent::childinit::grow_pipe(&fd);
+                    kata_agent::stdio::copy_out(fd, &mut s).await
+                }
                 Err(e) => Err(e),
             },
         };
