@@ -176,6 +176,16 @@ pub fn net_devices(n: &Network) -> Vec<NetDevice> {
     n.endpoints.iter().filter_map(net_devices_of).collect()
 }
 
+/// Whether `n` gives a freshly booted guest nothing to set: no interface,
+/// neighbour or route (a pod netns with only `lo`, as `ctr run` without
+/// CNI makes). Such a guest is already that network, so the pod's start
+/// skips [`configure`]'s round trips.
+pub fn nothing_to_apply(n: &Network) -> bool {
+    n.endpoints.iter().all(|e| e.interface.is_none())
+        && n.neighbors.is_empty()
+        && n.routes.is_empty()
+}
+
 /// Tells the guest the network `n`: the interfaces (found by MAC), the
 /// permanent neighbours, the routes.
 pub async fn configure(agent: &AgentClient, n: &Network) -> Result<(), NetError> {
@@ -363,4 +373,28 @@ fn net_devices_of(e: &Endpoint) -> Option<NetDevice> {
         mac: e.interface.as_ref()?.hw_addr.clone(),
         macvtap_dev: e.macvtap_dev.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_lo_is_nothing_to_apply_and_a_route_is_something() {
+        let mut n = Network {
+            endpoints: vec![Endpoint::default()],
+            ..Default::default()
+        };
+        assert!(nothing_to_apply(&n));
+        n.routes.push(pb::Route::default());
+        assert!(!nothing_to_apply(&n));
+        let n = Network {
+            endpoints: vec![Endpoint {
+                interface: Some(pb::Interface::default()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(!nothing_to_apply(&n));
+    }
 }

@@ -695,9 +695,11 @@ impl Pod {
                 source,
             })?;
         if let (Some(n), Some(nm)) = (net, children.netmon.as_ref()) {
-            crate::network::configure(&agent, &n)
-                .instrument(info_span!("network"))
-                .await?;
+            if !crate::network::nothing_to_apply(&n) {
+                crate::network::configure(&agent, &n)
+                    .instrument(info_span!("network"))
+                    .await?;
+            }
             let sync = Arc::new(crate::network::NetSync::new(
                 nm.client.clone(),
                 client.clone(),
