@@ -97,21 +97,19 @@ async fn main() {
     floor::floor_section().await;
 
     pod_section().await;
-    tokio::task::spawn_blocking(metrics::metrics_section)
-        .await
-        .expect("the metrics section");
-    tokio::task::spawn_blocking(trace::trace_section)
-        .await
-        .expect("the tracing section");
-    tokio::task::spawn_blocking(resize::resize_section)
-        .await
-        .expect("the resize section");
-    tokio::task::spawn_blocking(net::net_section)
-        .await
-        .expect("the network section");
-    tokio::task::spawn_blocking(cri::cri_section)
-        .await
-        .expect("the CRI section");
+    // the sections that drive containerd block: each on a thread of its own
+    let blocking: [(fn(), &str); 5] = [
+        (metrics::metrics_section, "metrics"),
+        (trace::trace_section, "tracing"),
+        (resize::resize_section, "resize"),
+        (net::net_section, "network"),
+        (cri::cri_section, "CRI"),
+    ];
+    for (section, name) in blocking {
+        tokio::task::spawn_blocking(section)
+            .await
+            .unwrap_or_else(|e| panic!("the {name} section: {e}"));
+    }
     virtiofs_section().await;
 }
 

@@ -169,21 +169,9 @@ pub fn pod_section() {
     kill_and_delete(&c, "bench-runc-mem");
 
     // stdout through the shim: 256 MiB
-    let (first_byte, total, out) = timed_run(
-        &c,
-        &[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            &image,
-            "bench-dd",
-            "dd",
-            "if=/dev/zero",
-            "bs=1M",
-            "count=256",
-        ],
-    );
+    let mut args = vec!["run", "--rm", "--runtime", RUNTIME, &image, "bench-dd"];
+    args.extend(DD_256_MIB);
+    let (first_byte, total, out) = timed_run(&c, &args);
     assert_eq!(out.len(), 256 << 20, "every byte of stdout arrived");
     let dd_mib_s = 256.0 / (total - first_byte);
     let [shim_mib_s, guest_mib_s, raw_mib_s] = stdout_against_raw_vsock(&c, &image);
@@ -329,6 +317,9 @@ pub fn pod_section() {
     );
 }
 
+/// 256 MiB of zeros to stdout.
+const DD_256_MIB: [&str; 4] = ["dd", "if=/dev/zero", "bs=1M", "count=256"];
+
 /// How many times each stream is measured against the other.
 const STREAM_RUNS: usize = 3;
 
@@ -379,25 +370,16 @@ fn stdout_against_raw_vsock(c: &Containerd, image: &str) -> [Vec<f64>; 3] {
         256.0 / secs
     };
     let port = PORT.to_string();
-    let piped =
-        format!("dd if=/dev/zero bs=1M count=256 2>/dev/null | /kata-test-guest send {PORT} -");
+    let piped = format!(
+        "{} 2>/dev/null | /kata-test-guest send {PORT} -",
+        DD_256_MIB.join(" ")
+    );
     let (mut shim, mut guest, mut raw) = (vec![], vec![], vec![]);
     for i in 0..STREAM_RUNS {
         let exec = format!("dd-{i}");
-        let (first, total, out) = timed_run(
-            c,
-            &[
-                "task",
-                "exec",
-                "--exec-id",
-                &exec,
-                id,
-                "dd",
-                "if=/dev/zero",
-                "bs=1M",
-                "count=256",
-            ],
-        );
+        let mut args = vec!["task", "exec", "--exec-id", &exec, id];
+        args.extend(DD_256_MIB);
+        let (first, total, out) = timed_run(c, &args);
         assert_eq!(out.len(), 256 << 20, "every byte of stdout arrived");
         shim.push(256.0 / (total - first));
         guest.push(to_port(&format!("piped-{i}"), &["sh", "-c", &piped]));
