@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use kata_proto::dialer::Address;
 use kata_proto::stdio::{attach, AttachError, Which};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -159,7 +159,7 @@ pub async fn attach_stdin(
     if p.stdin.is_empty() {
         return Ok(());
     }
-    let mut stream = match attach(agent, Which::Stdin, cid, exec_id, ATTACH_TIMEOUT).await {
+    let stream = match attach(agent, Which::Stdin, cid, exec_id, ATTACH_TIMEOUT).await {
         Ok(s) => s,
         // The agent policy refuses stdin (WriteStreamRequest): the process
         // runs without input; containerd's writer is never read.
@@ -171,46 +171,66 @@ pub async fn attach_stdin(
     };
     let path = PathBuf::from(&p.stdin);
     copies.stdin_path = Some(path.clone());
-    let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
     copies.stdin_done = Some(done_tx);
-    copies.stdin = Some(tokio::spawn(async move {
-        // a blocking open waits for containerd's writer; an early read-only
-        // non-blocking open would read EOF before the writer came
-        let file = match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
-            Ok(Ok(f)) => f,
-            _ => return,
-        };
-        let Ok(mut fifo) = tokio::net::unix::pipe::Receiver::from_file(file) else {
-            return;
-        };
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            tokio::select! {
-                biased;
-                r = fifo.read(&mut buf) => match r {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if stream.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
+    copies.stdin = Some(tokio::spawn(copy_stdin(path, stream, done)));
+    Ok(())
+}
+
+/// Copies stdin FIFO `path` to the agent's `stream` until the FIFO's end or,
+/// once `done` fires (CloseIO), until what the FIFO holds then; then ends
+/// the process's stdin (half-closes the stream).
+async fn copy_stdin<W: AsyncWrite + Unpin>(
+    path: PathBuf,
+    mut stream: W,
+    mut done: tokio::sync::oneshot::Receiver<()>,
+) {
+    // a blocking open waits for containerd's writer; an early read-only
+    // non-blocking open would read EOF before the writer came
+    let file = match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
+        Ok(Ok(f)) => f,
+        _ => return,
+    };
+    // the same open FIFO, for reading it directly at CloseIO (below)
+    let Ok(mut rest) = file.try_clone() else {
+        return;
+    };
+    let Ok(mut fifo) = tokio::net::unix::pipe::Receiver::from_file(file) else {
+        return;
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            biased;
+            r = fifo.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if stream.write_all(&buf[..n]).await.is_err() {
+                        break;
                     }
-                },
-                // CloseIO: containerd wrote its last byte but may still
-                // hold the FIFO open (ctr closes it only after CloseIO
-                // returns): what the FIFO holds now is the rest
-                _ = &mut done => {
-                    while let Ok(n) = fifo.try_read(&mut buf) {
-                        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                    break;
                 }
+            },
+            // CloseIO: containerd wrote its last byte but may still
+            // hold the FIFO open (ctr closes it only after CloseIO
+            // returns): what the FIFO holds now is the rest. It is
+            // read with read(2) itself (non-blocking: from_file set
+            // O_NONBLOCK), not try_read: for a FIFO registered a moment
+            // ago tokio may not know it is readable yet, and try_read
+            // then answers WouldBlock without reading (found by the
+            // soak: about 1 exec in 100 fed on stdin under load got
+            // none of it).
+            _ = &mut done => {
+                use std::io::Read;
+                while let Ok(n) = rest.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                break;
             }
         }
-        let _ = stream.shutdown().await;
-    }));
-    Ok(())
+    }
+    let _ = stream.shutdown().await;
 }
 
 impl Copies {
@@ -313,6 +333,32 @@ mod tests {
         let read = tokio::task::spawn_blocking(move || std::fs::read(fifo));
         copy.await.unwrap();
         assert_eq!(read.await.unwrap().unwrap(), b"the whole output\n");
+    }
+
+    /// Found by the soak: CloseIO came before the stdin copy had run once
+    /// after opening the FIFO; tokio did not know yet that the FIFO was
+    /// readable, the drain read nothing and the process got no stdin.
+    #[tokio::test]
+    async fn stdin_written_before_close_io_arrives_even_if_the_copy_starts_after_it() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdin");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // containerd's writer: the bytes, and the FIFO still open
+        let p = path.clone();
+        let writer = std::thread::spawn(move || {
+            let mut w = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+            w.write_all(b"stdin-ok\n").unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        done_tx.send(()).unwrap(); // CloseIO, before the copy ran
+        let (shim_end, mut agent_end) = tokio::net::UnixStream::pair().unwrap();
+        copy_stdin(path, shim_end, done).await;
+        let mut got = Vec::new();
+        agent_end.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"stdin-ok\n");
+        writer.join().unwrap();
     }
 
     #[tokio::test]
