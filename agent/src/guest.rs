@@ -32,12 +32,17 @@ pub fn details() -> io::Result<Details> {
         mem_total_bytes: meminfo_kib(&meminfo, "MemTotal").unwrap_or(0) * 1024,
         mem_available_bytes: meminfo_kib(&meminfo, "MemAvailable").unwrap_or(0) * 1024,
         online_vcpus: u32::try_from(cpus).unwrap_or(0),
-        uptime_seconds: uptime
-            .split_whitespace()
-            .next()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0.0),
+        uptime_seconds: uptime_seconds(&uptime),
     })
+}
+
+/// The seconds since boot in the text of `/proc/uptime` (0 if unreadable).
+pub fn uptime_seconds(proc_uptime: &str) -> f64 {
+    proc_uptime
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The memory hot-plug block size, 0 when the kernel does not say.

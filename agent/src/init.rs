@@ -110,9 +110,7 @@ const EARLY_MOUNTS: &[EarlyMount] = &[
 /// timestamps.
 pub fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_ascii_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0, |secs| (secs * 1000.0) as u64)
+        .map_or(0, |s| (crate::guest::uptime_seconds(&s) * 1000.0) as u64)
 }
 
 /// Makes the root a bind mount of the initramfs instead of the initramfs

@@ -101,20 +101,13 @@ async fn floor_once(guest: &Path, id: &str) -> f64 {
 /// then, the guest idle for a second, its MemAvailable (the agent's guest
 /// details) and QEMU's PSS, both in MiB.
 async fn ready_once(guest: &Path, id: &str) -> (f64, f64, f64) {
-    use kata_proto::agent::agent_service_client::AgentServiceClient;
-    use kata_proto::agent::GuestDetailsRequest;
     let t0 = Instant::now();
     let vm = TestVm::boot_image(guest, id, None).await;
     let took = t0.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let ch = kata_proto::dialer::channel(
-        &vm.addr(kata_proto::paths::ports::AGENT),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("the agent's API");
-    let details = AgentServiceClient::new(ch)
-        .get_guest_details(GuestDetailsRequest::default())
+    let details = kata_tests::agent::connect(&vm.addr(kata_proto::paths::ports::AGENT))
+        .await
+        .get_guest_details(kata_proto::agent::GuestDetailsRequest::default())
         .await
         .expect("GetGuestDetails")
         .into_inner();
