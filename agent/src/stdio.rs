@@ -3,7 +3,7 @@
 //!
 //! The protocol is in [`kata_proto::stdio`].
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -184,7 +184,7 @@ fn nonblocking(fd: OwnedFd) -> std::io::Result<AsyncFd<Fd>> {
 
 impl Attached {
     /// Copies between the process and `sock` until either side ends.
-    pub async fn run<S: AsyncRead + AsyncWrite + AsFd + Unpin>(self, sock: S) {
+    pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(self, sock: S) {
         let which = self.which;
         let stdio = self.stdio.clone();
         let r = match which {
@@ -203,21 +203,14 @@ impl Attached {
 }
 
 /// Copies a process's output `fd` (a pipe or a terminal) to `sock` until its
-/// end, then shuts `sock` down. From a pipe the bytes move with splice(2):
-/// the kernel copies them once, from the pipe's pages into the socket,
-/// instead of into the agent and out again (under TCG every copy is
-/// emulated, and the copies are what limit bulk output).
-pub async fn copy_out<S: AsyncWrite + AsFd + Unpin>(
-    fd: OwnedFd,
-    mut sock: S,
-) -> std::io::Result<()> {
-    let is_pipe =
-        nix::sys::stat::fstat(&fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO);
+/// end, then shuts `sock` down. The copy is read(2) and write(2) through a
+/// large buffer rather than splice(2): splice into a vsock stream sends one
+/// packet per pipe page (4 KiB; vsock has no sendpage), a write of the
+/// buffer sends 64 KiB packets, sixteen times fewer for the guest and the
+/// host's vsock backend to handle. Measured under TCG, the write path moves
+/// bulk output as fast or faster (docs/benchmarks.md).
+pub async fn copy_out<S: AsyncWrite + Unpin>(fd: OwnedFd, mut sock: S) -> std::io::Result<()> {
     let afd = nonblocking(fd)?;
-    if is_pipe {
-        splice_out(&afd, &sock).await?;
-        return sock.shutdown().await;
-    }
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         let mut guard = afd.readable().await?;
@@ -239,81 +232,6 @@ pub async fn copy_out<S: AsyncWrite + AsFd + Unpin>(
         }
     }
     sock.shutdown().await
-}
-
-/// Moves everything from `pipe` to `sock` with splice(2), until the pipe's
-/// end. The socket's writability is watched through a duplicate of its fd
-/// (epoll keys on the fd, so the stream's own registration stays as it is).
-async fn splice_out(pipe: &AsyncFd<Fd>, sock: &impl AsFd) -> std::io::Result<()> {
-    let dup = Fd(sock.as_fd().try_clone_to_owned()?);
-    // SAFETY: the duplicate is owned by the wrapper the AsyncFd owns: it
-    // stays open, and is not reused, until the AsyncFd is dropped.
-    let out = unsafe { AsyncFd::register_with_interest(dup, tokio::io::Interest::WRITABLE) }
-        .map_err(|e| e.into_parts().1)?;
-    loop {
-        let mut can_write = out.writable().await?;
-        let mut can_read = pipe.readable().await?;
-        // SAFETY: splice between two open fds with null offsets (a pipe and
-        // a socket have none); the kernel checks the rest.
-        let n = unsafe {
-            libc::splice(
-                pipe.as_raw_fd(),
-                std::ptr::null_mut(),
-                out.as_raw_fd(),
-                std::ptr::null_mut(),
-                SPLICE_CHUNK,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-            )
-        };
-        match n {
-            0 => return Ok(()),
-            1.. => continue,
-            _ => {}
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        if e.kind() != std::io::ErrorKind::WouldBlock {
-            return Err(e);
-        }
-        // Which side would block? Only a side that is not ready now loses
-        // its readiness; an event after this look sets it again (tokio
-        // clears only the readiness this guard saw).
-        let (readable, writable) = ready_now(pipe.as_raw_fd(), out.as_raw_fd());
-        if !readable {
-            can_read.clear_ready();
-        }
-        if !writable {
-            can_write.clear_ready();
-        }
-    }
-}
-
-/// The most one splice(2) call moves.
-const SPLICE_CHUNK: usize = 1 << 20;
-
-/// Whether `input` can be read and `output` written now (poll(2), no wait).
-/// A hung-up or failed side counts as ready: the next call reports it.
-fn ready_now(input: std::os::fd::RawFd, output: std::os::fd::RawFd) -> (bool, bool) {
-    let mut fds = [
-        libc::pollfd {
-            fd: input,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: output,
-            events: libc::POLLOUT,
-            revents: 0,
-        },
-    ];
-    // SAFETY: two pollfds we own, no wait.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 0) };
-    if n < 0 {
-        return (true, true);
-    }
-    (fds[0].revents != 0, fds[1].revents != 0)
 }
 
 async fn copy_in<S: AsyncRead + Unpin>(
@@ -436,11 +354,11 @@ mod tests {
         assert_eq!(*stdio.copying.borrow(), 0);
     }
 
-    /// The splice loop waits on the right side: a writer that pauses
-    /// (the pipe runs empty) and a reader that pauses (the socket fills)
-    /// lose no byte, reorder none and never hang.
+    /// The copy waits on the right side: a writer that pauses (the pipe
+    /// runs empty) and a reader that pauses (the socket fills) lose no
+    /// byte, reorder none and never hang.
     #[tokio::test]
-    async fn spliced_output_survives_an_empty_pipe_and_a_full_socket() {
+    async fn output_survives_an_empty_pipe_and_a_full_socket() {
         let (stdio, child) = Stdio::new(false).unwrap();
         let [_i, o, _e] = child;
         let out = stdio.attach(Which::Stdout).unwrap();
