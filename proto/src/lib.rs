@@ -8,6 +8,7 @@
 //!   and the tracing set-up every program uses;
 //! * [`process`]: telling one host process from a later one with its pid.
 
+pub mod boot_slots;
 pub mod cgroups;
 pub mod config;
 pub mod console;

@@ -334,6 +334,44 @@ fn accelerator(name: &str) -> Accelerator {
     }
 }
 
+/// Waits for one of the node's boot slots ([`kata_proto::boot_slots`]) for
+/// at most `limit`; `None` when there is no limit, or no slot came in time,
+/// or the slot directory failed (the boot goes on: a slot never fails a pod).
+async fn boot_slot(
+    configured: i32,
+    tcg: bool,
+    limit: Duration,
+) -> Option<kata_proto::boot_slots::Slot> {
+    use kata_proto::boot_slots::{acquire, count, dir, Acquired};
+    let n = count(configured, tcg);
+    let waiting = || info!(slots = n, "every boot slot is taken: waiting for one");
+    match acquire(&dir(), n, limit, waiting).await {
+        Ok(Acquired::Slot(slot, waited)) => {
+            if waited > Duration::ZERO {
+                info!(
+                    slot = slot.index,
+                    waited_ms = waited.as_millis() as u64,
+                    "boot slot taken"
+                );
+            }
+            Some(slot)
+        }
+        Ok(Acquired::Unlimited) => None,
+        Ok(Acquired::TimedOut(waited)) => {
+            warn!(
+                slots = n,
+                waited_ms = waited.as_millis() as u64,
+                "no boot slot came free in time; booting without one"
+            );
+            None
+        }
+        Err(e) => {
+            warn!(dir = %dir().display(), error = %e, "boot slots unavailable; booting without one");
+            None
+        }
+    }
+}
+
 impl Pod {
     /// Brings a pod up: directory, shared mount, kata-virtiofsd, the launcher,
     /// the VM, the agent, CreateSandbox. On failure everything made so far is
@@ -642,10 +680,18 @@ impl Pod {
         })?;
         let host_prepare = t0.elapsed();
         let hypervisor_start = Duration::from_micros(created.hypervisor_start_us);
+        let ready_limit = Duration::from_secs(cfg.agent.kata.dial_timeout.max(1));
+        let _boot_slot = boot_slot(
+            q.max_concurrent_boots,
+            created.accelerator == Accelerator::Tcg as i32,
+            ready_limit,
+        )
+        .instrument(info_span!("boot_slot"))
+        .await;
         let t1 = Instant::now();
         client
             .start_vm(StartVmRequest {
-                agent_ready_timeout_seconds: cfg.agent.kata.dial_timeout.max(1) as u32,
+                agent_ready_timeout_seconds: ready_limit.as_secs() as u32,
             })
             .instrument(info_span!("boot"))
             .await
@@ -654,6 +700,7 @@ impl Pod {
                 status,
             })?;
         let guest_boot = t1.elapsed();
+        drop(_boot_slot);
         let t2 = Instant::now();
         let agent_addr = Address::Hybrid {
             path: created.vsock_uds_path.clone().into(),

@@ -599,3 +599,90 @@ fn vm_size_follows_limits_and_allowed_annotations_and_events_reach_containerd() 
     assert_pod_gone("s4", GONE);
     drop(tmp);
 }
+
+/// `max_concurrent_boots = 1`: pods started together boot one after
+/// another (each waits for the node's single boot slot), all of them run,
+/// and no slot stays taken afterwards.
+#[test]
+fn boot_slots_let_one_guest_boot_at_a_time() {
+    let (c, image, _tmp) = setup("max_concurrent_boots = 1");
+    let ids = ["slot-a", "slot-b", "slot-c"];
+    let runs: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (addr, ns, image, id) = (
+                c.address().to_path_buf(),
+                c.namespace().to_string(),
+                image.clone(),
+                id.to_string(),
+            );
+            std::thread::spawn(move || {
+                std::process::Command::new("ctr")
+                    .arg("-a")
+                    .arg(addr)
+                    .args(["-n", &ns])
+                    .args(run(&image, &id, &["echo", "hi"]))
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .expect("ctr run")
+            })
+        })
+        .collect();
+    for (id, r) in ids.iter().zip(runs) {
+        let out = r.join().unwrap();
+        assert!(out.status.success(), "{id}: {out:?}");
+        assert_eq!(out.stdout, b"hi\n", "{id}");
+    }
+    let log = std::fs::read_to_string(c.log_path()).unwrap();
+    let ours = |l: &&str| ids.iter().any(|id| l.contains(&format!("sandbox={id} ")));
+    let waited: Vec<&str> = log
+        .lines()
+        .filter(ours)
+        .filter(|l| l.contains("every boot slot is taken"))
+        .collect();
+    assert!(
+        !waited.is_empty(),
+        "three pods at once with one slot: at least one waited; log:\n{}",
+        c.log_tail(60)
+    );
+    let took: Vec<u64> = log
+        .lines()
+        .filter(ours)
+        .filter(|l| l.contains("boot slot taken"))
+        .filter_map(|l| {
+            l.split("waited_ms=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        took.iter().any(|ms| *ms >= 100),
+        "a waiting pod got the slot only after another guest booted: {took:?}"
+    );
+    assert!(
+        !log.lines()
+            .filter(ours)
+            .any(|l| l.contains("booting without one")),
+        "every pod got the slot in time"
+    );
+    for id in ids {
+        assert_pod_gone(id, GONE);
+    }
+    // the slot is free again (a pod of a test running beside this one may
+    // hold it for a boot at a time, never for long)
+    let slot = kata_proto::boot_slots::dir().join("slot-0");
+    let f = std::fs::File::open(&slot).expect("the slot file exists");
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + GONE;
+    // SAFETY: flock on a file we opened; LOCK_NB never blocks.
+    while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot-0 is still taken {GONE:?} after the pods are gone"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

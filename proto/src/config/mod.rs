@@ -173,6 +173,10 @@ pub struct Qemu {
     pub accelerator: String,
     /// kata-rs: kata-vmm-launcher; empty: next to the running program, else `$PATH`.
     pub launcher: PathBuf,
+    /// kata-rs: how many guests of the node boot at once (the rest wait
+    /// their turn, [`crate::boot_slots`]); 0: no limit; -1: the host's CPUs
+    /// under TCG, no limit with KVM.
+    pub max_concurrent_boots: i32,
 }
 
 impl Default for Qemu {
@@ -201,6 +205,7 @@ impl Default for Qemu {
             valid_virtio_fs_daemon_paths: Vec::new(),
             accelerator: "auto".into(),
             launcher: PathBuf::new(),
+            max_concurrent_boots: -1,
         }
     }
 }
@@ -474,6 +479,13 @@ impl Config {
                 "hypervisor.qemu.accelerator",
                 &q.accelerator,
                 "must be \"kvm\", \"tcg\" or \"auto\"",
+            ));
+        }
+        if q.max_concurrent_boots < -1 {
+            return Err(E::bad(
+                "hypervisor.qemu.max_concurrent_boots",
+                q.max_concurrent_boots,
+                "-1 (the host's CPUs under TCG), 0 (no limit) or a count",
             ));
         }
         if q.pcie_root_port > 16 {

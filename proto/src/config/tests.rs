@@ -41,6 +41,7 @@ path = "/usr/bin/qemu-system-x86_64"
 kernel = "/k/vmlinuz"
 initrd = "/k/initrd.img"
 machine_type = "microvm"
+max_concurrent_boots = 3
 kernel_params = "quiet"
 default_vcpus = 2
 default_maxvcpus = 4
@@ -79,6 +80,7 @@ experimental = []
     .unwrap();
     let q = &c.hypervisor.qemu;
     assert_eq!(q.machine_type, "microvm");
+    assert_eq!(q.max_concurrent_boots, 3);
     assert_eq!((q.default_vcpus, q.default_maxvcpus), (2, 4));
     assert_eq!(q.shared_fs, SharedFs::None);
     assert_eq!(q.virtio_fs_cache, VirtioFsCache::Never);
@@ -205,6 +207,10 @@ fn config_semantic_errors_name_the_key() {
         (
             "[hypervisor.qemu]\nmachine_type = \"virt\"\n",
             "hypervisor.qemu.machine_type = \"virt\"",
+        ),
+        (
+            "[hypervisor.qemu]\nmax_concurrent_boots = -2\n",
+            "hypervisor.qemu.max_concurrent_boots = -2",
         ),
         (
             "[hypervisor.qemu]\npath = \"/opt/qemu\"\n",

@@ -3,6 +3,7 @@
 //! memory against runc's shim, parallel starts and stdout throughput.
 
 use std::io::Read;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -176,38 +177,14 @@ pub fn pod_section() {
     let dd_mib_s = 256.0 / (total - first_byte);
     let [shim_mib_s, guest_mib_s, raw_mib_s] = stdout_against_raw_vsock(&c, &image);
 
-    // PARALLEL pods at once
-    let busy0 = machine_busy_secs();
-    let t0 = Instant::now();
-    let handles: Vec<_> = (0..PARALLEL)
-        .map(|i| {
-            let addr = c.address().to_path_buf();
-            let ns = c.namespace().to_string();
-            let image = image.clone();
-            std::thread::spawn(move || {
-                let t = Instant::now();
-                let out = Command::new("ctr")
-                    .arg("-a")
-                    .arg(&addr)
-                    .args(["-n", &ns, "run", "--rm", "--runtime", RUNTIME, &image])
-                    .arg(format!("bench-par-{i}"))
-                    .args(["echo", "hi"])
-                    .stdin(Stdio::null())
-                    .output()
-                    .expect("ctr run");
-                (
-                    out.status.success() && out.stdout == b"hi\n",
-                    t.elapsed().as_secs_f64(),
-                )
-            })
-        })
-        .collect();
-    let results: Vec<(bool, f64)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let wall = t0.elapsed().as_secs_f64();
-    let par_cpu = machine_busy_secs() - busy0;
-    let ok = results.iter().filter(|(ok, _)| *ok).count();
-    let mut par: Vec<f64> = results.iter().map(|(_, t)| *t).collect();
-    par.sort_by(f64::total_cmp);
+    // PARALLEL pods at once: with the default boot slots, then with no limit
+    let slotted = at_once(&c, &image, None);
+    let unlimited_cfg = write_config(
+        &tmp.path().join("unlimited.toml"),
+        "max_concurrent_boots = 0",
+        "",
+    );
+    let unlimited = at_once(&c, &image, Some(&unlimited_cfg));
 
     println!("\n## Pods through containerd (kata-bench)\n");
     println!(
@@ -299,22 +276,97 @@ pub fn pod_section() {
     println!(
         "| CPU floor of {PARALLEL} pods at once: {PARALLEL} × that / {cores} cores | {cpu_floor:.2} s |"
     );
+    let slots = kata_proto::boot_slots::count(-1, true);
+    for (how, r) in [
+        (
+            format!("default `max_concurrent_boots` ({slots} at once)"),
+            &slotted,
+        ),
+        (
+            "`max_concurrent_boots = 0` (no limit)".to_string(),
+            &unlimited,
+        ),
+    ] {
+        println!(
+            "| {PARALLEL} pods at once, boots: {how} | {}/{PARALLEL} succeeded; to exit: p50 {:.2} s, max {:.2} s; p50 / CPU floor {:.2}x, max / CPU floor {:.2}x |",
+            r.ok,
+            pct(&r.times, 0.5),
+            r.times[r.times.len() - 1],
+            pct(&r.times, 0.5) / cpu_floor,
+            r.times[r.times.len() - 1] / cpu_floor,
+        );
+        println!(
+            "| … CPU time of the whole machine / {PARALLEL} × one pod's | {:.1} / {:.1} CPU-s; the machine busy {:.0} % of the wall time ({:.2} s) |",
+            r.cpu,
+            PARALLEL as f64 * med(&cpu),
+            100.0 * r.cpu / (r.wall * cores as f64),
+            r.wall
+        );
+    }
     println!(
-        "| {PARALLEL} pods at once, p50 / CPU floor | {:.2}x |",
-        pct(&par, 0.5) / cpu_floor
-    );
-    println!(
-        "| CPU time of the {PARALLEL} pods at once (the whole machine) / {PARALLEL} × one pod's | {par_cpu:.1} / {:.1} CPU-s; the machine busy {:.0} % of the wall time |",
-        PARALLEL as f64 * med(&cpu),
-        100.0 * par_cpu / (wall * cores as f64)
-    );
-    println!(
-        "| {PARALLEL} pods started at once | {ok}/{PARALLEL} succeeded; to exit: p50 {:.2} s, max {:.2} s (wall {:.2} s) vs one alone {:.2} s |",
-        pct(&par, 0.5),
-        par[par.len() - 1],
-        wall,
+        "| one pod alone, to exit (for scale) | {:.2} s |",
         med(&first)
     );
+}
+
+/// [`PARALLEL`] pods started at once.
+struct AtOnce {
+    /// How many printed their output and exited 0.
+    ok: usize,
+    /// Each `ctr run`'s time to exit, sorted.
+    times: Vec<f64>,
+    /// Until the last exited.
+    wall: f64,
+    /// The whole machine's CPU time meanwhile.
+    cpu: f64,
+}
+
+/// Starts [`PARALLEL`] `ctr run --rm ... echo hi` at once (with the shim
+/// configuration `config`, else containerd's) and waits for all.
+fn at_once(c: &Containerd, image: &str, config: Option<&Path>) -> AtOnce {
+    let busy0 = machine_busy_secs();
+    let t0 = Instant::now();
+    let tag = if config.is_some() { "own" } else { "dflt" };
+    let handles: Vec<_> = (0..PARALLEL)
+        .map(|i| {
+            let addr = c.address().to_path_buf();
+            let ns = c.namespace().to_string();
+            let image = image.to_string();
+            let config = config.map(Path::to_path_buf);
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let mut cmd = Command::new("ctr");
+                cmd.arg("-a")
+                    .arg(&addr)
+                    .args(["-n", &ns, "run", "--rm", "--runtime", RUNTIME]);
+                if let Some(cfg) = &config {
+                    cmd.arg("--runtime-config-path").arg(cfg);
+                }
+                let out = cmd
+                    .arg(&image)
+                    .arg(format!("bench-par-{tag}-{i}"))
+                    .args(["echo", "hi"])
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("ctr run");
+                (
+                    out.status.success() && out.stdout == b"hi\n",
+                    t.elapsed().as_secs_f64(),
+                )
+            })
+        })
+        .collect();
+    let results: Vec<(bool, f64)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = machine_busy_secs() - busy0;
+    let mut times: Vec<f64> = results.iter().map(|(_, t)| *t).collect();
+    times.sort_by(f64::total_cmp);
+    AtOnce {
+        ok: results.iter().filter(|(ok, _)| *ok).count(),
+        times,
+        wall,
+        cpu,
+    }
 }
 
 /// 256 MiB of zeros to stdout.
