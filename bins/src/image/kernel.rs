@@ -359,9 +359,59 @@ pub fn read_module(path: &Path) -> Result<Vec<u8>, String> {
     Ok(out.stdout)
 }
 
+/// The trailer a signed module ends with.
+const SIG_MAGIC: &[u8] = b"~Module signature appended~\n";
+/// `struct module_signature`: algo, hash, id_type, signer_len, key_id_len,
+/// 3 bytes of padding, then the signature's length (big-endian u32).
+const SIG_INFO_LEN: usize = 12;
+
+/// A module without its appended signature. The guest kernel checks a
+/// signature it finds by hashing the whole module, which under TCG costs
+/// more than loading it; Debian's kernel does not require signatures (no
+/// `module.sig_enforce`, no lockdown in a VM without Secure Boot), and the
+/// image itself comes from the host, so the guest's check proves nothing.
+/// An unsigned module taints the guest kernel with `E` (informational).
+/// Bytes without a well-formed signature trailer come back unchanged.
+pub fn strip_signature(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(body) = bytes.len().checked_sub(SIG_MAGIC.len()) else {
+        return bytes;
+    };
+    if &bytes[body..] != SIG_MAGIC || body < SIG_INFO_LEN {
+        return bytes;
+    }
+    let info = &bytes[body - SIG_INFO_LEN..body];
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    let extra = info[3] as usize + info[4] as usize + sig_len;
+    match (body - SIG_INFO_LEN).checked_sub(extra) {
+        Some(end) => {
+            bytes.truncate(end);
+            bytes
+        }
+        None => bytes,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_module_signature_is_stripped_and_anything_else_kept() {
+        let module = b"\x7fELF module body".to_vec();
+        let sig = vec![0xa5u8; 300];
+        let mut signed = module.clone();
+        signed.extend_from_slice(&sig);
+        signed.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        signed.extend_from_slice(&(sig.len() as u32).to_be_bytes());
+        signed.extend_from_slice(SIG_MAGIC);
+        assert_eq!(strip_signature(signed.clone()), module);
+        // no trailer, a short file, a length past the start: unchanged
+        assert_eq!(strip_signature(module.clone()), module);
+        assert_eq!(strip_signature(SIG_MAGIC.to_vec()), SIG_MAGIC.to_vec());
+        let mut bad = signed[signed.len() - SIG_MAGIC.len() - SIG_INFO_LEN..].to_vec();
+        bad[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(strip_signature(bad.clone()), bad);
+    }
 
     #[test]
     fn depends_output() {

@@ -324,6 +324,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ImageError> {
             message,
         })?;
         let rel = kernel::uncompressed_name(&m.path);
+        let bytes = kernel::strip_signature(bytes);
         archive.bytes(&format!("lib/modules/{}/{rel}", tree.kver), 0o644, bytes)?;
         module_paths.push(rel);
     }
