@@ -681,7 +681,7 @@ impl Pod {
         let host_prepare = t0.elapsed();
         let hypervisor_start = Duration::from_micros(created.hypervisor_start_us);
         let ready_limit = Duration::from_secs(cfg.agent.kata.dial_timeout.max(1));
-        let _boot_slot = boot_slot(
+        let held_slot = boot_slot(
             q.max_concurrent_boots,
             created.accelerator == Accelerator::Tcg as i32,
             ready_limit,
@@ -700,7 +700,7 @@ impl Pod {
                 status,
             })?;
         let guest_boot = t1.elapsed();
-        drop(_boot_slot);
+        drop(held_slot);
         let t2 = Instant::now();
         let agent_addr = Address::Hybrid {
             path: created.vsock_uds_path.clone().into(),
