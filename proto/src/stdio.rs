@@ -9,6 +9,18 @@
 
 use std::time::Duration;
 
+/// The release suffix of the kata-rs guest kernel (`6.1.192-kata-rs`),
+/// which `kata-ctl image kernel` builds with every patch in
+/// `bins/kernel-patches/`.
+pub const KERNEL_SUFFIX: &str = "-kata-rs";
+
+/// Whether the guest kernel of this release splices a pipe's pages into a
+/// vsock stream by reference (vsock-splice-pages.patch, in every kata-rs
+/// kernel), so that the agent's splice of a process's output copies nothing.
+pub fn splice_sends_pages(release: &str) -> bool {
+    release.ends_with(KERNEL_SUFFIX)
+}
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::dialer::{dial, Address, DialError, Stream};

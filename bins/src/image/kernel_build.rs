@@ -22,7 +22,7 @@ use super::manifest;
 pub const PACKAGE: &str = "kata-rs-kernel";
 
 /// Appended to the kernel release (`6.1.192-kata-rs`).
-pub const LOCALVERSION: &str = "-kata-rs";
+pub const LOCALVERSION: &str = kata_proto::stdio::KERNEL_SUFFIX;
 
 /// What the built tree holds (part of the cache key: a tree of another
 /// layout is built again). 2: `vmlinuz` is the stripped ELF with the PVH
@@ -69,10 +69,16 @@ pub const FRAGMENTS: &[(&str, &str)] = &[
 
 /// Patches applied to the source (`patch -p1`), in order: each explains
 /// itself in its header.
-pub const PATCHES: &[(&str, &str)] = &[(
-    "lapic-timer-hz.patch",
-    include_str!("../../kernel-patches/lapic-timer-hz.patch"),
-)];
+pub const PATCHES: &[(&str, &str)] = &[
+    (
+        "lapic-timer-hz.patch",
+        include_str!("../../kernel-patches/lapic-timer-hz.patch"),
+    ),
+    (
+        "vsock-splice-pages.patch",
+        include_str!("../../kernel-patches/vsock-splice-pages.patch"),
+    ),
+];
 
 /// Why the kernel could not be built.
 #[derive(Debug, thiserror::Error)]
