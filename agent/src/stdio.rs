@@ -3,12 +3,12 @@
 //!
 //! The protocol is in [`kata_proto::stdio`].
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kata_proto::dialer::Stream;
-use kata_proto::stdio::{parse_header, Header, Which, MAX_LINE};
+use kata_proto::stdio::{parse_header, splice_sends_pages, Header, Which, MAX_LINE};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -184,12 +184,17 @@ fn nonblocking(fd: OwnedFd) -> std::io::Result<AsyncFd<Fd>> {
 
 impl Attached {
     /// Copies between the process and `sock` until either side ends.
-    pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(self, sock: S) {
+    pub async fn run<S: AsyncRead + AsyncWrite + AsFd + Unpin>(self, sock: S) {
+        self.run_splicing(sock, *SPLICE_OUTPUT).await
+    }
+
+    /// [`Attached::run`], output pipes spliced or not.
+    async fn run_splicing<S: AsyncRead + AsyncWrite + AsFd + Unpin>(self, sock: S, splice: bool) {
         let which = self.which;
         let stdio = self.stdio.clone();
         let r = match which {
             Which::Stdin => copy_in(self.fd, sock, &stdio).await,
-            _ => copy_out(self.fd, sock).await,
+            _ => copy_out_with(self.fd, sock, splice).await,
         };
         if let Err(e) = r {
             debug!(?which, error = %e, "stdio stream ended");
@@ -203,14 +208,33 @@ impl Attached {
 }
 
 /// Copies a process's output `fd` (a pipe or a terminal) to `sock` until its
-/// end, then shuts `sock` down. The copy is read(2) and write(2) through a
-/// large buffer rather than splice(2): splice into a vsock stream sends one
-/// packet per pipe page (4 KiB; vsock has no sendpage), a write of the
-/// buffer sends 64 KiB packets, sixteen times fewer for the guest and the
-/// host's vsock backend to handle. Measured under TCG, the write path moves
-/// bulk output as fast or faster (docs/benchmarks.md).
-pub async fn copy_out<S: AsyncWrite + Unpin>(fd: OwnedFd, mut sock: S) -> std::io::Result<()> {
+/// end, then shuts `sock` down.
+///
+/// On the kata-rs guest kernel a pipe's bytes move with splice(2): its
+/// vsock sends the pipe's pages to the device by reference, up to 64 KiB
+/// per packet (bins/kernel-patches/vsock-splice-pages.patch), so the
+/// process's write into the pipe is the only copy in the guest. Elsewhere
+/// the copy is read(2) and write(2) through a large buffer: a stock 6.1
+/// vsock has no sendpage, and splice would copy each page into a packet of
+/// its own, 4 KiB, which costs more than the second copy
+/// (docs/benchmarks.md).
+pub async fn copy_out<S: AsyncWrite + AsFd + Unpin>(fd: OwnedFd, sock: S) -> std::io::Result<()> {
+    copy_out_with(fd, sock, *SPLICE_OUTPUT).await
+}
+
+/// [`copy_out`], a pipe spliced or not.
+async fn copy_out_with<S: AsyncWrite + AsFd + Unpin>(
+    fd: OwnedFd,
+    mut sock: S,
+    splice: bool,
+) -> std::io::Result<()> {
+    let is_pipe =
+        nix::sys::stat::fstat(&fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO);
     let afd = nonblocking(fd)?;
+    if is_pipe && splice {
+        splice_out(&afd, &sock).await?;
+        return sock.shutdown().await;
+    }
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         let mut guard = afd.readable().await?;
@@ -232,6 +256,86 @@ pub async fn copy_out<S: AsyncWrite + Unpin>(fd: OwnedFd, mut sock: S) -> std::i
         }
     }
     sock.shutdown().await
+}
+
+/// Whether output pipes are spliced: decided once, from the running kernel.
+static SPLICE_OUTPUT: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    nix::sys::utsname::uname().is_ok_and(|u| splice_sends_pages(&u.release().to_string_lossy()))
+});
+
+/// Moves everything from `pipe` to `sock` with splice(2), until the pipe's
+/// end. The socket's writability is watched through a duplicate of its fd
+/// (epoll keys on the fd, so the stream's own registration stays as it is).
+async fn splice_out(pipe: &AsyncFd<Fd>, sock: &impl AsFd) -> std::io::Result<()> {
+    let dup = Fd(sock.as_fd().try_clone_to_owned()?);
+    // SAFETY: the duplicate is owned by the wrapper the AsyncFd owns: it
+    // stays open, and is not reused, until the AsyncFd is dropped.
+    let out = unsafe { AsyncFd::register_with_interest(dup, tokio::io::Interest::WRITABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    loop {
+        let mut can_write = out.writable().await?;
+        let mut can_read = pipe.readable().await?;
+        // SAFETY: splice between two open fds with null offsets (a pipe and
+        // a socket have none); the kernel checks the rest.
+        let n = unsafe {
+            libc::splice(
+                pipe.as_raw_fd(),
+                std::ptr::null_mut(),
+                out.as_raw_fd(),
+                std::ptr::null_mut(),
+                SPLICE_CHUNK,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        match n {
+            0 => return Ok(()),
+            1.. => continue,
+            _ => {}
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(e);
+        }
+        // Which side would block? Only a side that is not ready now loses
+        // its readiness; an event after this look sets it again (tokio
+        // clears only the readiness this guard saw).
+        let (readable, writable) = ready_now(pipe.as_raw_fd(), out.as_raw_fd());
+        if !readable {
+            can_read.clear_ready();
+        }
+        if !writable {
+            can_write.clear_ready();
+        }
+    }
+}
+
+/// The most one splice(2) call moves: the whole of a grown pipe.
+const SPLICE_CHUNK: usize = 1 << 20;
+
+/// Whether `input` can be read and `output` written now (poll(2), no wait).
+/// A hung-up or failed side counts as ready: the next call reports it.
+fn ready_now(input: std::os::fd::RawFd, output: std::os::fd::RawFd) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd: input,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: output,
+            events: libc::POLLOUT,
+            revents: 0,
+        },
+    ];
+    // SAFETY: two pollfds we own, no wait.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 0) };
+    if n < 0 {
+        return (true, true);
+    }
+    (fds[0].revents != 0, fds[1].revents != 0)
 }
 
 async fn copy_in<S: AsyncRead + Unpin>(
@@ -333,12 +437,18 @@ mod tests {
 
     #[tokio::test]
     async fn pipe_output_reaches_the_client_then_eof() {
+        for splice in [false, true] {
+            pipe_output_reaches_the_client(splice).await;
+        }
+    }
+
+    async fn pipe_output_reaches_the_client(splice: bool) {
         let (stdio, child) = Stdio::new(false).unwrap();
         let [_i, o, _e] = child;
         let out = stdio.attach(Which::Stdout).unwrap();
         assert!(stdio.attach(Which::Stdout).is_err());
         let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
-        let task = tokio::spawn(out.run(a));
+        let task = tokio::spawn(out.run_splicing(a, splice));
         let data = vec![7u8; 3 << 20];
         let writer = std::thread::spawn(move || {
             use std::io::Write;
@@ -359,11 +469,17 @@ mod tests {
     /// byte, reorder none and never hang.
     #[tokio::test]
     async fn output_survives_an_empty_pipe_and_a_full_socket() {
+        for splice in [false, true] {
+            output_survives_pauses(splice).await;
+        }
+    }
+
+    async fn output_survives_pauses(splice: bool) {
         let (stdio, child) = Stdio::new(false).unwrap();
         let [_i, o, _e] = child;
         let out = stdio.attach(Which::Stdout).unwrap();
         let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
-        let task = tokio::spawn(out.run(a));
+        let task = tokio::spawn(out.run_splicing(a, splice));
         let writer = std::thread::spawn(move || {
             use std::io::Write;
             let mut f = std::fs::File::from(o);
@@ -382,12 +498,19 @@ mod tests {
         read.await.expect("the copy ended").unwrap();
         writer.join().unwrap();
         task.await.unwrap();
-        assert_eq!(got.len(), 64 * 64 * 1024);
+        assert_eq!(got.len(), 64 * 64 * 1024, "splice: {splice}");
         for (i, chunk) in got.chunks(64 * 1024).enumerate() {
             assert!(
                 chunk.iter().enumerate().all(|(j, &v)| v == (i + j) as u8),
-                "chunk {i} arrived whole and in order"
+                "chunk {i} arrived whole and in order (splice: {splice})"
             );
         }
+    }
+
+    #[test]
+    fn only_the_kata_rs_kernel_splices_output() {
+        assert!(splice_sends_pages("6.1.192-kata-rs"));
+        assert!(!splice_sends_pages("6.1.0-57-cloud-amd64"));
+        assert!(!splice_sends_pages("6.1.192-kata-rs-old"));
     }
 }
