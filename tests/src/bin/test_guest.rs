@@ -20,6 +20,8 @@
 //! closes: the raw vsock throughput the benchmarks compare stdout with.
 //! `send PORT -` sends its stdin instead, with the agent's copy of a
 //! process's output (the stdout path without the shim).
+//! `kata-test-guest write MIB` writes the same zeros, from the same buffer,
+//! to its stdout: the stdout path with the very writer of `send`.
 
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -31,6 +33,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("send") {
         std::process::exit(send(&args[2..]));
+    }
+    if args.get(1).map(String::as_str) == Some("write") {
+        std::process::exit(write_stdout(&args[2..]));
     }
     if std::process::id() == 1 {
         if let Err(e) = kata_agent::init::early_mounts() {
@@ -78,6 +83,31 @@ fn main() {
         let _ = off.accept().await;
     });
     kata_agent::init::power_off();
+}
+
+/// `write MIB`: MIB MiB of zeros to stdout, 1 MiB per write(2) as `send`.
+fn write_stdout(args: &[String]) -> i32 {
+    use std::io::Write;
+    let Some(mib) = args.first().and_then(|a| a.parse::<usize>().ok()) else {
+        eprintln!("usage: kata-test-guest write MIB");
+        return 2;
+    };
+    let out = match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("kata-test-guest write: stdout: {e}");
+            return 1;
+        }
+    };
+    let mut out = std::fs::File::from(out);
+    let buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        if let Err(e) = out.write_all(&buf) {
+            eprintln!("kata-test-guest write: {e}");
+            return 1;
+        }
+    }
+    0
 }
 
 /// `send PORT MIB`: MIB MiB of zeros to host vsock port PORT.
