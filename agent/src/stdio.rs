@@ -228,10 +228,11 @@ async fn copy_out_with<S: AsyncWrite + AsFd + Unpin>(
     mut sock: S,
     splice: bool,
 ) -> std::io::Result<()> {
-    let is_pipe =
-        nix::sys::stat::fstat(&fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO);
+    // a terminal is never spliced
+    let splice = splice
+        && nix::sys::stat::fstat(&fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO);
     let afd = nonblocking(fd)?;
-    if is_pipe && splice {
+    if splice {
         splice_out(&afd, &sock).await?;
         return sock.shutdown().await;
     }

@@ -9,6 +9,11 @@
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::dialer::{dial, Address, DialError, Stream};
+use crate::paths::ports;
+
 /// The release suffix of the kata-rs guest kernel (`6.1.192-kata-rs`),
 /// which `kata-ctl image kernel` builds with every patch in
 /// `bins/kernel-patches/`.
@@ -20,11 +25,6 @@ pub const KERNEL_SUFFIX: &str = "-kata-rs";
 pub fn splice_sends_pages(release: &str) -> bool {
     release.ends_with(KERNEL_SUFFIX)
 }
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use crate::dialer::{dial, Address, DialError, Stream};
-use crate::paths::ports;
 
 /// The longest header or reply line.
 pub const MAX_LINE: usize = 512;
